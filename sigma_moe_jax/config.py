@@ -1,0 +1,127 @@
+"""Model configuration: one frozen dataclass, validated at construction.
+
+Presets are classmethods that differ only in numbers; nothing in the library branches on a
+preset's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+GATE_FUNCTIONS = ("softmax", "sigmoid")
+DISPATCH_STRATEGIES = ("ragged", "padded", "dense")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a Sigma-MoE style decoder.
+
+  Every layer is attention followed by a mixture of SwiGLU experts. `top_k` is the number of
+  experts each token activates at the end of training; `layer_k_max` is the static per-layer
+  maximum that a progressive-sparsification schedule may ask for (the traced per-layer k at a
+  step is at most this). Parameters never depend on k, so one checkpoint serves every phase.
+  """
+
+  vocab_size: int = 4096
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: Optional[int] = None  # None: d_model // num_heads
+  num_experts: int = 16
+  d_ff: int = 128  # intermediate size of one expert
+  top_k: int = 1
+  layer_k_max: Optional[Tuple[int, ...]] = None  # None: top_k in every layer
+  gate_fn: str = "softmax"
+  # Renormalizing a single weight makes it exactly 1 and cuts the router off from the LM loss,
+  # so it is only allowed where a layer can activate more than one expert.
+  renormalize: bool = False
+  dispatch: str = "padded"
+  capacity_factor: Optional[float] = None  # None: dropless
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  qk_norm: bool = True
+  init_std: float = 0.0125
+  dtype: str = "float32"  # compute dtype; parameters and the router stay float32
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.layer_k_max is not None:
+      object.__setattr__(self, "layer_k_max", tuple(int(k) for k in self.layer_k_max))
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "num_experts", "d_ff"):
+      _require(name, isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+               "must be a positive integer")
+    if self.head_dim is None:
+      _require("num_heads", self.d_model % self.num_heads == 0,
+               f"must divide d_model ({self.d_model}) when head_dim is derived")
+    else:
+      _require("head_dim", isinstance(self.head_dim, int) and self.head_dim > 0,
+               "must be a positive integer")
+    _require("num_kv_heads", self.num_heads % self.num_kv_heads == 0,
+             f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads")
+    _require("top_k", 1 <= self.top_k <= self.num_experts,
+             f"must be in [1, num_experts={self.num_experts}]")
+    if self.layer_k_max is not None:
+      _require("layer_k_max", len(self.layer_k_max) == self.num_layers,
+               f"has {len(self.layer_k_max)} entries, expected num_layers={self.num_layers}")
+      _require("layer_k_max", all(1 <= k <= self.num_experts for k in self.layer_k_max),
+               f"entries must be in [1, num_experts={self.num_experts}]")
+      _require("layer_k_max", all(k >= self.top_k for k in self.layer_k_max),
+               f"entries must be >= top_k={self.top_k}")
+    _require("gate_fn", self.gate_fn in GATE_FUNCTIONS, f"must be one of {GATE_FUNCTIONS}")
+    _require("dispatch", self.dispatch in DISPATCH_STRATEGIES,
+             f"must be one of {DISPATCH_STRATEGIES}")
+    _require("renormalize", not self.renormalize or max(self.k_max_per_layer) > 1,
+             "needs a layer with k > 1: at k = 1 the gate weight becomes 1 and the router "
+             "gets no gradient from the language-modelling loss")
+    _require("capacity_factor", self.capacity_factor is None or self.capacity_factor > 0,
+             "must be positive or None (dropless)")
+    for name in ("rope_theta", "norm_eps", "init_std"):
+      _require(name, getattr(self, name) > 0, "must be positive")
+    _require("dtype", self.dtype in COMPUTE_DTYPES, f"must be one of {COMPUTE_DTYPES}")
+    _require("remat", self.remat in REMAT_POLICIES, f"must be one of {REMAT_POLICIES}")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def k_max_per_layer(self) -> Tuple[int, ...]:
+    """Static maximum experts per token in each layer."""
+    return self.layer_k_max or (self.top_k,) * self.num_layers
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  # Presets ---------------------------------------------------------------------------------
+
+  @classmethod
+  def sigma_moe_tiny(cls, **overrides) -> "ModelConfig":
+    """The paper's model: 56 layers, 96 experts of SwiGLU 768, top-1, about 20B / 0.5B."""
+    return cls(**{**dict(vocab_size=200_064, d_model=1536, num_layers=56, num_heads=16,
+                         num_kv_heads=4, head_dim=96, num_experts=96, d_ff=768, top_k=1),
+                  **overrides})
+
+  @classmethod
+  def gpu_small(cls, **overrides) -> "ModelConfig":
+    """The same 96-expert top-1 structure, about 1.6B parameters: fits one 80 GB GPU."""
+    return cls(**{**dict(vocab_size=32_768, d_model=1024, num_layers=10, num_heads=16,
+                         num_kv_heads=4, head_dim=64, num_experts=96, d_ff=512, top_k=1),
+                  **overrides})
+
+  @classmethod
+  def cpu_tiny(cls, **overrides) -> "ModelConfig":
+    """Trains on two CPU cores in minutes."""
+    return cls(**{**dict(vocab_size=4096, d_model=128, num_layers=6, num_heads=4,
+                         num_kv_heads=2, head_dim=32, num_experts=32, d_ff=128, top_k=1,
+                         capacity_factor=2.0),
+                  **overrides})
+
+
+def _require(field: str, ok: bool, rule: str) -> None:
+  if not ok:
+    raise ValueError(f"ModelConfig.{field}: {rule}")

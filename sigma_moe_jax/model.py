@@ -1,0 +1,123 @@
+"""The decoder: embedding, a scan over stacked blocks (attention + MoE), final norm, LM head."""
+
+from __future__ import annotations
+
+import itertools
+from typing import List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sigma_moe_jax.config import ModelConfig
+from sigma_moe_jax.layers import (Attention, RMSNorm, attention_mask, normal_param,
+                                  positions_from_segments)
+from sigma_moe_jax.moe import MoE, MoEStats
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Block(nnx.Module):
+  """Pre-norm attention then pre-norm MoE, each with a residual connection."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
+                          qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+                          init_std=cfg.init_std, dtype=dtype, rngs=rngs)
+    self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, gate_fn=cfg.gate_fn,
+                   renormalize=cfg.renormalize, strategy=cfg.dispatch,
+                   capacity_factor=cfg.capacity_factor, init_std=cfg.init_std, dtype=dtype,
+                   rngs=rngs)
+
+  def __call__(self, x, positions, mask, token_mask, k, k_max: int, selection_bias=None):
+    x = x + self.attn(self.attn_norm(x), positions, mask)
+    y, stats = self.moe(self.moe_norm(x), k, k_max, token_mask, selection_bias)
+    return x + y, stats
+
+
+def scan_groups(k_max_per_layer) -> List[Tuple[int, int, int]]:
+  """Runs of consecutive layers sharing a static k_max: [(start, stop, k_max), ...]."""
+  groups, start = [], 0
+  for k_max, run in itertools.groupby(k_max_per_layer):
+    length = len(list(run))
+    groups.append((start, start + length, k_max))
+    start += length
+  return groups
+
+
+def check_tokens(tokens, vocab_size: int) -> None:
+  """Rejects token ids outside [0, vocab_size) when the ids are concrete (outside jit)."""
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  tokens = np.asarray(tokens)
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"token ids must be integers, got dtype {tokens.dtype}")
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    raise ValueError(f"token ids must lie in [0, {vocab_size}); got min {tokens.min()}, "
+                     f"max {tokens.max()}")
+
+
+class Transformer(nnx.Module):
+  """Decoder-only MoE language model. Layer parameters are stacked along a leading layer axis."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std)
+    layer_keys = jax.random.split(rngs.params(), cfg.num_layers)
+    make_block = lambda key: Block(cfg, rngs=nnx.Rngs(params=key))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_block(layer_keys[0])))
+    self.blocks = nnx.merge(graphdef, jax.vmap(lambda key: nnx.state(make_block(key)))(layer_keys))
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.lm_head = normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std)
+
+  def __call__(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None, topk: Optional[jax.Array] = None,
+               selection_bias: Optional[jax.Array] = None):
+    """Logits for next-token prediction.
+
+    tokens [batch, seq] int32. segment_ids [batch, seq]: packed document ids, 0 for padding
+    (default: one document per row); positions restart per document unless given. topk int32
+    [layers]: experts per token in each layer (traced; default: the config's top_k; clipped to
+    each layer's static k_max). selection_bias float32 [layers, experts]: loss-free balancing.
+
+    Returns (logits float32 [batch, seq, vocab], MoEStats with a leading [layers] axis).
+    """
+    cfg = self.cfg
+    check_tokens(tokens, cfg.vocab_size)
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+      positions = positions_from_segments(segment_ids)
+    k_max = np.asarray(cfg.k_max_per_layer, np.int32)
+    topk = jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if topk is None else topk
+    topk = jnp.clip(jnp.asarray(topk, jnp.int32), 1, k_max)
+    mask = attention_mask(segment_ids)
+    token_mask = segment_ids > 0
+    dtype = jnp.dtype(cfg.dtype)
+
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+    graphdef, stacked = nnx.split(self.blocks)
+    all_stats = []
+    for start, stop, group_k_max in scan_groups(cfg.k_max_per_layer):
+      def layer(x, xs, group_k_max=group_k_max):
+        layer_state, k, bias = xs
+        return nnx.merge(graphdef, layer_state)(x, positions, mask, token_mask, k, group_k_max,
+                                                bias)
+      if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+      group = (jax.tree.map(lambda a: a[start:stop], stacked), topk[start:stop],
+               None if selection_bias is None else selection_bias[start:stop])
+      x, stats = jax.lax.scan(layer, x, group)
+      all_stats.append(stats)
+    stats = jax.tree.map(lambda *s: jnp.concatenate(s), *all_stats)
+    x = self.final_norm(x)
+    logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(dtype))
+    return logits.astype(jnp.float32), MoEStats(*stats)

@@ -1,0 +1,61 @@
+"""The router: float32 scores over all experts, top-k with a traced k under a static k_max."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+  """Routing decisions for `tokens` tokens and `k_max` slots, slot 0 the best expert.
+
+  expert_ids [tokens, k_max] int32; gate_weights [tokens, k_max] float32 (zero where masked);
+  valid [tokens, k_max] bool: slot rank < k and the token is not padding;
+  gate_probs [tokens, experts] float32: softmax of the router logits (what the load-balancing
+  loss uses, whatever the gate function); logits [tokens, experts] float32.
+  """
+
+  expert_ids: jax.Array
+  gate_weights: jax.Array
+  valid: jax.Array
+  gate_probs: jax.Array
+  logits: jax.Array
+
+
+def route(logits: jax.Array, k: jax.Array, k_max: int, *, gate_fn: str, renormalize: bool,
+          token_mask: Optional[jax.Array] = None,
+          selection_bias: Optional[jax.Array] = None) -> Routing:
+  """Picks up to `k_max` experts per token; slots of rank >= k (traced) are masked.
+
+  logits [tokens, experts] must already be float32. `selection_bias` [experts] (the loss-free
+  balancing bias) shifts which experts are chosen but never the gate weights.
+  """
+  gate_probs = jax.nn.softmax(logits, axis=-1)
+  if gate_fn == "softmax":
+    scores = gate_probs
+  elif gate_fn == "sigmoid":
+    scores = jax.nn.sigmoid(logits)
+  else:
+    raise ValueError(f"unknown gate function {gate_fn!r}")
+  selection = scores if selection_bias is None else scores + selection_bias
+  _, expert_ids = jax.lax.top_k(jax.lax.stop_gradient(selection), k_max)
+  gate_weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
+  valid = jnp.arange(k_max) < k
+  valid = jnp.broadcast_to(valid, expert_ids.shape)
+  if token_mask is not None:
+    valid = valid & token_mask[:, None]
+  gate_weights = jnp.where(valid, gate_weights, 0.0)
+  if renormalize:
+    # Not at k = 1: a single renormalized weight is 1.0 and the LM loss no longer reaches the
+    # router (see SPEC.md). Config validation allows this only where k_max > 1.
+    total = jnp.sum(gate_weights, axis=-1, keepdims=True)
+    gate_weights = gate_weights / jnp.where(total > 0, total, 1.0)
+  return Routing(expert_ids.astype(jnp.int32), gate_weights, valid, gate_probs, logits)
+
+
+def tokens_per_expert(expert_ids: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
+  """Number of valid (token, slot) assignments routed to each expert: int32 [experts]."""
+  flat = jnp.where(valid, expert_ids, num_experts).reshape(-1)
+  return jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
