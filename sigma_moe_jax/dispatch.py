@@ -24,6 +24,7 @@ Experts = Tuple[jax.Array, jax.Array, jax.Array]
 class SortedAssignments(NamedTuple):
   """The (token, slot) assignments of a routing, sorted by expert; masked ones sort last."""
 
+  order: jax.Array  # [n] assignment index (token * slots + slot) of each sorted row
   token: jax.Array  # [n] token index of each sorted row
   expert: jax.Array  # [n] expert of each sorted row (num_experts for masked rows)
   inverse: jax.Array  # [n] sorted row of each assignment in (token, slot) order
@@ -39,7 +40,8 @@ def sort_assignments(expert_ids, valid, num_experts: int) -> SortedAssignments:
   inverse = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
   group_sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
   group_start = jnp.cumsum(group_sizes) - group_sizes
-  return SortedAssignments((order // slots).astype(jnp.int32), flat[order], inverse,
+  order = order.astype(jnp.int32)
+  return SortedAssignments(order, order // slots, flat[order], inverse,
                            group_sizes, group_start)
 
 
@@ -66,30 +68,60 @@ def ragged(x, expert_ids, gate_weights, valid, experts: Experts, capacity=None):
   return _combine(out[s.inverse], gate_weights), jnp.zeros((), jnp.int32)
 
 
+@jax.custom_vjp
+def take_rows(values, index, mask, readers, readers_mask):
+  """rows[i] = values[index[i]] where mask[i], else 0: a gather whose gradient is a gather too.
+
+  `readers` [len(values), g] lists, for each row j of `values`, the rows i that read it (where
+  `readers_mask`), so d values[j] = sum of d rows[readers[j]]. Dispatch and combine are
+  permutations with at most `slots` readers per row; a gather is much cheaper than the scatter-add
+  that autodiff would emit.
+  """
+  return jnp.where(mask[:, None], values[index], 0)
+
+
+def _take_rows_fwd(values, index, mask, readers, readers_mask):
+  return take_rows(values, index, mask, readers, readers_mask), (readers, readers_mask)
+
+
+def _take_rows_bwd(residuals, d_rows):
+  readers, readers_mask = residuals
+  d_values = jnp.sum(jnp.where(readers_mask[..., None], d_rows[readers], 0), axis=1)
+  return d_values, None, None, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def padded(x, expert_ids, gate_weights, valid, experts: Experts, capacity: int):
   """Sort, gather into [experts, capacity, d] buffers, batched matmul, gather back.
 
-  Assignments past an expert's capacity are dropped (their output is zero) and counted. Every
-  data movement in the forward pass is a gather.
+  Assignments past an expert's capacity are dropped (their output is zero) and counted. Data
+  moves by gathers only, forward and backward.
   """
   w_gate, w_up, w_down = experts
   num_experts = w_gate.shape[0]
+  tokens, slots = expert_ids.shape
   s = sort_assignments(expert_ids, valid, num_experts)
-  slot = jnp.arange(capacity, dtype=jnp.int32)
   # Buffer slot (e, c) holds sorted row group_start[e] + c when c < group_sizes[e].
-  filled = slot[None, :] < s.group_sizes[:, None]
-  source_row = jnp.minimum(s.group_start[:, None] + slot[None, :], s.token.shape[0] - 1)
-  buffer = x[s.token[source_row]] * filled[..., None].astype(x.dtype)  # [E, C, d]
+  position = jnp.arange(capacity, dtype=jnp.int32)
+  filled = (position[None, :] < s.group_sizes[:, None]).reshape(-1)  # [E * C]
+  source_row = jnp.minimum(s.group_start[:, None] + position[None, :], s.order.shape[0] - 1)
+  source_assignment = s.order[source_row].reshape(-1)  # [E * C]
+  # Where each (token, slot) assignment sits in the buffer, if it got a place.
+  row = s.inverse
+  expert = s.expert[row]
+  rank = row - s.group_start[jnp.minimum(expert, num_experts - 1)]
+  kept = (expert < num_experts) & (rank < capacity)  # [tokens * slots]
+  buffer_index = jnp.where(kept, expert * capacity + rank, 0)
+
+  buffer = take_rows(x, source_assignment // slots, filled, buffer_index.reshape(tokens, slots),
+                     kept.reshape(tokens, slots))
+  buffer = buffer.reshape(num_experts, capacity, -1)
   h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, w_gate))
   h = h * jnp.einsum("ecd,edf->ecf", buffer, w_up)
   out = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(num_experts * capacity, -1)
-  # Each assignment reads its buffer row back; rows past capacity (and masked rows) read zero.
-  row = s.inverse
-  expert = s.expert[row]
-  position = row - s.group_start[jnp.minimum(expert, num_experts - 1)]
-  kept = (expert < num_experts) & (position < capacity)
-  buffer_index = jnp.where(kept, expert * capacity + position, 0)
-  out = out[buffer_index] * kept[:, None].astype(out.dtype)
+  out = take_rows(out, buffer_index, kept, source_assignment[:, None], filled[:, None])
   dropped = jnp.sum(valid) - jnp.sum(kept)
   return _combine(out, gate_weights), dropped.astype(jnp.int32)
 

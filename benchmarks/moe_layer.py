@@ -1,0 +1,67 @@
+"""Forward + backward time of one MoE layer per dispatch strategy against a dense SwiGLU FFN of
+the same activated size, measured side by side in one run.
+
+  python -m benchmarks.moe_layer [--tokens 8192] [--experts 96] [--strategies padded,ragged,dense]
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.common import time_fn
+from sigma_moe_jax.moe import MoE
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--tokens", type=int, default=8192)
+  parser.add_argument("--experts", type=int, default=96)
+  parser.add_argument("--d_model", type=int, default=512)
+  parser.add_argument("--d_ff", type=int, default=256)
+  parser.add_argument("--top_k", type=int, default=1)
+  parser.add_argument("--capacity_factor", type=float, default=1.25)
+  parser.add_argument("--strategies", default="padded,ragged,dense")
+  parser.add_argument("--repeats", type=int, default=10)
+  args = parser.parse_args()
+
+  d, f, t = args.d_model, args.d_ff, args.tokens
+  x = jax.random.normal(jax.random.key(0), (1, t, d), jnp.float32)
+  token_mask = jnp.ones((1, t), bool)
+
+  # The dense baseline: one SwiGLU FFN with the activated expert's size.
+  keys = jax.random.split(jax.random.key(1), 3)
+  ffn = (0.02 * jax.random.normal(keys[0], (d, f)), 0.02 * jax.random.normal(keys[1], (d, f)),
+         0.02 * jax.random.normal(keys[2], (f, d)))
+
+  @jax.jit
+  def ffn_step(weights, x):
+    def loss(weights, x):
+      w_gate, w_up, w_down = weights
+      return jnp.sum((jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down)
+    return jax.grad(loss, argnums=(0, 1))(weights, x)
+
+  baseline = time_fn(ffn_step, ffn, x, repeats=args.repeats)
+  print(f"{t} tokens, {args.experts} experts, top-{args.top_k}, d_model {d}, d_ff {f}, "
+        f"capacity factor {args.capacity_factor} (padded), {jax.devices()[0].platform}")
+  print(f"{'dense_ffn':10s} {baseline * 1e3:8.1f} ms   1.00x")
+  for strategy in args.strategies.split(","):
+    capacity = args.capacity_factor if strategy == "padded" else None
+    moe = MoE(d, f, args.experts, gate_fn="softmax", renormalize=False, strategy=strategy,
+              capacity_factor=capacity, init_std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(moe)
+
+    @jax.jit
+    def moe_step(params, x):
+      def loss(params, x):
+        y, stats = nnx.merge(graphdef, params)(x, jnp.int32(args.top_k), args.top_k, token_mask)
+        return jnp.sum(y) + jnp.sum(stats.gate_prob_mean)
+      return jax.grad(loss, argnums=(0, 1))(params, x)
+
+    seconds = time_fn(moe_step, params, x, repeats=args.repeats)
+    print(f"{strategy:10s} {seconds * 1e3:8.1f} ms   {seconds / baseline:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
