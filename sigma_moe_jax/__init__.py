@@ -2,7 +2,8 @@
 
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.model import Transformer
-from sigma_moe_jax.moe import MoE, MoEStats
+from sigma_moe_jax.balancing import MoEStats
+from sigma_moe_jax.moe import MoE
 from sigma_moe_jax.params import count_params
 
 __all__ = ["ModelConfig", "Transformer", "MoE", "MoEStats", "count_params"]

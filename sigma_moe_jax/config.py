@@ -13,6 +13,7 @@ GATE_FUNCTIONS = ("softmax", "sigmoid")
 DISPATCH_STRATEGIES = ("ragged", "padded", "dense")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+LBL_MODES = ("global", "micro_batch", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class ModelConfig:
   # so it is only allowed where a layer can activate more than one expert.
   renormalize: bool = False
   dispatch: str = "padded"
+  # Scope of the load-balancing loss (see balancing.py): global batch (the paper), each shard's
+  # micro-batch, or each sequence. top1_lbl_tau is the temperature of the Top-1 LBL (Eq. 2).
+  lbl_mode: str = "global"
+  top1_lbl_tau: float = 1.0
   capacity_factor: Optional[float] = None  # None: dropless
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
@@ -80,7 +85,8 @@ class ModelConfig:
              "gets no gradient from the language-modelling loss")
     _require("capacity_factor", self.capacity_factor is None or self.capacity_factor > 0,
              "must be positive or None (dropless)")
-    for name in ("rope_theta", "norm_eps", "init_std"):
+    _require("lbl_mode", self.lbl_mode in LBL_MODES, f"must be one of {LBL_MODES}")
+    for name in ("rope_theta", "norm_eps", "init_std", "top1_lbl_tau"):
       _require(name, getattr(self, name) > 0, "must be positive")
     _require("dtype", self.dtype in COMPUTE_DTYPES, f"must be one of {COMPUTE_DTYPES}")
     _require("remat", self.remat in REMAT_POLICIES, f"must be one of {REMAT_POLICIES}")

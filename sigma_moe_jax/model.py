@@ -13,7 +13,8 @@ from flax import nnx
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.layers import (Attention, RMSNorm, attention_mask, normal_param,
                                   positions_from_segments)
-from sigma_moe_jax.moe import MoE, MoEStats
+from sigma_moe_jax.balancing import MoEStats
+from sigma_moe_jax.moe import MoE
 
 _REMAT_POLICIES = {
     "full": None,
@@ -35,11 +36,12 @@ class Block(nnx.Module):
     self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, gate_fn=cfg.gate_fn,
                    renormalize=cfg.renormalize, strategy=cfg.dispatch,
                    capacity_factor=cfg.capacity_factor, init_std=cfg.init_std, dtype=dtype,
-                   rngs=rngs)
+                   rngs=rngs, lbl_mode=cfg.lbl_mode, top1_lbl_tau=cfg.top1_lbl_tau)
 
-  def __call__(self, x, positions, mask, token_mask, k, k_max: int, selection_bias=None):
+  def __call__(self, x, positions, mask, token_mask, k, k_max: int, selection_bias=None,
+               count_offset=None):
     x = x + self.attn(self.attn_norm(x), positions, mask)
-    y, stats = self.moe(self.moe_norm(x), k, k_max, token_mask, selection_bias)
+    y, stats = self.moe(self.moe_norm(x), k, k_max, token_mask, selection_bias, count_offset)
     return x + y, stats
 
 
@@ -80,13 +82,16 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None, topk: Optional[jax.Array] = None,
-               selection_bias: Optional[jax.Array] = None):
+               selection_bias: Optional[jax.Array] = None,
+               count_offset: Optional[jax.Array] = None):
     """Logits for next-token prediction.
 
     tokens [batch, seq] int32. segment_ids [batch, seq]: packed document ids, 0 for padding
     (default: one document per row); positions restart per document unless given. topk int32
     [layers]: experts per token in each layer (traced; default: the config's top_k; clipped to
     each layer's static k_max). selection_bias float32 [layers, experts]: loss-free balancing.
+    count_offset float32 [layers, experts]: expert counts of earlier micro-batches of the same
+    optimizer step, added before the load-balancing f is formed.
 
     Returns (logits float32 [batch, seq, vocab], MoEStats with a leading [layers] axis).
     """
@@ -108,13 +113,13 @@ class Transformer(nnx.Module):
     all_stats = []
     for start, stop, group_k_max in scan_groups(cfg.k_max_per_layer):
       def layer(x, xs, group_k_max=group_k_max):
-        layer_state, k, bias = xs
+        layer_state, k, bias, offset = xs
         return nnx.merge(graphdef, layer_state)(x, positions, mask, token_mask, k, group_k_max,
-                                                bias)
+                                                bias, offset)
       if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-      group = (jax.tree.map(lambda a: a[start:stop], stacked), topk[start:stop],
-               None if selection_bias is None else selection_bias[start:stop])
+      rows = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
+      group = (rows(stacked), topk[start:stop], rows(selection_bias), rows(count_offset))
       x, stats = jax.lax.scan(layer, x, group)
       all_stats.append(stats)
     stats = jax.tree.map(lambda *s: jnp.concatenate(s), *all_stats)

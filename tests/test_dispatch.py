@@ -39,8 +39,8 @@ def moe_params(moe):
   return {n: getattr(moe, n)[...] for n in ("router", "w_gate", "w_up", "w_down")}
 
 
-def run_moe(strategy, params, x, k, k_max, **kw):
-  moe = make_moe(strategy, **kw)
+def run_moe(strategy, params, x, k, k_max, capacity_factor=None, **kw):
+  moe = make_moe(strategy, capacity_factor=capacity_factor, **kw)
   for name, value in params.items():
     getattr(moe, name)[...] = value
   return moe(x, jnp.int32(k), k_max, jnp.ones(x.shape[:2], bool))
@@ -68,8 +68,8 @@ def test_strategies_match_loop_oracle(gate_fn, k, k_max, renormalize):
                          renormalize=renormalize)
       return jnp.sum(y * target), stats
 
-    (got_loss, stats), got_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-        params, x)
+    (got_loss, stats), got_grads = jax.jit(
+        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=strategy)
     assert int(stats.dropped) == 0
     assert int(stats.tokens_per_expert.sum()) == B * S * k
@@ -112,8 +112,9 @@ def test_masked_slots_take_no_capacity_and_no_compute():
   including which assignments overflow a tight capacity."""
   x = jax.random.normal(jax.random.key(3), (B, S, D))
   params = moe_params(make_moe("dense"))
-  y1, s1 = run_moe("padded", params, x, 1, 1, capacity_factor=1.0)
-  y4, s4 = run_moe("padded", params, x, 1, 4, capacity_factor=1.0)
+  run = jax.jit(run_moe, static_argnums=(0, 3, 4, 5))
+  y1, s1 = run("padded", params, x, 1, 1, 1.0)
+  y4, s4 = run("padded", params, x, 1, 4, 1.0)
   np.testing.assert_allclose(y4, y1, rtol=1e-6)
   assert int(s4.dropped) == int(s1.dropped)
   np.testing.assert_array_equal(s4.tokens_per_expert, s1.tokens_per_expert)

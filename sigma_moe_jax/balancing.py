@@ -1,0 +1,141 @@
+"""Load balancing: the global-batch LBL (Eq. 1), the Top-1 LBL (Eq. 2), loss-free bias updates,
+and the per-layer routing metrics that the paper's figures are made of. See SPEC.md.
+
+`layer_statistics` runs inside the MoE layer's `shard_map` body, on the local shard of the batch,
+with the names of the mesh axes that split the tokens of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+LBL_MODES = ("global", "micro_batch", "sequence")
+
+
+class MoEStats(NamedTuple):
+  """Routing statistics of one MoE layer for one step (leading [layers] axis in the model).
+
+  tokens_per_expert int32 [E]: (token, slot) assignments per expert over the global batch.
+  gate_prob_mean float32 [E]: mean softmax gate probability over the global batch's tokens.
+  num_tokens int32: non-padding tokens in the global batch. dropped int32: assignments over
+  capacity. lbl float32: the load-balancing loss of Eq. 1 in the configured mode.
+  top1_lbl float32: the Top-1 LBL of Eq. 2 (computed always, for monitoring).
+  """
+
+  tokens_per_expert: jax.Array
+  gate_prob_mean: jax.Array
+  num_tokens: jax.Array
+  dropped: jax.Array
+  lbl: jax.Array
+  top1_lbl: jax.Array
+
+
+def load_balancing_loss(f: jax.Array, p: jax.Array) -> jax.Array:
+  """Eq. 1: N_E * sum_i f_i p_i over the last axis. 1 at perfect balance."""
+  return f.shape[-1] * jnp.sum(f * p, axis=-1)
+
+
+def top1_load_balancing_loss(fhat: jax.Array, pbar_top1: jax.Array) -> jax.Array:
+  """Eq. 2: N_E * sum_i fhat_i^2 / pbar_top1. >= 1; 1 only for one-hot routing, uniform load."""
+  return fhat.shape[-1] * jnp.sum(fhat * fhat, axis=-1) / pbar_top1
+
+
+def layer_statistics(logits, expert_ids, valid, token_mask, *, mode: str, tau: float,
+                     axes: Sequence[str], count_offset: Optional[jax.Array] = None) -> MoEStats:
+  """Balancing losses and statistics from one shard's routing.
+
+  logits [batch, seq, E] float32; expert_ids, valid [batch, seq, k_max]; token_mask [batch, seq].
+  Modes (the scope over which f and p are measured):
+    global: f from counts summed (psum) over `axes`, i.e. over every token of the step; p the
+      mean over the same tokens. Equals the loss of the whole batch on one device.
+    micro_batch: each shard's own f and p; the loss is the mean over shards.
+    sequence: f and p per sequence; the loss is the mean over sequences (and shards).
+  count_offset [E]: counts added to this step's before f is formed (global and micro_batch),
+  used to accumulate counts across gradient-accumulation micro-batches.
+  """
+  if mode not in LBL_MODES:
+    raise ValueError(f"unknown load-balancing mode {mode!r}; expected one of {LBL_MODES}")
+  batch, _, num_experts = logits.shape
+  mask = token_mask.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  tempered = jax.nn.softmax(logits / tau, axis=-1)
+  flat_ids = jnp.where(valid, expert_ids, num_experts).reshape(batch, -1)
+  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], flat_ids.shape)
+  counts = jnp.zeros((batch, num_experts + 1), jnp.float32).at[rows, flat_ids].add(1.0)
+  # Per-sequence sums; reduced below to the mode's groups.
+  sums = dict(
+      counts=counts[:, :num_experts],
+      prob=jnp.einsum("bse,bs->be", probs, mask),
+      tokens=jnp.sum(mask, axis=1),
+      fhat=jnp.einsum("bse,bs->be", tempered, mask),
+      pmax=jnp.sum(jnp.max(tempered, axis=-1) * mask, axis=1))
+  sequence_sums = sums
+  if mode != "sequence":
+    sums = jax.tree.map(lambda a: jnp.sum(a, axis=0, keepdims=True), sums)
+  if mode == "global":
+    sums = jax.tree.map(lambda a: jax.lax.psum(a, axes), sums)
+  counts = sums["counts"]
+  if count_offset is not None:
+    if mode == "sequence":
+      raise ValueError("count accumulation across micro-batches needs lbl_mode global or "
+                       "micro_batch")
+    counts = counts + count_offset
+  has_tokens = (sums["tokens"] > 0).astype(jnp.float32)
+  tokens = jnp.maximum(sums["tokens"], 1.0)[:, None]
+  f = jax.lax.stop_gradient(counts / jnp.maximum(jnp.sum(counts, -1, keepdims=True), 1.0))
+  p = sums["prob"] / tokens
+  fhat = sums["fhat"] / tokens
+  pbar = jnp.maximum(sums["pmax"] / tokens[:, 0], 1e-9)
+  group_mean = lambda v: jnp.sum(v * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+  lbl = group_mean(load_balancing_loss(f, p))
+  top1 = group_mean(top1_load_balancing_loss(fhat, pbar))
+  if mode != "global":
+    lbl, top1 = jax.lax.pmean(lbl, axes), jax.lax.pmean(top1, axes)
+  # Monitoring statistics are always over the global batch.
+  total = jax.tree.map(lambda a: jax.lax.psum(jnp.sum(a, axis=0), axes), sequence_sums)
+  return MoEStats(
+      tokens_per_expert=total["counts"].astype(jnp.int32),
+      gate_prob_mean=total["prob"] / jnp.maximum(total["tokens"], 1.0),
+      num_tokens=total["tokens"].astype(jnp.int32),
+      dropped=jnp.zeros((), jnp.int32),
+      lbl=lbl,
+      top1_lbl=top1)
+
+
+def update_selection_bias(bias: jax.Array, tokens_per_expert: jax.Array,
+                          rate: float) -> jax.Array:
+  """Loss-free balancing: b_i <- b_i + u * sign(mean load - load_i), per layer.
+
+  bias float32 [layers, E]; tokens_per_expert [layers, E] counted over the global batch.
+  """
+  load = tokens_per_expert.astype(jnp.float32)
+  return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+
+
+def routing_metrics(stats: MoEStats) -> Dict[str, jax.Array]:
+  """Per-layer monitoring values (each [layers] unless noted) from the model's stats.
+
+  load_max_dev / load_min_dev: max_i f_i * E - 1 and min_i f_i * E - 1 (Fig. 2a).
+  load_cv / gate_prob_cv: coefficient of variation of f and of p across experts: p flat while f
+  is spiky is the "LBL shortcut" (Fig. 2b/c). f, p: [layers, E].
+  """
+  num_experts = stats.tokens_per_expert.shape[-1]
+  counts = stats.tokens_per_expert.astype(jnp.float32)
+  f = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+  p = stats.gate_prob_mean
+  cv = lambda v: jnp.std(v, axis=-1) * num_experts  # mean of a distribution over E is 1/E
+  assignments = jnp.maximum(jnp.sum(counts, axis=-1), 1.0)
+  return {
+      "f": f,
+      "p": p,
+      "load_max_dev": jnp.max(f, axis=-1) * num_experts - 1.0,
+      "load_min_dev": jnp.min(f, axis=-1) * num_experts - 1.0,
+      "load_cv": cv(f),
+      "gate_prob_cv": cv(p),
+      "lbl": stats.lbl,
+      "top1_lbl": stats.top1_lbl,
+      "drop_fraction": stats.dropped.astype(jnp.float32) / assignments,
+  }
