@@ -5,5 +5,6 @@ from sigma_moe_jax.model import Transformer
 from sigma_moe_jax.balancing import MoEStats
 from sigma_moe_jax.moe import MoE
 from sigma_moe_jax.params import count_params
+from sigma_moe_jax.schedule import TopKSchedule
 
-__all__ = ["ModelConfig", "Transformer", "MoE", "MoEStats", "count_params"]
+__all__ = ["ModelConfig", "Transformer", "MoE", "MoEStats", "count_params", "TopKSchedule"]

@@ -1,0 +1,75 @@
+"""The per-layer top-k schedule: parsing, validation, and one compilation across a switch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sigma_moe_jax import ModelConfig, Transformer, TopKSchedule, count_params
+from sigma_moe_jax.schedule import parse_per_layer
+
+
+def test_compact_form_parses_like_python_would():
+  assert parse_per_layer("[8,8,6,6,4,4,2,2]+[1]*48") == [8, 8, 6, 6, 4, 4, 2, 2] + [1] * 48
+  assert parse_per_layer(" [2, 1] * 2 + [3] ") == [2, 1, 2, 1, 3]
+  assert parse_per_layer([2, 2, 1]) == [2, 2, 1]
+
+
+@pytest.mark.parametrize("bad", ["[1]*2; import os", "__import__('os')", "[1,]", "[a]*3",
+                                 "[1]*-2", ""])
+def test_compact_form_rejects_anything_else(bad):
+  with pytest.raises(ValueError, match="cannot parse"):
+    parse_per_layer(bad)
+
+
+def test_phases_and_fractions():
+  schedule = TopKSchedule.parse([(0, "[8,8,6,6,4,4,2,2]+[1]*48"), (0.9, "[1]*56")],
+                                num_layers=56, total_steps=1000)
+  assert schedule.starts == (0, 900)
+  assert schedule.k_max == (8, 8, 6, 6, 4, 4, 2, 2) + (1,) * 48
+  np.testing.assert_array_equal(schedule.topk_at(899)[:9], [8, 8, 6, 6, 4, 4, 2, 2, 1])
+  np.testing.assert_array_equal(schedule.topk_at(900), [1] * 56)
+  single = TopKSchedule.parse("[2]*4", num_layers=4)
+  np.testing.assert_array_equal(single.topk_at(10**6), [2] * 4)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("[1]*3", "3 per-layer entries, expected num_layers=4"),
+    ("[0]*4", "must be >= 1"),
+    ("[9]*4", "exceeds num_experts=8"),
+    ([(0, "[1]*4"), (5, "[2]*4"), (3, "[1]*4")], "increase strictly"),
+    ([(2, "[1]*4")], "first phase must start at step 0"),
+    ([(0, "[1]*4"), (1.5, "[1]*4")], "outside"),
+    ([(0, "[1]*4"), (-1, "[1]*4")], "start must be"),
+])
+def test_invalid_schedules_are_rejected(spec, match):
+  with pytest.raises(ValueError, match=match):
+    TopKSchedule.parse(spec, num_layers=4, total_steps=10, num_experts=8)
+
+
+def test_switch_needs_no_recompilation():
+  schedule = TopKSchedule.parse([(0, "[4,2]+[1]*2"), (3, "[1]*4")], num_layers=4)
+  cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=4, num_heads=2, num_kv_heads=1,
+                    num_experts=8, d_ff=16, top_k=1, layer_k_max=schedule.k_max,
+                    capacity_factor=2.0)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def forward(params, tokens, step):
+    return nnx.merge(graphdef, params)(tokens, topk=schedule.topk_at(step))[1]
+
+  tokens = jnp.ones((2, 8), jnp.int32)
+  for step in range(6):
+    stats = forward(params, tokens, step)
+    want = np.asarray(schedule.topk_at(step)) * tokens.size
+    np.testing.assert_array_equal(stats.tokens_per_expert.sum(-1), want)
+  assert forward._cache_size() == 1
+
+
+def test_phase1_activated_parameters():
+  cfg = ModelConfig.sigma_moe_tiny()
+  schedule = TopKSchedule.parse([(0, "[8,8,6,6,4,4,2,2]+[1]*48"), (0.9, "[1]*56")], 56, 100)
+  phase1 = count_params(cfg, schedule.per_layer[0])["active"]
+  target = count_params(cfg, schedule.final)["active"]
+  assert 0.64e9 < phase1 < 0.66e9 and 0.53e9 < target < 0.54e9
