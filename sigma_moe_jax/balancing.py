@@ -23,6 +23,7 @@ class MoEStats(NamedTuple):
   num_tokens int32: non-padding tokens in the global batch. dropped int32: assignments over
   capacity. lbl float32: the load-balancing loss of Eq. 1 in the configured mode.
   top1_lbl float32: the Top-1 LBL of Eq. 2 (computed always, for monitoring).
+  router_z_loss float32: mean over tokens of logsumexp(router logits)^2.
   """
 
   tokens_per_expert: jax.Array
@@ -31,6 +32,7 @@ class MoEStats(NamedTuple):
   dropped: jax.Array
   lbl: jax.Array
   top1_lbl: jax.Array
+  router_z_loss: jax.Array
 
 
 def load_balancing_loss(f: jax.Array, p: jax.Array) -> jax.Array:
@@ -71,7 +73,8 @@ def layer_statistics(logits, expert_ids, valid, token_mask, *, mode: str, tau: f
       prob=jnp.einsum("bse,bs->be", probs, mask),
       tokens=jnp.sum(mask, axis=1),
       fhat=jnp.einsum("bse,bs->be", tempered, mask),
-      pmax=jnp.sum(jnp.max(tempered, axis=-1) * mask, axis=1))
+      pmax=jnp.sum(jnp.max(tempered, axis=-1) * mask, axis=1),
+      z=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask, axis=1))
   sequence_sums = sums
   if mode != "sequence":
     sums = jax.tree.map(lambda a: jnp.sum(a, axis=0, keepdims=True), sums)
@@ -102,7 +105,8 @@ def layer_statistics(logits, expert_ids, valid, token_mask, *, mode: str, tau: f
       num_tokens=total["tokens"].astype(jnp.int32),
       dropped=jnp.zeros((), jnp.int32),
       lbl=lbl,
-      top1_lbl=top1)
+      top1_lbl=top1,
+      router_z_loss=total["z"] / jnp.maximum(total["tokens"], 1.0))
 
 
 def update_selection_bias(bias: jax.Array, tokens_per_expert: jax.Array,
@@ -137,5 +141,6 @@ def routing_metrics(stats: MoEStats) -> Dict[str, jax.Array]:
       "gate_prob_cv": cv(p),
       "lbl": stats.lbl,
       "top1_lbl": stats.top1_lbl,
+      "router_z_loss": stats.router_z_loss,
       "drop_fraction": stats.dropped.astype(jnp.float32) / assignments,
   }

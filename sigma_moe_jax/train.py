@@ -1,0 +1,202 @@
+"""The training step: a pure function of explicit state, jitted once.
+
+  state, metrics = train_step(state, batch)
+
+`state` is a `TrainState` (parameters as a pure dict, optax state, the loss-free balancing bias,
+the step); `batch` holds int32 [batch, seq] `tokens`, `segment_ids` and `positions`. Nothing is
+mutated inside jit: the model is rebuilt from its graph definition and the parameters each call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sigma_moe_jax.balancing import MoEStats, routing_metrics, update_selection_bias
+from sigma_moe_jax.config import ModelConfig
+from sigma_moe_jax.model import Transformer
+from sigma_moe_jax.schedule import TopKSchedule
+
+BALANCE_LOSSES = ("lbl", "top1_lbl", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceSettings:
+  """How the objective balances the experts.
+
+  loss: `lbl` (Eq. 1, in the model's lbl_mode), `top1_lbl` (Eq. 2) or `none`; coef multiplies
+  the sum over layers. loss_free: choose experts by score + bias and update the bias after each
+  step by `bias_rate` * sign(mean load - load) (Wang et al.). accumulate_counts: with gradient
+  accumulation, micro-batch m forms f from the counts of micro-batches 1..m of the same step
+  (a running global batch); otherwise each micro-batch uses its own counts.
+  """
+
+  loss: str = "lbl"
+  coef: float = 1e-3
+  z_loss_coef: float = 0.0
+  loss_free: bool = False
+  bias_rate: float = 1e-3
+  accumulate_counts: bool = False
+
+  def __post_init__(self):
+    if self.loss not in BALANCE_LOSSES:
+      raise ValueError(f"balance.loss: must be one of {BALANCE_LOSSES}, got {self.loss!r}")
+    for name in ("coef", "z_loss_coef", "bias_rate"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"balance.{name}: must be >= 0")
+
+
+class TrainState(NamedTuple):
+  params: Any  # pure dict of float32 arrays
+  opt_state: Any
+  selection_bias: jax.Array  # float32 [layers, experts]; zeros unless loss-free balancing
+  step: jax.Array  # int32 scalar
+
+
+def learning_rate_schedule(*, lr: float, steps: int, warmup_steps: int, kind: str,
+                           min_lr_ratio: float = 0.1, decay_fraction: float = 0.2):
+  """optax schedule: `cosine` (warmup + cosine to lr * min_lr_ratio) or `wsd`
+  (warmup, stable, then linear decay over the last `decay_fraction` of steps)."""
+  if warmup_steps >= steps:
+    raise ValueError(f"train.warmup_steps ({warmup_steps}) must be below train.steps ({steps})")
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, steps, lr * min_lr_ratio)
+  if kind == "wsd":
+    decay_steps = max(1, int(round(steps * decay_fraction)))
+    stable_steps = max(0, steps - warmup_steps - decay_steps)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr),
+         optax.linear_schedule(lr, lr * min_lr_ratio, decay_steps)],
+        [warmup_steps, warmup_steps + stable_steps])
+  raise ValueError(f"train.lr_schedule: must be 'cosine' or 'wsd', got {kind!r}")
+
+
+def make_optimizer(schedule: Callable, *, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0):
+  """Global-norm clipping then AdamW; norms' scales get no weight decay."""
+  def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
+  return optax.chain(
+      optax.clip_by_global_norm(grad_clip),
+      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+
+
+def init_model(cfg: ModelConfig, seed: int):
+  """(graphdef, float32 parameters as a pure dict)."""
+  graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def init_state(params, optimizer, cfg: ModelConfig) -> TrainState:
+  return TrainState(params, optimizer.init(params),
+                    jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32),
+                    jnp.zeros((), jnp.int32))
+
+
+def lm_loss_terms(logits, tokens, segment_ids):
+  """Summed next-token cross-entropy and the number of targets. Targets that start a new document
+  or are padding are masked."""
+  targets = tokens[:, 1:]
+  mask = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+  return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def _combine_stats(stats: MoEStats) -> MoEStats:
+  """Per-step statistics from per-micro-batch ones (leading [micro] axis)."""
+  return MoEStats(
+      tokens_per_expert=jnp.sum(stats.tokens_per_expert, 0),
+      gate_prob_mean=jnp.mean(stats.gate_prob_mean, 0),
+      num_tokens=jnp.sum(stats.num_tokens, 0),
+      dropped=jnp.sum(stats.dropped, 0),
+      lbl=jnp.mean(stats.lbl, 0),
+      top1_lbl=jnp.mean(stats.top1_lbl, 0),
+      router_z_loss=jnp.mean(stats.router_z_loss, 0))
+
+
+def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
+                    balance: BalanceSettings, *, schedule: Optional[TopKSchedule] = None,
+                    grad_accum: int = 1):
+  """Builds train_step(state, batch) -> (state, metrics). Jit it with donate_argnums=0."""
+  if schedule is not None and tuple(cfg.k_max_per_layer) != schedule.k_max:
+    raise ValueError(f"model.layer_k_max {cfg.k_max_per_layer} must equal the schedule's "
+                     f"per-layer maximum {schedule.k_max}")
+
+  def micro_loss(params, micro, topk, bias, offset, total_targets):
+    model = nnx.merge(graphdef, params)
+    logits, stats = model(micro["tokens"], micro["segment_ids"], micro["positions"], topk=topk,
+                          selection_bias=bias, count_offset=offset)
+    ce_sum, targets = lm_loss_terms(logits, micro["tokens"], micro["segment_ids"])
+    balance_loss = {"lbl": jnp.sum(stats.lbl), "top1_lbl": jnp.sum(stats.top1_lbl),
+                    "none": jnp.zeros(())}[balance.loss]
+    z_loss = jnp.sum(stats.router_z_loss)
+    objective = (ce_sum / total_targets
+                 + (balance.coef * balance_loss + balance.z_loss_coef * z_loss) / grad_accum)
+    return objective, (ce_sum, stats)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: Dict[str, jax.Array]):
+    topk = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
+            else schedule.topk_at(state.step))
+    bias = state.selection_bias if balance.loss_free else None
+    segments = batch["segment_ids"]
+    total_targets = jnp.maximum(
+        jnp.sum((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)), 1)
+    micro_batches = jax.tree.map(
+        lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:]), batch)
+
+    def accumulate(carry, micro):
+      grads_sum, counts = carry
+      offset = counts if balance.accumulate_counts else None
+      (objective, (ce_sum, stats)), grads = grad_fn(state.params, micro, topk, bias, offset,
+                                                    total_targets)
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      counts = counts + stats.tokens_per_expert.astype(jnp.float32)
+      return (grads_sum, counts), (objective, ce_sum, stats)
+
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    zero_counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)
+    (grads, _), (objective, ce_sum, stats) = jax.lax.scan(
+        accumulate, (zero_grads, zero_counts), micro_batches)
+    stats = _combine_stats(stats)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    selection_bias = state.selection_bias
+    if balance.loss_free:
+      selection_bias = update_selection_bias(selection_bias, stats.tokens_per_expert,
+                                             balance.bias_rate)
+    metrics = {
+        "loss": jnp.sum(objective),
+        "lm_loss": jnp.sum(ce_sum) / total_targets,
+        "lr": lr_schedule(state.step),
+        "grad_norm": optax.global_norm(grads),
+        "targets": total_targets,
+        "topk": topk,
+        "bias_abs_mean": jnp.mean(jnp.abs(selection_bias), axis=-1),
+        **{name: value for name, value in routing_metrics(stats).items()},
+    }
+    metrics["lbl_per_layer"] = metrics.pop("lbl")
+    metrics["lbl"] = jnp.mean(metrics["lbl_per_layer"])
+    return TrainState(params, opt_state, selection_bias, state.step + 1), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, cfg: ModelConfig, schedule: Optional[TopKSchedule] = None):
+  """eval_step(params, batch, step, selection_bias=None) -> (summed cross-entropy, targets)."""
+
+  def eval_step(params, batch, step, selection_bias=None):
+    topk = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
+            else schedule.topk_at(step))
+    logits, _ = nnx.merge(graphdef, params)(batch["tokens"], batch["segment_ids"],
+                                            batch["positions"], topk=topk,
+                                            selection_bias=selection_bias)
+    return lm_loss_terms(logits, batch["tokens"], batch["segment_ids"])
+
+  return eval_step
