@@ -37,6 +37,25 @@ def parse_per_layer(spec: PerLayer) -> List[int]:
   return values
 
 
+def parse_phases(text: str) -> List[Tuple[Union[int, float], str]]:
+  """"0:[8,8]+[1]*4; 0.9:[1]*6" -> [(0, "[8,8]+[1]*4"), (0.9, "[1]*6")], the one-line form
+  used by config files and flags. A start with a '.' is a fraction of the run. A text without
+  ':' is one phase from step 0."""
+  phases = []
+  for part in (p.strip() for p in text.split(";")):
+    if not part:
+      continue
+    if ":" not in part:
+      phases.append((0, part))
+      continue
+    start, per_layer = (v.strip() for v in part.split(":", 1))
+    try:
+      phases.append((float(start) if "." in start else int(start), per_layer))
+    except ValueError:
+      raise ValueError(f"top-k schedule phase {part!r}: start {start!r} is not a number") from None
+  return phases
+
+
 @dataclasses.dataclass(frozen=True)
 class TopKSchedule:
   """Phases (start_step, per-layer top-k), sorted by start; the first starts at step 0."""

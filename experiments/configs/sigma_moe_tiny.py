@@ -1,0 +1,14 @@
+"""The paper's model and schedule (20B total, 0.5B active) for a TPU pod: phase 1 activates
+[8,8,6,6,4,4,2,2]+[1]*48 experts, then every layer is top-1 for the last 10% of steps."""
+
+from experiments.configs.base import make_config
+from sigma_moe_jax import ModelConfig
+
+
+def get_config():
+  c = make_config(ModelConfig.sigma_moe_tiny(dtype="bfloat16", dispatch="ragged", remat="full"))
+  c.train.update(steps=100_000, batch_size=1024, seq_len=4096, lr=3e-4, warmup_steps=2000,
+                 log_every=10, eval_every=2000, eval_batches=64, checkpoint_every=1000)
+  c.schedule.topk = "0:[8,8,6,6,4,4,2,2]+[1]*48; 0.9:[1]*56"
+  c.data.update(path="gs://YOUR_BUCKET/corpus/*.jsonl", tokenizer="o200k_base.tiktoken")
+  return c

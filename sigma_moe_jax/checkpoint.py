@@ -1,0 +1,58 @@
+"""Orbax checkpoints: train state, data-iterator state and the run's config, saved together.
+
+Saves are asynchronous; the last `keep` are kept. Restoring takes the abstract train state with
+the shardings of the *current* mesh, so a run can resume on a different mesh.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from sigma_moe_jax.train import TrainState
+
+
+class Checkpointer:
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def saved_config(self, step: int) -> Dict[str, Any]:
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored["config"]
+
+  def save(self, step: int, state: TrainState, iterator, config: Dict[str, Any],
+           force: bool = False) -> bool:
+    """Saves when `step` is on the save interval (or `force`); returns whether it did."""
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state._asdict()),
+        data=grain.checkpoint.CheckpointSave(iterator),
+        config=ocp.args.JsonSave(json.loads(json.dumps(config)))))
+
+  def restore(self, step: int, abstract_state: TrainState, iterator) -> TrainState:
+    """Restores the state onto the shardings in `abstract_state` and the iterator in place."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state._asdict()),
+        data=grain.checkpoint.CheckpointRestore(iterator)))
+    return TrainState(**restored["state"])
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def abstract_like(state: TrainState, shardings) -> TrainState:
+  """ShapeDtypeStructs of `state` carrying `shardings` (a matching pytree of Shardings)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      state, shardings)

@@ -1,0 +1,201 @@
+"""Text documents -> packed, batched token sequences with a checkpointable grain iterator.
+
+Documents are sharded by JAX process before anything else, so every process reads distinct
+documents; each process then builds its own per-process batch. Documents are tokenized,
+terminated with the end-of-text id and packed back to back by grain's concat-then-split
+packer, so no token is dropped and a long document continues in the next row.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import grain
+import numpy as np
+
+from sigma_moe_jax.tokenizer import Tokenizer
+
+_TEXT_SUFFIXES = (".txt", ".txt.gz")
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+# Reading ahead a few documents is plenty: one document usually fills many batches.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+Batch = Dict[str, np.ndarray]
+
+
+def load_documents(pattern: str) -> List[str]:
+  """Reads documents from a path, a comma-separated list of paths, or globs.
+
+  `.txt`/`.txt.gz` files are one document each; `.jsonl`/`.jsonl.gz` files give one document
+  per line from its "text" field. Files are read in sorted order and blank documents dropped.
+  """
+  files = set()
+  for part in (p.strip() for p in pattern.split(",")):
+    if not part:
+      continue
+    is_glob = any(c in part for c in "*?[")
+    matches = [m for m in (glob.glob(part) if is_glob else [part]) if os.path.isfile(m)]
+    if not matches:
+      raise ValueError(f"no data file matches {part!r}")
+    files.update(matches)
+  if not files:
+    raise ValueError(f"no data file matches {pattern!r}")
+  docs = []
+  for path in sorted(files):
+    docs.extend(_read_file(path))
+  docs = [d for d in docs if d.strip()]
+  if not docs:
+    raise ValueError(f"no non-empty documents in {pattern!r}")
+  return docs
+
+
+def _read_file(path: str) -> List[str]:
+  if not path.endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES):
+    raise ValueError(f"unsupported data file {path!r}: expected one of "
+                     f"{_TEXT_SUFFIXES + _JSONL_SUFFIXES}")
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      content = f.read()
+  except (OSError, UnicodeDecodeError, EOFError) as e:
+    raise ValueError(f"cannot read data file {path!r}: {e}") from e
+  if not content.strip():
+    raise ValueError(f"data file {path!r} is empty")
+  if path.endswith(_TEXT_SUFFIXES):
+    return [content]
+  docs = []
+  for lineno, line in enumerate(content.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+      raise ValueError(f"{path}:{lineno}: line has no string 'text' field")
+    docs.append(text)
+  return docs
+
+
+def split_documents(docs: Sequence[str], val_fraction: float,
+                    seed: int) -> Tuple[List[str], List[str]]:
+  """Holds out whole documents for validation, so no validation text is seen in training.
+
+  The held-out set is `round(val_fraction * len(docs))` documents chosen by `seed`, at least
+  one when `val_fraction > 0` and there are >= 2 documents; training keeps at least one.
+  Both lists keep the input order.
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+  n = len(docs)
+  if n == 0:
+    raise ValueError("cannot split an empty document list")
+  num_val = int(round(val_fraction * n))
+  if val_fraction > 0 and n >= 2:
+    num_val = max(num_val, 1)
+  num_val = min(num_val, n - 1)
+  val_idx = set(np.random.default_rng(seed).permutation(n)[:num_val].tolist())
+  train = [d for i, d in enumerate(docs) if i not in val_idx]
+  val = [d for i, d in enumerate(docs) if i in val_idx]
+  return train, val
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+  """Fails early if the tokenizer can emit ids the model's embedding does not have."""
+  if tokenizer.vocab_size > model_vocab_size:
+    raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model "
+                     f"vocab_size {model_vocab_size}")
+
+
+def make_pipeline(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                  seed: int, process_index: int = 0, process_count: int = 1,
+                  shuffle: bool = True, repeat: bool = True,
+                  max_vocab: Optional[int] = None) -> grain.DatasetIterator:
+  """Returns an iterator of per-process batches of packed token sequences.
+
+  Each element is a dict of int32 numpy arrays of shape [batch_size, seq_len]:
+    tokens: token ids; 0 at padding.
+    segment_ids: 1, 2, ... numbering the document pieces within a row; 0 at padding.
+    positions: index of the token within its document piece (restarts at 0 on each piece,
+      including a document continued from the previous row); 0 at padding.
+  With `repeat` the stream is infinite and every row is full (no padding); `shuffle`
+  reorders documents with a new order each epoch. Without `repeat` the stream ends after
+  one pass: only the last row may be partly padding, and the last batch is padded with
+  all-padding rows (segment_ids 0), so every token is seen once. The iterator's
+  `get_state()` is JSON-serialisable and `set_state()` of a fresh iterator built with the
+  same arguments resumes with exactly the same batches.
+  """
+  for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
+                      ("process_count", process_count)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name}={value} must be a positive integer")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  if max_vocab is not None:
+    check_vocab(tokenizer, max_vocab)
+  shard = list(docs)[process_index::process_count]
+  if not shard:
+    raise ValueError(f"process {process_index} of {process_count} gets no documents "
+                     f"({len(docs)} in total); use fewer processes or more documents")
+
+  ds = grain.MapDataset.source(shard)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat()  # reseeds the shuffle each epoch
+  eos_id = tokenizer.eos_id
+  ds = ds.map(lambda text: {"tokens": np.asarray(tokenizer.encode(text) + [eos_id], np.int32)})
+  packed = grain.experimental.ConcatThenSplitIterDataset(
+      ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len})
+  batched = packed.batch(batch_size, drop_remainder=False)
+  return _JsonStateDataset(batched.map(lambda b: _to_batch(b, batch_size))).__iter__()
+
+
+def _to_batch(packed: Dict[str, np.ndarray], batch_size: int) -> Batch:
+  """Renames grain's packer outputs and pads a short final batch with empty rows."""
+  out = {"tokens": packed["tokens"], "segment_ids": packed["tokens_segment_ids"],
+         "positions": packed["tokens_positions"]}
+  short = batch_size - out["tokens"].shape[0]
+  return {k: np.pad(v, ((0, short), (0, 0))).astype(np.int32) for k, v in out.items()}
+
+
+class _JsonStateDataset(grain.IterDataset):
+  """Makes the pipeline's state survive a JSON round trip."""
+
+  def __init__(self, parent: grain.IterDataset):
+    super().__init__(parent)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _JsonStateIterator(self._parent.__iter__())
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+  """Passes elements through; returns the state in JSON types and accepts it back.
+
+  grain's concat-then-split packer keeps `remainder_slices` as tuples and tests them with
+  `!= (-1, -1)`; after JSON turns them into lists every slice reads as a remainder and a
+  restored iterator silently skips a document. The tuples are rebuilt before restoring.
+  """
+
+  def __next__(self) -> Batch:
+    return next(self._parent)
+
+  def get_state(self) -> Dict[str, Any]:
+    return json.loads(json.dumps(self._parent.get_state()))
+
+  def set_state(self, state: Dict[str, Any]) -> None:
+    self._parent.set_state(_slices_as_tuples(json.loads(json.dumps(state))))
+
+
+def _slices_as_tuples(state: Any) -> Any:
+  if isinstance(state, dict):
+    return {k: ({f: tuple(s) for f, s in v.items()} if k == "remainder_slices"
+                else _slices_as_tuples(v)) for k, v in state.items()}
+  if isinstance(state, list):
+    return [_slices_as_tuples(v) for v in state]
+  return state
