@@ -175,7 +175,7 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
         "loss": jnp.sum(objective),
         "lm_loss": jnp.sum(ce_sum) / total_targets,
         "lr": lr_schedule(state.step),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "targets": total_targets,
         "topk": topk,
         "bias_abs_mean": jnp.mean(jnp.abs(selection_bias), axis=-1),

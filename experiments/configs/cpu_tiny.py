@@ -6,6 +6,6 @@ from sigma_moe_jax import ModelConfig
 
 def get_config():
   c = make_config(ModelConfig.cpu_tiny())
-  c.train.update(steps=600, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=30,
-                 log_every=20, eval_every=200, eval_batches=8, checkpoint_every=200)
+  c.train.update(steps=1200, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=50,
+                 log_every=20, eval_every=300, eval_batches=8, checkpoint_every=300)
   return c

@@ -1,0 +1,103 @@
+"""The training launcher as a user runs it: exact resume after SIGKILL, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.d_model=32", "--config.model.num_layers=2",
+        "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+        "--config.model.head_dim=16", "--config.model.num_experts=8",
+        "--config.model.d_ff=32", "--config.train.batch_size=4", "--config.train.seq_len=32",
+        "--config.train.warmup_steps=2", "--config.train.log_every=1",
+        "--config.train.eval_every=1000", "--config.train.eval_batches=1",
+        "--config.train.checkpoint_every=3", "--config.train.peak_flops=1e12"]
+
+
+def launch(workdir, *overrides, devices=1, wait=True):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  cmd = [sys.executable, "-m", "experiments.train",
+         "--config=experiments/configs/cpu_tiny.py", f"--workdir={workdir}", *TINY, *overrides]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  if not wait:
+    return proc
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
+def losses(workdir):
+  """Per-step loss, the last record of each step winning (a resumed run repeats steps)."""
+  by_step = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      by_step[record["step"]] = record["loss"]
+  return by_step
+
+
+def test_resume_after_sigkill_reproduces_every_loss(tmp_path):
+  steps = ["--config.train.steps=40"]
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  code, _, err = launch(straight, *steps)
+  assert code == 0, err[-2000:]
+
+  proc = launch(killed, *steps, wait=False)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "3").is_dir():
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert max(losses(killed)) < 40, "the run finished before it was killed"
+
+  code, out, err = launch(killed, *steps)
+  assert code == 0, err[-2000:]
+  assert "resumed from step" in out
+  want, got = losses(straight), losses(killed)
+  assert sorted(got) == sorted(want) == list(range(1, 41))
+  np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.data.path=/nonexistent/*.txt"], "no data file matches"),
+    (["--config.model.vocab_size=100"], "4096"),
+    (["--config.train.batch_size=3"], "does not split"),
+    (["--config.train.steps=0"], "train.steps must be >= 1"),
+    (["--config.schedule.topk=[1]*5"], "expected num_layers=2"),
+    (["--config.model.gate_fn=relu"], "ModelConfig.gate_fn"),
+])
+def test_bad_input_gives_one_clear_error(tmp_path, overrides, message):
+  code, out, err = launch(tmp_path / "run", *overrides, devices=2)
+  assert code != 0
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, err[-2000:]
+  assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
+      tmp_path / "run" / "checkpoints")
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  code, _, err = launch(tmp_path / "run", "--config.train.stepz=3")
+  assert code != 0 and "stepz" in err
+
+
+def test_incompatible_checkpoint_is_left_untouched(tmp_path):
+  workdir = tmp_path / "run"
+  code, _, err = launch(workdir, "--config.train.steps=3")
+  assert code == 0, err[-2000:]
+  before = sorted(str(p.relative_to(workdir)) + str(p.stat().st_mtime_ns)
+                  for p in (workdir / "checkpoints").rglob("*"))
+  code, _, err = launch(workdir, "--config.train.steps=6", "--config.model.d_ff=64")
+  assert code != 0
+  assert "incompatible config" in err and "model.d_ff" in err
+  after = sorted(str(p.relative_to(workdir)) + str(p.stat().st_mtime_ns)
+                 for p in (workdir / "checkpoints").rglob("*"))
+  assert after == before

@@ -1,0 +1,109 @@
+"""The train step against independent computations: accumulation, loss masking, weight decay,
+loss-free bias updates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sigma_moe_jax import ModelConfig, TopKSchedule
+from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.balancing import update_selection_bias
+from sigma_moe_jax.layers import positions_from_segments
+from sigma_moe_jax.model import Transformer
+
+CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  num_experts=8, d_ff=32, top_k=1, init_std=0.1)
+
+
+def make_batch(seed, batch=4, seq=16):
+  tokens = jax.random.randint(jax.random.key(seed), (batch, seq), 0, CFG.vocab_size)
+  segments = jnp.asarray(np.repeat([[1] * 6 + [2] * 7 + [0] * 3], batch, axis=0), jnp.int32)
+  return {"tokens": tokens, "segment_ids": segments,
+          "positions": positions_from_segments(segments)}
+
+
+def setup(balance, grad_accum=1, cfg=CFG, schedule=None):
+  graphdef, params = train_lib.init_model(cfg, 0)
+  lr = train_lib.learning_rate_schedule(lr=1e-2, steps=10, warmup_steps=1, kind="cosine")
+  optimizer = train_lib.make_optimizer(lr)
+  state = train_lib.init_state(params, optimizer, cfg)
+  step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, cfg, balance,
+                                           schedule=schedule, grad_accum=grad_accum))
+  return graphdef, state, step
+
+
+def test_lm_loss_masks_document_starts_and_padding():
+  batch = make_batch(0, batch=2)
+  logits = jax.random.normal(jax.random.key(1), (2, 16, CFG.vocab_size))
+  total, count = train_lib.lm_loss_terms(logits, batch["tokens"], batch["segment_ids"])
+  log_probs = np.asarray(jax.nn.log_softmax(logits))
+  tokens, segments = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
+  want_total, want_count = 0.0, 0
+  for b in range(2):
+    for i in range(15):
+      if segments[b, i + 1] > 0 and segments[b, i + 1] == segments[b, i]:
+        want_total -= log_probs[b, i, tokens[b, i + 1]]
+        want_count += 1
+  assert int(count) == want_count == 2 * (5 + 6)
+  np.testing.assert_allclose(total, want_total, rtol=1e-5)
+
+
+def test_gradient_accumulation_matches_the_whole_batch():
+  balance = train_lib.BalanceSettings(loss="none")
+  batch = make_batch(2, batch=4)
+  _, state, step1 = setup(balance, grad_accum=1)
+  _, state2, step2 = setup(balance, grad_accum=2)
+  new1, m1 = step1(state, batch)
+  new2, m2 = step2(state2, batch)
+  np.testing.assert_allclose(m1["lm_loss"], m2["lm_loss"], rtol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(new1.params), jax.tree.leaves(new2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_skips_norm_scales():
+  lr = optax.constant_schedule(0.1)
+  optimizer = train_lib.make_optimizer(lr, weight_decay=0.5)
+  _, params = train_lib.init_model(CFG, 0)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zero, optimizer.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new["final_norm"]["scale"], params["final_norm"]["scale"])
+  np.testing.assert_array_equal(new["blocks"]["attn"]["q_norm"]["scale"],
+                                params["blocks"]["attn"]["q_norm"]["scale"])
+  np.testing.assert_allclose(new["lm_head"], params["lm_head"] * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+def test_loss_free_bias_follows_the_global_counts():
+  cfg = CFG.replace(gate_fn="sigmoid")
+  balance = train_lib.BalanceSettings(loss="none", loss_free=True, bias_rate=0.01)
+  graphdef, state, step = setup(balance, cfg=cfg)
+  batch = make_batch(3)
+  model = train_lib.nnx.merge(graphdef, state.params)
+  _, stats = model(batch["tokens"], batch["segment_ids"], batch["positions"],
+                   selection_bias=state.selection_bias)
+  new, _ = step(state, batch)
+  want = update_selection_bias(state.selection_bias, stats.tokens_per_expert, 0.01)
+  np.testing.assert_allclose(new.selection_bias, want, atol=1e-7)
+  assert np.abs(np.asarray(new.selection_bias)).max() == pytest.approx(0.01)
+
+
+def test_schedule_and_model_must_agree():
+  schedule = TopKSchedule.parse([(0, [2, 2]), (5, [1, 1])], num_layers=2)
+  with pytest.raises(ValueError, match="layer_k_max"):
+    setup(train_lib.BalanceSettings(), schedule=schedule)
+  _, state, step = setup(train_lib.BalanceSettings(), schedule=schedule,
+                         cfg=CFG.replace(layer_k_max=schedule.k_max))
+  _, metrics = step(state, make_batch(4))
+  np.testing.assert_array_equal(metrics["topk"], [2, 2])
+
+
+def test_invalid_settings_are_rejected():
+  with pytest.raises(ValueError, match="balance.loss"):
+    train_lib.BalanceSettings(loss="entropy")
+  with pytest.raises(ValueError, match="warmup_steps"):
+    train_lib.learning_rate_schedule(lr=1.0, steps=5, warmup_steps=5, kind="cosine")
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train_lib.learning_rate_schedule(lr=1.0, steps=5, warmup_steps=1, kind="linear")
