@@ -46,7 +46,7 @@ def sort_assignments(expert_ids, valid, num_experts: int) -> SortedAssignments:
                            group_sizes, group_start)
 
 
-def _combine(out_per_assignment, gate_weights):
+def combine(out_per_assignment, gate_weights):
   """Weighted sum over slots: [tokens * slots, d] x [tokens, slots] -> [tokens, d]."""
   tokens, slots = gate_weights.shape
   out = out_per_assignment.reshape(tokens, slots, -1)
@@ -66,7 +66,7 @@ def ragged(x, expert_ids, gate_weights, valid, experts: Experts, capacity=None):
   h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, s.group_sizes))
   h = h * jax.lax.ragged_dot(xs, w_up, s.group_sizes)
   out = jax.lax.ragged_dot(h, w_down, s.group_sizes)
-  return _combine(out[s.inverse], gate_weights), jnp.zeros((), jnp.int32)
+  return combine(out[s.inverse], gate_weights), jnp.zeros((), jnp.int32)
 
 
 @jax.custom_vjp
@@ -94,6 +94,48 @@ def _take_rows_bwd(residuals, d_rows):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+class BufferLayout(NamedTuple):
+  """Where each (token, slot) assignment sits in fixed-size per-group buffers [groups, capacity].
+
+  source [groups * capacity]: assignment (token * slots + slot) feeding each buffer row;
+  filled [groups * capacity]: the row holds an assignment; index [assignments]: the buffer row of
+  each assignment; kept [assignments]: it got a row (valid and within capacity). Each group keeps
+  its first `capacity` assignments in (token, slot) order.
+  """
+
+  source: jax.Array
+  filled: jax.Array
+  index: jax.Array
+  kept: jax.Array
+
+
+def buffer_layout(group_ids, valid, num_groups: int, capacity: int) -> BufferLayout:
+  s = sort_assignments(group_ids, valid, num_groups)
+  position = jnp.arange(capacity, dtype=jnp.int32)
+  filled = (position[None, :] < s.group_sizes[:, None]).reshape(-1)
+  source_row = jnp.minimum(s.group_start[:, None] + position[None, :], s.order.shape[0] - 1)
+  source = s.order[source_row].reshape(-1)
+  row = s.inverse
+  group = s.expert[row]
+  rank = row - s.group_start[jnp.minimum(group, num_groups - 1)]
+  kept = (group < num_groups) & (rank < capacity)
+  index = jnp.where(kept, group * capacity + rank, 0)
+  return BufferLayout(source, filled, index, kept)
+
+
+def to_buffers(x, layout: BufferLayout, slots: int):
+  """Token rows x [tokens, d] -> buffer rows [groups * capacity, d] (empty rows are zero)."""
+  tokens = x.shape[0]
+  return take_rows(x, layout.source // slots, layout.filled,
+                   layout.index.reshape(tokens, slots), layout.kept.reshape(tokens, slots))
+
+
+def from_buffers(rows, layout: BufferLayout):
+  """Buffer rows [groups * capacity, d] -> one row per assignment (zero where not kept)."""
+  return take_rows(rows, layout.index, layout.kept, layout.source[:, None],
+                   layout.filled[:, None])
+
+
 def padded(x, expert_ids, gate_weights, valid, experts: Experts, capacity: int):
   """Sort, gather into [experts, capacity, d] buffers, batched matmul, gather back.
 
@@ -102,29 +144,13 @@ def padded(x, expert_ids, gate_weights, valid, experts: Experts, capacity: int):
   """
   w_gate, w_up, w_down = experts
   num_experts = w_gate.shape[0]
-  tokens, slots = expert_ids.shape
-  s = sort_assignments(expert_ids, valid, num_experts)
-  # Buffer slot (e, c) holds sorted row group_start[e] + c when c < group_sizes[e].
-  position = jnp.arange(capacity, dtype=jnp.int32)
-  filled = (position[None, :] < s.group_sizes[:, None]).reshape(-1)  # [E * C]
-  source_row = jnp.minimum(s.group_start[:, None] + position[None, :], s.order.shape[0] - 1)
-  source_assignment = s.order[source_row].reshape(-1)  # [E * C]
-  # Where each (token, slot) assignment sits in the buffer, if it got a place.
-  row = s.inverse
-  expert = s.expert[row]
-  rank = row - s.group_start[jnp.minimum(expert, num_experts - 1)]
-  kept = (expert < num_experts) & (rank < capacity)  # [tokens * slots]
-  buffer_index = jnp.where(kept, expert * capacity + rank, 0)
-
-  buffer = take_rows(x, source_assignment // slots, filled, buffer_index.reshape(tokens, slots),
-                     kept.reshape(tokens, slots))
-  buffer = buffer.reshape(num_experts, capacity, -1)
+  layout = buffer_layout(expert_ids, valid, num_experts, capacity)
+  buffer = to_buffers(x, layout, expert_ids.shape[1]).reshape(num_experts, capacity, -1)
   h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, w_gate))
   h = h * jnp.einsum("ecd,edf->ecf", buffer, w_up)
   out = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(num_experts * capacity, -1)
-  out = take_rows(out, buffer_index, kept, source_assignment[:, None], filled[:, None])
-  dropped = jnp.sum(valid) - jnp.sum(kept)
-  return _combine(out, gate_weights), dropped.astype(jnp.int32)
+  dropped = jnp.sum(valid) - jnp.sum(layout.kept)
+  return combine(from_buffers(out, layout), gate_weights), dropped.astype(jnp.int32)
 
 
 def dense(x, expert_ids, gate_weights, valid, experts: Experts, capacity=None):
@@ -133,11 +159,11 @@ def dense(x, expert_ids, gate_weights, valid, experts: Experts, capacity=None):
   w_gate, w_up, w_down = experts
   num_experts = w_gate.shape[0]
   weights = jnp.where(valid, gate_weights, 0.0)
-  combine = jnp.einsum("tse,ts->te", jax.nn.one_hot(expert_ids, num_experts, dtype=x.dtype),
-                       weights.astype(x.dtype))
+  per_expert = jnp.einsum("tse,ts->te", jax.nn.one_hot(expert_ids, num_experts, dtype=x.dtype),
+                          weights.astype(x.dtype))
   h = jax.nn.silu(jnp.einsum("td,edf->tef", x, w_gate)) * jnp.einsum("td,edf->tef", x, w_up)
   out = jnp.einsum("tef,efd->ted", h, w_down)
-  return jnp.einsum("ted,te->td", out, combine), jnp.zeros((), jnp.int32)
+  return jnp.einsum("ted,te->td", out, per_expert), jnp.zeros((), jnp.int32)
 
 
 STRATEGIES: Dict[str, Callable] = {"ragged": ragged, "padded": padded, "dense": dense}
@@ -162,8 +188,14 @@ def expert_capacity(tokens: int, slots: int, num_experts: int,
 
 
 def dispatch(x, expert_ids, gate_weights, valid, experts: Experts, k, *, strategy: str,
-             capacity_factor: Optional[float]):
-  """Runs the experts for the first k (traced) slots of a routing with k_max static slots."""
+             capacity_factor: Optional[float], expert_axis: Optional[str] = None,
+             expert_shards: int = 1):
+  """Runs the experts for the first k (traced) slots of a routing with k_max static slots.
+
+  With `expert_shards` > 1 (inside a shard_map over `expert_axis`), `experts` are this device's
+  share and tokens travel to their experts' devices and back (see expert_parallel.py).
+  """
+  from sigma_moe_jax import expert_parallel  # the exchange builds on this module
   if strategy not in STRATEGIES:
     raise ValueError(f"unknown dispatch strategy {strategy!r}; expected one of {list(STRATEGIES)}")
   tokens, k_max = expert_ids.shape
@@ -171,9 +203,14 @@ def dispatch(x, expert_ids, gate_weights, valid, experts: Experts, k, *, strateg
   buckets = slot_buckets(k_max)
 
   def run(slots, x, gate_weights, experts, expert_ids, valid):
+    ids, weights, mask = expert_ids[:, :slots], gate_weights[:, :slots], valid[:, :slots]
+    if expert_shards > 1:
+      return expert_parallel.exchange_and_run(
+          x, ids, weights, mask, experts, axis=expert_axis, shards=expert_shards,
+          num_experts=num_experts * expert_shards, strategy=strategy,
+          capacity_factor=capacity_factor)
     capacity = expert_capacity(tokens, slots, num_experts, capacity_factor)
-    return STRATEGIES[strategy](x, expert_ids[:, :slots], gate_weights[:, :slots],
-                                valid[:, :slots], experts, capacity)
+    return STRATEGIES[strategy](x, ids, weights, mask, experts, capacity)
 
   if len(buckets) == 1:
     return run(buckets[0], x, gate_weights, experts, expert_ids, valid)

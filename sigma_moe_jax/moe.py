@@ -1,8 +1,10 @@
 """The mixture-of-experts block: float32 router, top-k routing, dispatch to SwiGLU experts.
 
-Routing and its statistics run inside `jax.shard_map` over the current mesh, so that the
-load-balancing counts can be summed over exactly the mesh axes that split the step's tokens. On
-one device the mesh has one device and the code path is the same.
+The whole block runs inside one `jax.shard_map` over the current mesh: tokens split over the
+batch axes, experts over `expert`, d_model of the expert weights over `fsdp` (gathered in the
+body) and d_ff over `tensor` (partial outputs summed). Load-balancing counts are summed over
+exactly the axes that split the step's tokens. On one device the mesh has one device and the
+code path is the same.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from jax.sharding import PartitionSpec as P
 
 from sigma_moe_jax import dispatch as dispatch_lib
 from sigma_moe_jax import sharding
-from sigma_moe_jax.balancing import MoEStats, layer_statistics
+from sigma_moe_jax.balancing import layer_statistics
 from sigma_moe_jax.layers import normal_param
 from sigma_moe_jax.routing import route
+
+_EXPERT_AXES = {"w_gate": ("expert", "embed", "mlp"), "w_up": ("expert", "embed", "mlp"),
+                "w_down": ("expert", "mlp", "embed")}
 
 
 class MoE(nnx.Module):
@@ -45,40 +50,52 @@ class MoE(nnx.Module):
 
     Returns (y [batch, seq, d_model], MoEStats).
     """
-    batch, seq, d_model = x.shape
     num_experts = self.router.shape[-1]
     zeros = jnp.zeros((num_experts,), jnp.float32)
     bias = zeros if selection_bias is None else selection_bias
     offset = zeros if count_offset is None else count_offset
     mesh = sharding.current_mesh()
     axes = sharding.batch_axes(mesh)
+    expert_shards = sharding.axis_size(mesh, "expert")
+    if num_experts % expert_shards:
+      raise ValueError(f"{num_experts} experts do not split over mesh axis expert of size "
+                       f"{expert_shards}")
+    weights = {name: getattr(self, name)[...] for name in _EXPERT_AXES}
+    weight_specs = {name: sharding.logical_spec(_EXPERT_AXES[name], w.shape, mesh)
+                    for name, w in weights.items()}
 
-    def route_shard(x, router, k, token_mask, bias, offset):
+    def moe_shard(x, router, k, token_mask, bias, offset, weights):
+      b, s, d_model = x.shape
       # The router runs in float32 whatever the compute dtype: top-1 choices among 96 experts
       # are decided by small logit differences.
       logits = x.astype(jnp.float32) @ router.astype(jnp.float32)  # [b, s, E]
-      b, s, _ = logits.shape
       routing = route(logits.reshape(b * s, num_experts), k, k_max, gate_fn=self.gate_fn,
                       renormalize=self.renormalize, token_mask=token_mask.reshape(-1),
                       selection_bias=None if selection_bias is None else bias)
-      per_token = lambda a: a.reshape(b, s, k_max)
-      ids, weights, valid = map(per_token, (routing.expert_ids, routing.gate_weights,
-                                            routing.valid))
-      stats = layer_statistics(logits, ids, valid, token_mask, mode=self.lbl_mode,
-                               tau=self.top1_lbl_tau, axes=axes,
-                               count_offset=None if count_offset is None else offset)
-      return ids, weights, valid, stats
+      stats = layer_statistics(
+          logits, routing.expert_ids.reshape(b, s, k_max), routing.valid.reshape(b, s, k_max),
+          token_mask, mode=self.lbl_mode, tau=self.top1_lbl_tau, axes=axes,
+          count_offset=None if count_offset is None else offset)
+      experts = []
+      for name in ("w_gate", "w_up", "w_down"):
+        w = weights[name]
+        for dim, axis in enumerate(weight_specs[name]):
+          if axis == "fsdp":  # FSDP: gather d_model before use; the gradient is reduce-scattered
+            w = jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True)
+        experts.append(w.astype(self.dtype))
+      y, dropped = dispatch_lib.dispatch(
+          x.reshape(b * s, d_model), routing.expert_ids, routing.gate_weights.astype(self.dtype),
+          routing.valid, tuple(experts), k, strategy=self.strategy,
+          capacity_factor=self.capacity_factor, expert_axis="expert",
+          expert_shards=expert_shards)
+      if weight_specs["w_down"][1] == "tensor":  # d_ff split: partial sums of the down projection
+        y = jax.lax.psum(y, "tensor")
+      dropped = jax.lax.psum(dropped, axes)
+      return y.reshape(b, s, d_model), stats._replace(dropped=dropped)
 
     batch_spec = sharding.batch_spec(mesh)
-    ids, weights, valid, stats = jax.shard_map(
-        route_shard, mesh=mesh,
-        in_specs=(batch_spec, P(), P(), batch_spec, P(), P()),
-        out_specs=(batch_spec, batch_spec, batch_spec, P()),
-    )(x, self.router[...], k, token_mask, bias, offset)
-
-    experts = tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
-    flat = lambda a: a.reshape(batch * seq, *a.shape[2:])
-    y, dropped = dispatch_lib.dispatch(
-        flat(x), flat(ids), flat(weights).astype(self.dtype), flat(valid), experts, k,
-        strategy=self.strategy, capacity_factor=self.capacity_factor)
-    return y.reshape(batch, seq, d_model), stats._replace(dropped=dropped)
+    return jax.shard_map(
+        moe_shard, mesh=mesh,
+        in_specs=(batch_spec, P(), P(), batch_spec, P(), P(), weight_specs),
+        out_specs=(batch_spec, P()),
+    )(x, self.router[...], k, token_mask, bias, offset, weights)
