@@ -7,18 +7,20 @@ Relaunching the same command on a workdir with checkpoints resumes from the late
 runs call `jax.distributed.initialize()` when the environment describes one (see README).
 """
 
+import math
 import os
 import sys
 import time
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
 from absl import app, flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from experiments.configs.base import make_config
-from sigma_moe_jax import ModelConfig, TopKSchedule
+from sigma_moe_jax import ModelConfig, TopKSchedule, sharding
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.data import check_vocab, load_documents, make_pipeline, split_documents
@@ -32,17 +34,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES")
-
 
 def maybe_initialize_distributed():
-  """Multi-host when the environment says so: JAX's coordinator variables, a multi-task SLURM
-  job, or a multi-host TPU slice. Single-host runs skip it."""
+  """Multi-host when the environment says so. JAX_COORDINATOR_ADDRESS (host:port),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID describe the run explicitly; a multi-task SLURM job or a
+  multi-host TPU slice is detected by `jax.distributed.initialize()` itself. Single-host runs
+  skip it."""
   env = os.environ
-  multihost = (any(name in env for name in _MULTIHOST_ENV)
-               or int(env.get("SLURM_NTASKS", "1")) > 1
-               or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
-  if multihost:
+  if jax.distributed.is_initialized():
+    return
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    # CPU processes exchange collectives over gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
+                               process_id=int(env.get("JAX_PROCESS_ID", "0")))
+  elif (int(env.get("SLURM_NTASKS", "1")) > 1
+        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1):
     jax.distributed.initialize()
 
 
@@ -69,23 +77,39 @@ def check_compatible(saved: dict, current: dict):
                      + "; ".join(diffs) + "); use another --workdir")
 
 
-def check_train_settings(t, data_devices: int):
+def check_train_settings(t, batch_shards: int):
   for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
                "checkpoint_every", "keep_checkpoints"):
     if t[name] < 1:
       raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
   if t.seq_len < 2:
     raise ValueError("train.seq_len must be >= 2: a sequence needs a next token")
-  if t.batch_size % (t.grad_accum * data_devices):
+  if t.batch_size % (t.grad_accum * batch_shards):
     raise ValueError(f"train.batch_size {t.batch_size} does not split into train.grad_accum "
-                     f"{t.grad_accum} micro-batches over {data_devices} devices")
+                     f"{t.grad_accum} micro-batches over the {batch_shards} batch shards of "
+                     f"the mesh")
   if t.batch_size % jax.process_count():
     raise ValueError(f"train.batch_size {t.batch_size} does not split over "
                      f"{jax.process_count()} processes")
 
 
-def run(config, workdir: str):
-  maybe_initialize_distributed()
+class Training(NamedTuple):
+  """What a run is made of, built from its config (shared by the launcher and its tests)."""
+  model_cfg: ModelConfig
+  schedule: Optional[TopKSchedule]
+  balance: train_lib.BalanceSettings
+  mesh: Any
+  tokenizer: Any
+  train_docs: list
+  val_docs: list
+  lr: Any
+  optimizer: Any
+  graphdef: Any
+  params: Any
+
+
+def build_training(config) -> Training:
+  """Validates the config and builds everything but the data iterators and the jitted steps."""
   check_config_keys(config)
   t = config.train
   schedule = None
@@ -94,28 +118,40 @@ def run(config, workdir: str):
                                   t.steps, config.model.num_experts)
   model_cfg = ModelConfig(**config.model, layer_k_max=schedule.k_max if schedule else None)
   balance = train_lib.BalanceSettings(**config.balance)
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  check_train_settings(t, mesh.size)
-
+  mesh = sharding.make_mesh(**config.mesh)
+  check_train_settings(t, math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh)))
   tokenizer = load_tokenizer(config.data.tokenizer)
   check_vocab(tokenizer, model_cfg.vocab_size)
   train_docs, val_docs = split_documents(load_documents(config.data.path),
                                          config.data.val_fraction, config.data.seed)
-  local_batch = t.batch_size // jax.process_count()
-  pipeline = lambda docs, **kw: make_pipeline(
-      docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=config.data.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), **kw)
-  train_iter = pipeline(train_docs)
-
-  graphdef, params = train_lib.init_model(model_cfg, t.seed)
   lr = train_lib.learning_rate_schedule(
       lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps, kind=t.lr_schedule,
       min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
   optimizer = train_lib.make_optimizer(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                                        grad_clip=t.grad_clip)
+  graphdef, params = train_lib.init_model(model_cfg, t.seed)
+  return Training(model_cfg, schedule, balance, mesh, tokenizer, train_docs, val_docs, lr,
+                  optimizer, graphdef, params)
+
+
+def run(config, workdir: str):
+  maybe_initialize_distributed()
+  built = build_training(config)
+  t = config.train
+  model_cfg, schedule, balance, mesh = built.model_cfg, built.schedule, built.balance, built.mesh
+  graphdef, params, optimizer, lr = built.graphdef, built.params, built.optimizer, built.lr
+  val_docs = built.val_docs
+  local_batch = t.batch_size // jax.process_count()
+  pipeline = lambda docs, **kw: make_pipeline(
+      docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=config.data.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), **kw)
+  train_iter = pipeline(built.train_docs)
+
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  state = jax.device_put(train_lib.init_state(params, optimizer, model_cfg), replicated)
+  batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
+  state = train_lib.init_state(params, optimizer, model_cfg)
+  shardings = sharding.state_shardings(state, sharding.param_shardings(params, mesh), mesh)
+  state = jax.device_put(state, shardings)
 
   config_json = config.to_dict()
   checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -124,13 +160,13 @@ def run(config, workdir: str):
   latest = checkpointer.latest_step()
   if latest is not None:
     check_compatible(checkpointer.saved_config(latest), config_json)
-    shardings = jax.tree.map(lambda _: replicated, state)
     state = checkpointer.restore(latest, abstract_like(state, shardings), train_iter)
     print(f"resumed from step {latest} in {workdir}", flush=True)
 
   train_step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, model_cfg, balance,
                                                  schedule=schedule, grad_accum=t.grad_accum),
-                       donate_argnums=0)
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, replicated), donate_argnums=0)
   eval_step = jax.jit(train_lib.make_eval_step(graphdef, model_cfg, schedule))
   to_global = lambda batch: {k: jax.make_array_from_process_local_data(batch_sharding, v)
                              for k, v in batch.items()}

@@ -34,5 +34,7 @@ def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
   # Per-layer top-k phases, "start:per_layer; start:per_layer" (start: a step, or a fraction of
   # train.steps when it has a '.'). Empty: model.top_k in every layer.
   c.schedule = dict(topk="")
-  c.mesh = dict(data=-1)
+  # Mesh axis sizes; one may be -1 for the remaining devices. data, fsdp and expert split the
+  # batch; expert also splits the experts, fsdp d_model of the weights, tensor d_ff and heads.
+  c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
   return c
