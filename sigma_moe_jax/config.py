@@ -14,6 +14,7 @@ DISPATCH_STRATEGIES = ("ragged", "padded", "dense")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
 LBL_MODES = ("global", "micro_batch", "sequence")
+EXPERT_EXCHANGES = ("all_to_all", "ragged_all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class ModelConfig:
   lbl_mode: str = "global"
   top1_lbl_tau: float = 1.0
   capacity_factor: Optional[float] = None  # None: dropless
+  # How tokens reach experts on other devices (mesh axis `expert` > 1): fixed-size buffers with
+  # all_to_all (any backend; drops past capacity), or dropless ragged_all_to_all (GPU / TPU).
+  expert_exchange: str = "all_to_all"
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   qk_norm: bool = True
@@ -86,6 +90,8 @@ class ModelConfig:
     _require("capacity_factor", self.capacity_factor is None or self.capacity_factor > 0,
              "must be positive or None (dropless)")
     _require("lbl_mode", self.lbl_mode in LBL_MODES, f"must be one of {LBL_MODES}")
+    _require("expert_exchange", self.expert_exchange in EXPERT_EXCHANGES,
+             f"must be one of {EXPERT_EXCHANGES}")
     for name in ("rope_theta", "norm_eps", "init_std", "top1_lbl_tau"):
       _require(name, getattr(self, name) > 0, "must be positive")
     _require("dtype", self.dtype in COMPUTE_DTYPES, f"must be one of {COMPUTE_DTYPES}")

@@ -189,7 +189,7 @@ def expert_capacity(tokens: int, slots: int, num_experts: int,
 
 def dispatch(x, expert_ids, gate_weights, valid, experts: Experts, k, *, strategy: str,
              capacity_factor: Optional[float], expert_axis: Optional[str] = None,
-             expert_shards: int = 1):
+             expert_shards: int = 1, expert_exchange: str = "all_to_all"):
   """Runs the experts for the first k (traced) slots of a routing with k_max static slots.
 
   With `expert_shards` > 1 (inside a shard_map over `expert_axis`), `experts` are this device's
@@ -204,6 +204,10 @@ def dispatch(x, expert_ids, gate_weights, valid, experts: Experts, k, *, strateg
 
   def run(slots, x, gate_weights, experts, expert_ids, valid):
     ids, weights, mask = expert_ids[:, :slots], gate_weights[:, :slots], valid[:, :slots]
+    if expert_shards > 1 and expert_exchange == "ragged_all_to_all":
+      return expert_parallel.ragged_exchange_and_run(
+          x, ids, weights, mask, experts, axis=expert_axis, shards=expert_shards,
+          num_experts=num_experts * expert_shards, strategy=strategy)
     if expert_shards > 1:
       return expert_parallel.exchange_and_run(
           x, ids, weights, mask, experts, axis=expert_axis, shards=expert_shards,

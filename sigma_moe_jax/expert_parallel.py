@@ -10,7 +10,7 @@ configured strategy, and returns the outputs with the reverse all_to_all.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +59,58 @@ def exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *, axis:
   y = dispatch_lib.combine(dispatch_lib.from_buffers(returned, layout), gate_weights)
   send_dropped = jnp.sum(valid) - jnp.sum(layout.kept)
   return y, (send_dropped + local_dropped).astype(jnp.int32)
+
+
+def ragged_exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *, axis: str,
+                            shards: int, num_experts: int, strategy: str,
+                            collective: Callable = None):
+  """Dropless expert parallelism with `jax.lax.ragged_all_to_all` (GPU and TPU).
+
+  Each device sends exactly its assignments for each destination; receive buffers are sized for
+  the worst case (every assignment of every device to this one). Offsets into remote buffers come
+  from one all_gather of the [source, destination] size matrix. `collective` replaces
+  ragged_all_to_all (tests use `emulated_ragged_all_to_all` on CPU).
+  """
+  collective = collective or jax.lax.ragged_all_to_all
+  tokens, slots = expert_ids.shape
+  assignments, d_model = tokens * slots, x.shape[-1]
+  local_count = num_experts // shards
+  s = dispatch_lib.sort_assignments(expert_ids // local_count, valid, shards)
+  send_rows = x[s.token]  # sorted by destination; masked assignments last, never sent
+  send_expert = expert_ids.reshape(-1)[s.order] % local_count
+  sizes = jax.lax.all_gather(s.group_sizes, axis)  # [source, destination]
+  me = jax.lax.axis_index(axis)
+  # Rows from source i land in destination j's buffer after those of sources < i.
+  landing = jnp.cumsum(sizes, axis=0) - sizes  # [source, destination]
+  # Source i's rows for destination j start at this row of its sorted send buffer.
+  start = jnp.cumsum(sizes, axis=1) - sizes  # [source, destination]
+  received_rows = shards * assignments
+  send = lambda operand, fill: collective(
+      operand, jnp.full((received_rows, *operand.shape[1:]), fill, operand.dtype),
+      s.group_start, s.group_sizes, landing[me], sizes[:, me], axis_name=axis)
+  received, received_expert = send(send_rows, 0), send(send_expert, local_count)
+  row_valid = (received_expert < local_count)[:, None]
+  out, _ = dispatch_lib.STRATEGIES[strategy](
+      received, jnp.minimum(received_expert, local_count - 1)[:, None],
+      row_valid.astype(x.dtype), row_valid, local_experts, received_rows)
+  returned = collective(out, jnp.zeros((assignments, d_model), out.dtype), landing[:, me],
+                        sizes[:, me], start[:, me], sizes[me], axis_name=axis)
+  return dispatch_lib.combine(returned[s.inverse], gate_weights), jnp.zeros((), jnp.int32)
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+  """ragged_all_to_all built from all_gather: the same result, for backends without it."""
+  del recv_sizes  # implied by the senders' sizes
+  me = jax.lax.axis_index(axis_name)
+  gather = lambda a: jax.lax.all_gather(a, axis_name)
+  operands = gather(operand)
+  first_in, count, first_out = (gather(a)[:, me] for a in (input_offsets, send_sizes,
+                                                          output_offsets))
+  row = jnp.arange(output.shape[0])[:, None]
+  inside = (row >= first_out[None]) & (row < (first_out + count)[None])  # [rows, sources]
+  source = jnp.argmax(inside, axis=1)
+  source_row = first_in[source] + row[:, 0] - first_out[source]
+  rows = operands[source, jnp.clip(source_row, 0, operand.shape[0] - 1)]
+  keep = jnp.any(inside, axis=1).reshape(-1, *([1] * (operand.ndim - 1)))
+  return jnp.where(keep, rows, output)

@@ -36,7 +36,8 @@ class Block(nnx.Module):
     self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, gate_fn=cfg.gate_fn,
                    renormalize=cfg.renormalize, strategy=cfg.dispatch,
                    capacity_factor=cfg.capacity_factor, init_std=cfg.init_std, dtype=dtype,
-                   rngs=rngs, lbl_mode=cfg.lbl_mode, top1_lbl_tau=cfg.top1_lbl_tau)
+                   rngs=rngs, lbl_mode=cfg.lbl_mode, top1_lbl_tau=cfg.top1_lbl_tau,
+                   expert_exchange=cfg.expert_exchange)
 
   def __call__(self, x, positions, mask, token_mask, k, k_max: int, selection_bias=None,
                count_offset=None):

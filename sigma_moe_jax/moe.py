@@ -32,7 +32,8 @@ class MoE(nnx.Module):
   def __init__(self, d_model: int, d_ff: int, num_experts: int, *, gate_fn: str,
                renormalize: bool, strategy: str, capacity_factor: Optional[float],
                init_std: float, dtype, rngs: nnx.Rngs, lbl_mode: str = "global",
-               top1_lbl_tau: float = 1.0):
+               top1_lbl_tau: float = 1.0, expert_exchange: str = "all_to_all"):
+    self.expert_exchange = expert_exchange
     self.gate_fn, self.renormalize = gate_fn, renormalize
     self.strategy, self.capacity_factor, self.dtype = strategy, capacity_factor, dtype
     self.lbl_mode, self.top1_lbl_tau = lbl_mode, top1_lbl_tau
@@ -60,6 +61,10 @@ class MoE(nnx.Module):
     if num_experts % expert_shards:
       raise ValueError(f"{num_experts} experts do not split over mesh axis expert of size "
                        f"{expert_shards}")
+    if (self.expert_exchange == "ragged_all_to_all" and expert_shards > 1
+        and jax.default_backend() == "cpu"):
+      raise ValueError("expert_exchange='ragged_all_to_all' needs a GPU or TPU: "
+                       "jax.lax.ragged_all_to_all does not run on CPU; use 'all_to_all'")
     weights = {name: getattr(self, name)[...] for name in _EXPERT_AXES}
     weight_specs = {name: sharding.logical_spec(_EXPERT_AXES[name], w.shape, mesh)
                     for name, w in weights.items()}
@@ -87,7 +92,7 @@ class MoE(nnx.Module):
           x.reshape(b * s, d_model), routing.expert_ids, routing.gate_weights.astype(self.dtype),
           routing.valid, tuple(experts), k, strategy=self.strategy,
           capacity_factor=self.capacity_factor, expert_axis="expert",
-          expert_shards=expert_shards)
+          expert_shards=expert_shards, expert_exchange=self.expert_exchange)
       if weight_specs["w_down"][1] == "tensor":  # d_ff split: partial sums of the down projection
         y = jax.lax.psum(y, "tensor")
       dropped = jax.lax.psum(dropped, axes)
