@@ -6,7 +6,6 @@
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 

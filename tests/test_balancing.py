@@ -167,9 +167,10 @@ def test_count_offset_accumulates_counts_into_f():
   x = inputs()
   mask = jnp.ones(x.shape[:2], bool)
   first, second = x[:4], x[4:]
-  _, s1 = moe(first, jnp.int32(1), 1, mask[:4])
-  _, s2 = moe(second, jnp.int32(1), 1, mask[4:],
-              count_offset=s1.tokens_per_expert.astype(jnp.float32))
+  run = jax.jit(lambda x, mask, offset: moe(x, jnp.int32(1), 1, mask, count_offset=offset)[1])
+  s1 = run(first, mask[:4], jnp.zeros((E,), jnp.float32))
+  s2 = run(second, mask[4:], s1.tokens_per_expert.astype(jnp.float32))
+  assert int(s1.tokens_per_expert.sum()) == 4 * SEQ  # a zero offset changes nothing
   counts = np.asarray(s1.tokens_per_expert + s2.tokens_per_expert, np.float64)
   np.testing.assert_allclose(s2.lbl, E * np.sum(counts / counts.sum() * s2.gate_prob_mean),
                              rtol=1e-5)

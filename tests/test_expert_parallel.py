@@ -1,6 +1,5 @@
 """Expert-parallel exchanges on 8 fake devices against the single-device dense oracle."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

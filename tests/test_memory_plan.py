@@ -3,7 +3,6 @@
 import math
 
 import jax
-import numpy as np
 
 from experiments import memory_plan
 from experiments.configs import cpu_tiny

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from experiments import train as launcher
+from experiments import training as launcher
 from experiments.configs import cpu_tiny
 from sigma_moe_jax import sharding
 from sigma_moe_jax import train as train_lib

@@ -11,7 +11,6 @@ from sigma_moe_jax import ModelConfig, TopKSchedule
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import update_selection_bias
 from sigma_moe_jax.layers import positions_from_segments
-from sigma_moe_jax.model import Transformer
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   num_experts=8, d_ff=32, top_k=1, init_std=0.1)

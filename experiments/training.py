@@ -1,0 +1,212 @@
+"""Everything a training run does, built from its config; `experiments/train.py` is the
+command-line entry point."""
+
+import math
+import os
+import time
+from typing import Any, NamedTuple, Optional
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from experiments.configs.base import make_config
+from sigma_moe_jax import ModelConfig, TopKSchedule, sharding
+from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
+from sigma_moe_jax.data import check_vocab, load_documents, make_pipeline, split_documents
+from sigma_moe_jax.metrics import (MetricsWriter, flops_per_token, format_duration,
+                                   peak_flops_per_device)
+from sigma_moe_jax.schedule import parse_phases
+from sigma_moe_jax.tokenizer import load_tokenizer
+
+
+def maybe_initialize_distributed():
+  """Multi-host when the environment says so. JAX_COORDINATOR_ADDRESS (host:port),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID describe the run explicitly; a multi-task SLURM job or a
+  multi-host TPU slice is detected by `jax.distributed.initialize()` itself. Single-host runs
+  skip it."""
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    # CPU processes exchange collectives over gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
+                               process_id=int(env.get("JAX_PROCESS_ID", "0")))
+  elif (int(env.get("SLURM_NTASKS", "1")) > 1
+        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1):
+    jax.distributed.initialize()
+
+
+def check_config_keys(config):
+  """Rejects keys that no part of the trainer reads (a misspelt key would silently do nothing)."""
+  reference = make_config(ModelConfig())
+  for section in config.keys():
+    if section not in reference:
+      raise ValueError(f"unknown config section {section!r}; known: {sorted(reference.keys())}")
+    unknown = sorted(set(config[section].keys()) - set(reference[section].keys()))
+    if unknown:
+      raise ValueError(f"unknown config keys in {section}: {unknown}")
+
+
+def check_compatible(saved: dict, current: dict):
+  """The model (and the tokenizer that defines its vocabulary) must match the checkpoint's."""
+  diffs = [f"model.{k}: checkpoint {saved['model'].get(k)!r}, config {v!r}"
+           for k, v in current["model"].items() if saved["model"].get(k) != v]
+  if saved["schedule"]["topk"] != current["schedule"]["topk"]:
+    diffs.append(f"schedule.topk: checkpoint {saved['schedule']['topk']!r}, config "
+                 f"{current['schedule']['topk']!r}")
+  if diffs:
+    raise ValueError("the workdir holds a checkpoint from an incompatible config ("
+                     + "; ".join(diffs) + "); use another --workdir")
+
+
+def check_train_settings(t, batch_shards: int):
+  for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+               "checkpoint_every", "keep_checkpoints"):
+    if t[name] < 1:
+      raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
+  if t.seq_len < 2:
+    raise ValueError("train.seq_len must be >= 2: a sequence needs a next token")
+  if t.batch_size % (t.grad_accum * batch_shards):
+    raise ValueError(f"train.batch_size {t.batch_size} does not split into train.grad_accum "
+                     f"{t.grad_accum} micro-batches over the {batch_shards} batch shards of "
+                     f"the mesh")
+  if t.batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size {t.batch_size} does not split over "
+                     f"{jax.process_count()} processes")
+
+
+class Training(NamedTuple):
+  """What a run is made of, built from its config (shared by the launcher and its tests)."""
+  model_cfg: ModelConfig
+  schedule: Optional[TopKSchedule]
+  balance: train_lib.BalanceSettings
+  mesh: Any
+  tokenizer: Any
+  train_docs: list
+  val_docs: list
+  lr: Any
+  optimizer: Any
+  graphdef: Any
+  params: Any
+
+
+def build_training(config) -> Training:
+  """Validates the config and builds everything but the data iterators and the jitted steps."""
+  check_config_keys(config)
+  t = config.train
+  schedule = None
+  if config.schedule.topk.strip():
+    schedule = TopKSchedule.parse(parse_phases(config.schedule.topk), config.model.num_layers,
+                                  t.steps, config.model.num_experts)
+  model_cfg = ModelConfig(**config.model, layer_k_max=schedule.k_max if schedule else None)
+  balance = train_lib.BalanceSettings(**config.balance)
+  mesh = sharding.make_mesh(**config.mesh)
+  check_train_settings(t, math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh)))
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  check_vocab(tokenizer, model_cfg.vocab_size)
+  train_docs, val_docs = split_documents(load_documents(config.data.path),
+                                         config.data.val_fraction, config.data.seed)
+  lr = train_lib.learning_rate_schedule(
+      lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps, kind=t.lr_schedule,
+      min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
+  optimizer = train_lib.make_optimizer(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                                       grad_clip=t.grad_clip)
+  graphdef, params = train_lib.init_model(model_cfg, t.seed)
+  return Training(model_cfg, schedule, balance, mesh, tokenizer, train_docs, val_docs, lr,
+                  optimizer, graphdef, params)
+
+
+def run(config, workdir: str):
+  maybe_initialize_distributed()
+  built = build_training(config)
+  t = config.train
+  model_cfg, schedule, balance, mesh = built.model_cfg, built.schedule, built.balance, built.mesh
+  graphdef, params, optimizer, lr = built.graphdef, built.params, built.optimizer, built.lr
+  val_docs = built.val_docs
+  local_batch = t.batch_size // jax.process_count()
+  pipeline = lambda docs, **kw: make_pipeline(
+      docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=config.data.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), **kw)
+  train_iter = pipeline(built.train_docs)
+
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
+  state = train_lib.init_state(params, optimizer, model_cfg)
+  shardings = sharding.state_shardings(state, sharding.param_shardings(params, mesh), mesh)
+  state = jax.device_put(state, shardings)
+
+  config_json = config.to_dict()
+  checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                              save_every=t.checkpoint_every, keep=t.keep_checkpoints,
+                              async_save=t.async_checkpointing)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    check_compatible(checkpointer.saved_config(latest), config_json)
+    state = checkpointer.restore(latest, abstract_like(state, shardings), train_iter)
+    print(f"resumed from step {latest} in {workdir}", flush=True)
+
+  train_step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, model_cfg, balance,
+                                                 schedule=schedule, grad_accum=t.grad_accum),
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, replicated), donate_argnums=0)
+  eval_step = jax.jit(train_lib.make_eval_step(graphdef, model_cfg, schedule))
+  to_global = lambda batch: {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                             for k, v in batch.items()}
+
+  def evaluate(state, step):
+    ce_sum, targets = 0.0, 0
+    bias = state.selection_bias if balance.loss_free else None
+    for i, batch in enumerate(pipeline(val_docs, shuffle=False, repeat=False)):
+      if i >= t.eval_batches:
+        break
+      with jax.set_mesh(mesh):
+        ce, n = eval_step(state.params, to_global(batch), step, bias)
+      ce_sum, targets = ce_sum + float(ce), targets + int(n)
+    loss = ce_sum / max(targets, 1)
+    return {"val_loss": loss, "val_ppl": float(np.exp(loss)), "val_targets": targets}
+
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  peak = (t.peak_flops or peak_flops_per_device()) * jax.device_count()
+  tokens_per_step = t.batch_size * t.seq_len
+  step = int(state.step)
+  if step >= t.steps:
+    print(f"already trained to step {step} (train.steps={t.steps}); nothing to do")
+  start_step, start_time = step, time.perf_counter()
+  interval_time, interval_step = start_time, step
+  while step < t.steps:
+    batch = to_global(next(train_iter))
+    with jax.set_mesh(mesh):
+      state, metrics = train_step(state, batch)
+    step += 1
+    checkpointer.save(step, state, train_iter, config_json)
+    logged = {}
+    if step % t.log_every == 0 or step == t.steps:
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      tokens_per_sec = (step - interval_step) * tokens_per_step / (now - interval_time)
+      mfu = tokens_per_sec * flops_per_token(model_cfg, t.seq_len, metrics["topk"]) / peak
+      eta = (t.steps - step) * (now - start_time) / (step - start_step)
+      interval_time, interval_step = now, step
+      logged = {**metrics, "tokens_per_sec": tokens_per_sec, "mfu": mfu}
+      line = (f"step {step}/{t.steps} | loss {metrics['loss']:.4f} | lm {metrics['lm_loss']:.4f}"
+              f" | lbl {metrics['lbl']:.4f} | lr {metrics['lr']:.2e} | gnorm "
+              f"{metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | MFU {mfu:.1%} | "
+              f"max load L0 {metrics['load_max_dev'][0]:+.2f} | ETA {format_duration(eta)}")
+    else:
+      line = None
+    if step % t.eval_every == 0 or step == t.steps:
+      val = evaluate(state, step)
+      logged.update(val)
+      line = (line + " | " if line else f"step {step}/{t.steps} | ") + (
+          f"val_loss {val['val_loss']:.4f} | val_ppl {val['val_ppl']:.2f}")
+    if logged:
+      writer.write(step, logged, line)
+  if step > start_step and checkpointer.latest_step() != step:
+    checkpointer.save(step, state, train_iter, config_json, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
