@@ -14,7 +14,8 @@ from experiments.configs.base import make_config
 from sigma_moe_jax import ModelConfig, TopKSchedule, sharding
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
-from sigma_moe_jax.data import check_vocab, load_documents, make_pipeline, split_documents
+from sigma_moe_jax.data import (check_vocab, chunk_documents, load_documents, make_pipeline,
+                                split_documents)
 from sigma_moe_jax.metrics import (MetricsWriter, flops_per_token, format_duration,
                                    peak_flops_per_device)
 from sigma_moe_jax.schedule import parse_phases
@@ -110,6 +111,8 @@ def build_training(config) -> Training:
   check_vocab(tokenizer, model_cfg.vocab_size)
   train_docs, val_docs = split_documents(load_documents(config.data.path),
                                          config.data.val_fraction, config.data.seed)
+  if config.data.chunk_chars:
+    train_docs = chunk_documents(train_docs, config.data.chunk_chars)
   lr = train_lib.learning_rate_schedule(
       lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps, kind=t.lr_schedule,
       min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)

@@ -105,6 +105,29 @@ def split_documents(docs: Sequence[str], val_fraction: float,
   return train, val
 
 
+def chunk_documents(docs: Sequence[str], max_chars: int) -> List[str]:
+  """Cuts documents longer than `max_chars` at line breaks into pieces of at most that size (a
+  single longer line stays whole).
+
+  Whole plays packed one after another fill many consecutive batches from one play; pieces,
+  shuffled, give each batch text from all over the corpus. Apply it after `split_documents` so
+  that validation still holds out whole documents.
+  """
+  if max_chars < 1:
+    raise ValueError(f"max_chars={max_chars} must be a positive integer")
+  pieces = []
+  for doc in docs:
+    current = ""
+    for line in doc.splitlines(keepends=True):
+      if current and len(current) + len(line) > max_chars:
+        pieces.append(current)
+        current = ""
+      current += line
+    if current.strip():
+      pieces.append(current)
+  return pieces
+
+
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   """Fails early if the tokenizer can emit ids the model's embedding does not have."""
   if tokenizer.vocab_size > model_vocab_size:

@@ -230,3 +230,13 @@ def test_shipped_corpus_and_tokenizer():
   assert -(p * np.log(p)).sum() > 5.0 and p.max() < 0.2 and (counts > 0).sum() > 3000
   batch = next(data.make_pipeline(val, tok, seq_len=128, batch_size=4, seed=0, max_vocab=4096))
   assert batch["tokens"].shape == (4, 128) and batch["tokens"].max() < tok.vocab_size
+
+
+def test_chunk_documents_cuts_at_line_breaks_and_keeps_every_character():
+  from sigma_moe_jax.data import chunk_documents
+  doc = "".join(f"line {i} " + "x" * (i % 7) + "\n" for i in range(200))
+  pieces = chunk_documents([doc, "short\n"], 100)
+  assert "".join(pieces[:-1]) == doc and pieces[-1] == "short\n"
+  assert all(len(p) <= 100 and p.endswith("\n") for p in pieces)
+  with pytest.raises(ValueError, match="max_chars"):
+    chunk_documents([doc], 0)

@@ -27,8 +27,10 @@ def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
       log_every=10, eval_every=200, eval_batches=16,
       checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True,
       seed=0, peak_flops=0.0)  # peak_flops 0: known chip table, else measured
+  # chunk_chars > 0 cuts training documents into pieces of at most that many characters (at
+  # line breaks) so that shuffled batches mix the corpus; validation keeps whole documents.
   c.data = dict(path="data/shakespeare.jsonl.gz", tokenizer="data/shakespeare_bpe4096.json",
-                val_fraction=0.05, seed=0)
+                val_fraction=0.05, seed=0, chunk_chars=0)
   c.balance = dict(loss="lbl", coef=1e-3, z_loss_coef=0.0, loss_free=False, bias_rate=1e-3,
                    accumulate_counts=False)
   # Per-layer top-k phases, "start:per_layer; start:per_layer" (start: a step, or a fraction of
