@@ -74,7 +74,9 @@ def axis_size(mesh, name: str) -> int:
 
 
 def batch_axes(mesh) -> Tuple[str, ...]:
-  return tuple(name for name in BATCH_AXES if name in mesh.axis_names)
+  """The mesh axes that split the batch; axes of size 1 are left out (nothing to reduce)."""
+  return tuple(name for name in BATCH_AXES
+               if name in mesh.axis_names and axis_size(mesh, name) > 1)
 
 
 def batch_spec(mesh) -> P:
@@ -84,12 +86,13 @@ def batch_spec(mesh) -> P:
 
 
 def logical_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh) -> P:
-  """Maps logical dimension names to mesh axes; a dimension that the axis size does not divide
-  stays replicated (e.g. 2 KV heads on a tensor axis of 4)."""
+  """Maps logical dimension names to mesh axes. A dimension stays replicated where the axis has
+  size 1 (so no collective is spent on it) or does not divide it (2 KV heads on tensor = 4)."""
   axes = []
   for name, size in zip(logical, shape):
     axis = LOGICAL_RULES.get(name) if name else None
-    if axis is not None and (axis not in mesh.axis_names or size % axis_size(mesh, axis)):
+    if axis is not None and (axis not in mesh.axis_names or axis_size(mesh, axis) == 1
+                             or size % axis_size(mesh, axis)):
       axis = None
     axes.append(axis)
   return P(*axes)

@@ -98,10 +98,11 @@ def test_parameter_shardings_follow_the_rules():
   assert specs["blocks"]["attn"]["wo"] == P(None, "tensor", None, "fsdp")
   assert specs["embed"] == P("tensor", "fsdp") and specs["lm_head"] == P("fsdp", "tensor")
   assert specs["final_norm"]["scale"] == P(None)
-  # A dimension the axis does not divide stays replicated: 2 KV heads over tensor = 4.
+  # A dimension the axis does not divide stays replicated (2 KV heads over tensor = 4), and so
+  # does one whose axis has size 1 (fsdp here).
   wide = sharding.make_mesh(data=1, fsdp=1, expert=2, tensor=4)
   assert sharding.param_specs(state.params, wide)["blocks"]["attn"]["wk"] == P(
-      None, "fsdp", None, None)
+      None, None, None, None)
 
 
 @pytest.mark.parametrize("sizes,match", [
