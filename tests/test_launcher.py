@@ -101,3 +101,15 @@ def test_incompatible_checkpoint_is_left_untouched(tmp_path):
   after = sorted(str(p.relative_to(workdir)) + str(p.stat().st_mtime_ns)
                  for p in (workdir / "checkpoints").rglob("*"))
   assert after == before
+
+
+def test_resume_onto_a_different_mesh(tmp_path):
+  """Saved on data 2 x expert 2 (4 devices), resumed on 2 devices with data 2."""
+  workdir = tmp_path / "run"
+  code, _, err = launch(workdir, "--config.train.steps=3", "--config.mesh.expert=2",
+                        devices=4)
+  assert code == 0, err[-2000:]
+  code, out, err = launch(workdir, "--config.train.steps=5", devices=2)
+  assert code == 0, err[-2000:]
+  assert "resumed from step 3" in out
+  assert sorted(losses(workdir)) == [1, 2, 3, 4, 5]
