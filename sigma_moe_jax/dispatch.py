@@ -5,14 +5,13 @@ All strategies share one signature:
            valid [tokens, slots], experts, capacity) -> (y [tokens, d_model], dropped int32)
 where `experts` = (w_gate [E, d, f], w_up [E, d, f], w_down [E, f, d]).
 
-`dispatch` picks the number of slots from a small static set with `lax.switch`, so a layer built
-for k_max = 8 that runs at k = 1 sorts, buffers and multiplies one slot per token, not eight, and
-changing k at run time never recompiles.
+`moe.run_experts` picks the number of slots from a small static set (`slot_buckets`) with
+`lax.switch`, so a layer built for k_max = 8 that runs at k = 1 sorts, buffers and multiplies one
+slot per token, not eight, and changing k at run time never recompiles.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -185,73 +184,3 @@ def expert_capacity(tokens: int, slots: int, num_experts: int,
   if capacity_factor is None:
     return tokens
   return max(1, min(tokens, math.ceil(capacity_factor * tokens * slots / num_experts)))
-
-
-def dispatch(x, expert_ids, gate_weights, valid, experts: Experts, k, *, strategy: str,
-             capacity_factor: Optional[float], expert_axis: Optional[str] = None,
-             expert_shards: int = 1, expert_exchange: str = "all_to_all"):
-  """Runs the experts for the first k (traced) slots of a routing with k_max static slots.
-
-  With `expert_shards` > 1 (inside a shard_map over `expert_axis`), `experts` are this device's
-  share and tokens travel to their experts' devices and back (see expert_parallel.py).
-  """
-  from sigma_moe_jax import expert_parallel  # the exchange builds on this module
-  if strategy not in STRATEGIES:
-    raise ValueError(f"unknown dispatch strategy {strategy!r}; expected one of {list(STRATEGIES)}")
-  tokens, k_max = expert_ids.shape
-  num_experts = experts[0].shape[0]
-  buckets = slot_buckets(k_max)
-
-  def run(slots, x, gate_weights, experts, expert_ids, valid):
-    ids, weights, mask = expert_ids[:, :slots], gate_weights[:, :slots], valid[:, :slots]
-    if expert_shards > 1 and expert_exchange == "ragged_all_to_all":
-      return expert_parallel.ragged_exchange_and_run(
-          x, ids, weights, mask, experts, axis=expert_axis, shards=expert_shards,
-          num_experts=num_experts * expert_shards, strategy=strategy)
-    if expert_shards > 1:
-      return expert_parallel.exchange_and_run(
-          x, ids, weights, mask, experts, axis=expert_axis, shards=expert_shards,
-          num_experts=num_experts * expert_shards, strategy=strategy,
-          capacity_factor=capacity_factor)
-    capacity = expert_capacity(tokens, slots, num_experts, capacity_factor)
-    return STRATEGIES[strategy](x, ids, weights, mask, experts, capacity)
-
-  if len(buckets) == 1:
-    return run(buckets[0], x, gate_weights, experts, expert_ids, valid)
-  index = jnp.searchsorted(jnp.asarray(buckets), k)
-  branches = [functools.partial(run, b) for b in buckets]
-  return _switch_recomputing(branches, index, x, gate_weights, experts, expert_ids, valid)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _switch_recomputing(branches, index, x, gate_weights, experts, expert_ids, valid):
-  """lax.switch over slot buckets whose backward pass recomputes the chosen branch.
-
-  Differentiating lax.switch directly makes every branch return zero-filled copies of every
-  other branch's residuals: at k = 1 under k_max = 8 that is 14x the k = 1 layer's activations
-  written each step. Saving only the inputs costs one extra forward of the chosen branch.
-  """
-  return jax.lax.switch(index, branches, x, gate_weights, experts, expert_ids, valid)
-
-
-def _switch_fwd(branches, index, x, gate_weights, experts, expert_ids, valid):
-  out = _switch_recomputing(branches, index, x, gate_weights, experts, expert_ids, valid)
-  return out, (index, x, gate_weights, experts, expert_ids, valid)
-
-
-def _switch_bwd(branches, residuals, cotangents):
-  index, x, gate_weights, experts, expert_ids, valid = residuals
-  d_y = cotangents[0]
-
-  def branch_vjp(branch):
-    def vjp(x, gate_weights, experts, expert_ids, valid):
-      y_of = lambda *args: branch(*args, expert_ids, valid)[0]
-      return jax.vjp(y_of, x, gate_weights, experts)[1](d_y)
-    return vjp
-
-  d_x, d_gates, d_experts = jax.lax.switch(index, [branch_vjp(b) for b in branches], x,
-                                           gate_weights, experts, expert_ids, valid)
-  return None, d_x, d_gates, d_experts, None, None
-
-
-_switch_recomputing.defvjp(_switch_fwd, _switch_bwd)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 from flax import nnx
@@ -28,6 +29,12 @@ def count_params(cfg: ModelConfig, topk: Optional[Sequence[int]] = None) -> Dict
   matrices whole (input embedding and LM head).
   """
   topk = [cfg.top_k] * cfg.num_layers if topk is None else [int(k) for k in topk]
+  return dict(_count_params(cfg, tuple(topk)))
+
+
+@functools.lru_cache(maxsize=64)
+def _count_params(cfg: ModelConfig, topk: Tuple[int, ...]) -> Tuple[Tuple[str, int], ...]:
+  # Cached: the training loop asks at every log line (for the FLOPs of the current top-k).
   if len(topk) != cfg.num_layers:
     raise ValueError(f"topk has {len(topk)} entries, expected num_layers={cfg.num_layers}")
   if any(not 1 <= k <= cfg.num_experts for k in topk):
@@ -44,5 +51,5 @@ def count_params(cfg: ModelConfig, topk: Optional[Sequence[int]] = None) -> Dict
       experts += size
   per_expert = experts // (cfg.num_layers * cfg.num_experts)
   active = total - embedding - experts + sum(topk) * per_expert
-  return {"total": total, "embedding": embedding, "active": active,
-          "active_with_embedding": active + embedding}
+  return (("total", total), ("embedding", embedding), ("active", active),
+          ("active_with_embedding", active + embedding))
