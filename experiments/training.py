@@ -66,7 +66,7 @@ def check_compatible(saved: dict, current: dict):
 
 def check_train_settings(t, batch_shards: int):
   for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-               "checkpoint_every", "keep_checkpoints"):
+               "eval_batches", "checkpoint_every", "keep_checkpoints"):
     if t[name] < 1:
       raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
   if t.seq_len < 2:
@@ -91,8 +91,6 @@ class Training(NamedTuple):
   val_docs: list
   lr: Any
   optimizer: Any
-  graphdef: Any
-  params: Any
 
 
 def build_training(config) -> Training:
@@ -118,9 +116,11 @@ def build_training(config) -> Training:
       min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
   optimizer = train_lib.make_optimizer(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                                        grad_clip=t.grad_clip)
-  graphdef, params = train_lib.init_model(model_cfg, t.seed)
+  if val_docs and len(val_docs) < jax.process_count():
+    raise ValueError(f"{len(val_docs)} validation documents for {jax.process_count()} "
+                     f"processes: raise data.val_fraction or set it to 0 (no evaluation)")
   return Training(model_cfg, schedule, balance, mesh, tokenizer, train_docs, val_docs, lr,
-                  optimizer, graphdef, params)
+                  optimizer)
 
 
 def run(config, workdir: str):
@@ -128,7 +128,7 @@ def run(config, workdir: str):
   built = build_training(config)
   t = config.train
   model_cfg, schedule, balance, mesh = built.model_cfg, built.schedule, built.balance, built.mesh
-  graphdef, params, optimizer, lr = built.graphdef, built.params, built.optimizer, built.lr
+  optimizer, lr = built.optimizer, built.lr
   val_docs = built.val_docs
   local_batch = t.batch_size // jax.process_count()
   pipeline = lambda docs, **kw: make_pipeline(
@@ -138,9 +138,7 @@ def run(config, workdir: str):
 
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
-  state = train_lib.init_state(params, optimizer, model_cfg)
-  shardings = sharding.state_shardings(state, sharding.param_shardings(params, mesh), mesh)
-  state = jax.device_put(state, shardings)
+  graphdef, state, shardings = train_lib.init_sharded_state(model_cfg, t.seed, optimizer, mesh)
 
   config_json = config.to_dict()
   checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -201,7 +199,7 @@ def run(config, workdir: str):
               f"max load L0 {metrics['load_max_dev'][0]:+.2f} | ETA {format_duration(eta)}")
     else:
       line = None
-    if step % t.eval_every == 0 or step == t.steps:
+    if val_docs and (step % t.eval_every == 0 or step == t.steps):
       val = evaluate(state, step)
       logged.update(val)
       line = (line + " | " if line else f"step {step}/{t.steps} | ") + (

@@ -70,9 +70,9 @@ def layer_statistics(logits, expert_ids, valid, token_mask, *, mode: str, tau: f
   # Per-sequence sums; reduced below to the mode's groups.
   sums = dict(
       counts=counts[:, :num_experts],
-      prob=jnp.einsum("bse,bs->be", probs, mask),
+      prob=jnp.sum(probs * mask[..., None], axis=1),
       tokens=jnp.sum(mask, axis=1),
-      fhat=jnp.einsum("bse,bs->be", tempered, mask),
+      fhat=jnp.sum(tempered * mask[..., None], axis=1),
       pmax=jnp.sum(jnp.max(tempered, axis=-1) * mask, axis=1),
       z=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask, axis=1))
   sequence_sums = sums

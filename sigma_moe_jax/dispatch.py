@@ -65,6 +65,9 @@ def ragged(x, expert_ids, gate_weights, valid, experts: Experts, capacity=None):
   h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, s.group_sizes))
   h = h * jax.lax.ragged_dot(xs, w_up, s.group_sizes)
   out = jax.lax.ragged_dot(h, w_down, s.group_sizes)
+  # Rows past the routed ones are unspecified by ragged_dot (kernels may leave them unwritten).
+  routed = jnp.arange(out.shape[0]) < jnp.sum(s.group_sizes)
+  out = jnp.where(routed[:, None], out, 0)
   return combine(out[s.inverse], gate_weights), jnp.zeros((), jnp.int32)
 
 

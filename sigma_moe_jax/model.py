@@ -125,5 +125,6 @@ class Transformer(nnx.Module):
       all_stats.append(stats)
     stats = jax.tree.map(lambda *s: jnp.concatenate(s), *all_stats)
     x = self.final_norm(x)
-    logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(dtype))
-    return logits.astype(jnp.float32), MoEStats(*stats)
+    logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(dtype),
+                        preferred_element_type=jnp.float32)
+    return logits, MoEStats(*stats)

@@ -74,7 +74,8 @@ class MoE(nnx.Module):
       b, s, d_model = x.shape
       # The router runs in float32 whatever the compute dtype: top-1 choices among 96 experts
       # are decided by small logit differences.
-      logits = x.astype(jnp.float32) @ router.astype(jnp.float32)  # [b, s, E]
+      logits = jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)  # [b, s, E]
       routing = route(logits.reshape(b * s, num_experts), k, k_max, gate_fn=self.gate_fn,
                       renormalize=self.renormalize, token_mask=token_mask.reshape(-1),
                       selection_bias=None if selection_bias is None else bias)

@@ -48,10 +48,11 @@ def route(logits: jax.Array, k: jax.Array, k_max: int, *, gate_fn: str, renormal
     valid = valid & token_mask[:, None]
   gate_weights = jnp.where(valid, gate_weights, 0.0)
   if renormalize:
-    # Not at k = 1: a single renormalized weight is 1.0 and the LM loss no longer reaches the
-    # router (see SPEC.md). Config validation allows this only where k_max > 1.
+    # Never at k = 1 (traced): a single renormalized weight is 1.0 and the LM loss no longer
+    # reaches the router (see SPEC.md).
     total = jnp.sum(gate_weights, axis=-1, keepdims=True)
-    gate_weights = gate_weights / jnp.where(total > 0, total, 1.0)
+    gate_weights = jnp.where(k > 1, gate_weights / jnp.where(total > 0, total, 1.0),
+                             gate_weights)
   return Routing(expert_ids.astype(jnp.int32), gate_weights, valid, gate_probs, logits)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sigma_moe_jax import sharding
 from sigma_moe_jax.balancing import MoEStats, routing_metrics, update_selection_bias
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.model import Transformer
@@ -98,6 +99,17 @@ def init_state(params, optimizer, cfg: ModelConfig) -> TrainState:
                     jnp.zeros((), jnp.int32))
 
 
+def init_sharded_state(cfg: ModelConfig, seed: int, optimizer, mesh):
+  """(graphdef, state, state shardings) with the state created directly in its shardings: the
+  20B model never exists whole on one device."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))))
+  make = lambda: init_state(init_model(cfg, seed)[1], optimizer, cfg)
+  abstract = jax.eval_shape(make)
+  shardings = sharding.state_shardings(
+      abstract, sharding.param_shardings(abstract.params, mesh), mesh)
+  return graphdef, jax.jit(make, out_shardings=shardings)(), shardings
+
+
 def lm_loss_terms(logits, tokens, segment_ids):
   """Summed next-token cross-entropy and the number of targets. Targets that start a new document
   or are padding are masked."""
@@ -123,6 +135,9 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
                     balance: BalanceSettings, *, schedule: Optional[TopKSchedule] = None,
                     grad_accum: int = 1):
   """Builds train_step(state, batch) -> (state, metrics). Jit it with donate_argnums=0."""
+  if balance.accumulate_counts and cfg.lbl_mode != "global":
+    raise ValueError(f"balance.accumulate_counts needs model.lbl_mode 'global', not "
+                     f"{cfg.lbl_mode!r}: the carried counts are global-batch counts")
   if schedule is not None and tuple(cfg.k_max_per_layer) != schedule.k_max:
     raise ValueError(f"model.layer_k_max {cfg.k_max_per_layer} must equal the schedule's "
                      f"per-layer maximum {schedule.k_max}")

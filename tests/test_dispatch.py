@@ -126,3 +126,18 @@ def test_slot_buckets_and_capacity():
   assert dispatch_lib.slot_buckets(8) == (1, 2, 4, 8)
   assert dispatch_lib.expert_capacity(100, 1, 10, None) == 100
   assert dispatch_lib.expert_capacity(100, 2, 10, 1.25) == 25
+
+
+def test_renormalization_never_applies_at_traced_k1():
+  """A layer built for k_max = 2 running at k = 1 keeps the raw gate weight, so the router still
+  gets the LM gradient; at k = 2 the two weights sum to 1."""
+  from sigma_moe_jax.routing import route
+  logits = jax.random.normal(jax.random.key(4), (6, E))
+  probs = jax.nn.softmax(logits)
+  at_k1 = route(logits, jnp.int32(1), 2, gate_fn="softmax", renormalize=True)
+  np.testing.assert_allclose(at_k1.gate_weights[:, 0], probs.max(-1), rtol=1e-6)
+  at_k2 = route(logits, jnp.int32(2), 2, gate_fn="softmax", renormalize=True)
+  np.testing.assert_allclose(at_k2.gate_weights.sum(-1), 1.0, rtol=1e-6)
+  grad = jax.grad(lambda z: route(z, jnp.int32(1), 2, gate_fn="softmax",
+                                  renormalize=True).gate_weights.sum())(logits)
+  assert np.abs(np.asarray(grad)).max() > 1e-3

@@ -61,15 +61,13 @@ def one_process_losses(steps):
   built = launcher.build_training(config)
   shards = [make_pipeline(built.train_docs, built.tokenizer, seq_len=32, batch_size=4, seed=0,
                           process_index=i, process_count=2) for i in range(2)]
-  state = train_lib.init_state(built.params, built.optimizer, built.model_cfg)
-  shardings = sharding.state_shardings(state, sharding.param_shardings(built.params,
-                                                                       built.mesh), built.mesh)
-  step = jax.jit(train_lib.make_train_step(built.graphdef, built.optimizer, built.lr,
+  graphdef, state, _ = train_lib.init_sharded_state(built.model_cfg, 0, built.optimizer,
+                                                    built.mesh)
+  step = jax.jit(train_lib.make_train_step(graphdef, built.optimizer, built.lr,
                                            built.model_cfg, built.balance))
   batch_sharding = NamedSharding(built.mesh, sharding.batch_spec(built.mesh))
   losses, first_docs = [], []
   with jax.set_mesh(built.mesh):
-    state = jax.device_put(state, shardings)
     for _ in range(steps):
       parts = [next(it) for it in shards]
       first_docs.append([p["tokens"][0, :8].tolist() for p in parts])
