@@ -9,19 +9,6 @@ from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.layers import positions_from_segments
 
 
-def time_fn(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
-  """Median wall time in seconds of a jitted fn(*args), after compiling and warming up."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  times.sort()
-  return times[len(times) // 2]
-
-
 def time_interleaved(calls, repeats: int = 10, warmup: int = 2):
   """Median seconds of each zero-argument call, timed in alternation so that drift in the
   machine's speed affects every call alike."""

@@ -55,8 +55,3 @@ def route(logits: jax.Array, k: jax.Array, k_max: int, *, gate_fn: str, renormal
                              gate_weights)
   return Routing(expert_ids.astype(jnp.int32), gate_weights, valid, gate_probs, logits)
 
-
-def tokens_per_expert(expert_ids: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
-  """Number of valid (token, slot) assignments routed to each expert: int32 [experts]."""
-  flat = jnp.where(valid, expert_ids, num_experts).reshape(-1)
-  return jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
