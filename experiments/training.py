@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from experiments.configs.base import make_config
 from sigma_moe_jax import ModelConfig, TopKSchedule, sharding
 from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.balancing import load_statistics
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.data import (check_vocab, chunk_documents, load_documents, make_pipeline,
                                 split_documents)
@@ -88,12 +89,30 @@ class Training(NamedTuple):
   mesh: Any
   tokenizer: Any
   train_docs: list
-  val_docs: list
+  eval_sets: dict  # name -> documents; "" is the split held out from data.path
   lr: Any
   optimizer: Any
 
 
-def build_training(config) -> Training:
+def parse_eval_sets(spec: str) -> dict:
+  """"name=paths;name=paths" -> {name: documents}: extra validation sets, each evaluated and
+  logged under its own name (e.g. one per domain). Paths as in data.path; the files should hold
+  text kept out of training."""
+  sets = {}
+  for part in (p.strip() for p in spec.split(";")):
+    if not part:
+      continue
+    name, sep, paths = part.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier() or not paths.strip():
+      raise ValueError(f"data.eval_sets: {part!r} is not name=paths (name an identifier)")
+    if name in sets:
+      raise ValueError(f"data.eval_sets: {name!r} given twice")
+    sets[name] = load_documents(paths.strip())
+  return sets
+
+
+def build_training(config, workdir: Optional[str] = None) -> Training:
   """Validates the config and builds everything but the data iterators and the jitted steps."""
   check_config_keys(config)
   t = config.train
@@ -109,6 +128,8 @@ def build_training(config) -> Training:
   check_vocab(tokenizer, model_cfg.vocab_size)
   train_docs, val_docs = split_documents(load_documents(config.data.path),
                                          config.data.val_fraction, config.data.seed)
+  eval_sets = {"": val_docs} if val_docs else {}
+  eval_sets.update(parse_eval_sets(config.data.eval_sets))
   if config.data.chunk_chars:
     train_docs = chunk_documents(train_docs, config.data.chunk_chars)
   lr = train_lib.learning_rate_schedule(
@@ -116,20 +137,79 @@ def build_training(config) -> Training:
       min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
   optimizer = train_lib.make_optimizer(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                                        grad_clip=t.grad_clip)
-  if val_docs and len(val_docs) < jax.process_count():
-    raise ValueError(f"{len(val_docs)} validation documents for {jax.process_count()} "
-                     f"processes: raise data.val_fraction or set it to 0 (no evaluation)")
-  return Training(model_cfg, schedule, balance, mesh, tokenizer, train_docs, val_docs, lr,
+  for name, docs in eval_sets.items():
+    if len(docs) < jax.process_count():
+      where = f"data.eval_sets {name!r}" if name else "data.val_fraction"
+      raise ValueError(f"{len(docs)} validation documents for {jax.process_count()} "
+                       f"processes: give {where} more documents (or set it empty/0)")
+  if t.init_from and os.path.abspath(t.init_from) == os.path.abspath(workdir or ""):
+    raise ValueError("train.init_from names the run's own workdir; a run resumes from its own "
+                     "checkpoints without it")
+  return Training(model_cfg, schedule, balance, mesh, tokenizer, train_docs, eval_sets, lr,
                   optimizer)
+
+
+def check_model_compatible(saved: dict, current: dict, source: str):
+  diffs = [f"model.{k}: {saved['model'].get(k)!r} there, {v!r} here"
+           for k, v in current["model"].items() if saved["model"].get(k) != v]
+  if diffs:
+    raise ValueError(f"{source} holds a different model (" + "; ".join(diffs) + ")")
+
+
+def restore_initial(config, state, shardings, train_iter):
+  """train.init_from: starts a new run from another run's checkpoint (train state and data
+  position), e.g. to continue a run under a different top-k schedule. The model must match; the
+  step carries on, so step-keyed schedules continue where the other run stood."""
+  t = config.train
+  directory = os.path.join(os.path.abspath(t.init_from), "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"train.init_from: no checkpoints directory in {t.init_from!r}")
+  source = Checkpointer(directory, save_every=1, keep=1, async_save=False)
+  try:
+    steps = source.manager.all_steps()
+    step = steps[-1] if steps and t.init_step < 0 else t.init_step
+    if step not in steps:
+      raise ValueError(f"train.init_from: {t.init_from!r} has no checkpoint at step {step} "
+                       f"(it has {sorted(steps)})")
+    check_model_compatible(source.saved_config(step), config.to_dict(),
+                           f"train.init_from {t.init_from!r}")
+    state = source.restore(step, abstract_like(state, shardings), train_iter)
+  finally:
+    source.close()
+  print(f"initialized from step {step} of {t.init_from}", flush=True)
+  return state
+
+
+def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batches: int):
+  """Loss and routing load of up to `max_batches` batches: val_loss, val_ppl, val_targets,
+  tokens_per_expert and gate_prob_mean [layers, E], and their `load_statistics` (val_*)."""
+  ce_sum, targets, counts, prob_sum, tokens = 0.0, 0, 0, 0, 0
+  for i, batch in enumerate(batches):
+    if i >= max_batches:
+      break
+    with jax.set_mesh(mesh):
+      ce, n, routing = eval_step(params, to_global(batch), step, bias)
+    routing = jax.device_get(routing)
+    ce_sum, targets = ce_sum + float(ce), targets + int(n)
+    counts = counts + routing["tokens_per_expert"].astype(np.int64)
+    prob_sum = prob_sum + routing["gate_prob_sum"].astype(np.float64)
+    tokens = tokens + routing["num_tokens"].astype(np.int64)
+  loss = ce_sum / max(targets, 1)
+  result = {"val_loss": loss, "val_ppl": float(np.exp(loss)), "val_targets": targets}
+  if targets:
+    gate_prob_mean = prob_sum / np.maximum(tokens, 1)[:, None]
+    result["val_tokens_per_expert"] = counts
+    result.update({f"val_{k}": np.asarray(v) for k, v in
+                   load_statistics(counts, gate_prob_mean).items()})
+  return result
 
 
 def run(config, workdir: str):
   maybe_initialize_distributed()
-  built = build_training(config)
+  built = build_training(config, workdir)
   t = config.train
   model_cfg, schedule, balance, mesh = built.model_cfg, built.schedule, built.balance, built.mesh
   optimizer, lr = built.optimizer, built.lr
-  val_docs = built.val_docs
   local_batch = t.batch_size // jax.process_count()
   pipeline = lambda docs, **kw: make_pipeline(
       docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=config.data.seed,
@@ -149,6 +229,8 @@ def run(config, workdir: str):
     check_compatible(checkpointer.saved_config(latest), config_json)
     state = checkpointer.restore(latest, abstract_like(state, shardings), train_iter)
     print(f"resumed from step {latest} in {workdir}", flush=True)
+  elif t.init_from:
+    state = restore_initial(config, state, shardings, train_iter)
 
   train_step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, model_cfg, balance,
                                                  schedule=schedule, grad_accum=t.grad_accum),
@@ -158,17 +240,18 @@ def run(config, workdir: str):
   to_global = lambda batch: {k: jax.make_array_from_process_local_data(batch_sharding, v)
                              for k, v in batch.items()}
 
-  def evaluate(state, step):
-    ce_sum, targets = 0.0, 0
+  def evaluate_all(state, step):
+    """Every eval set; the unnamed one logs as val_*, a named one as <name>_val_*."""
+    logged, parts = {}, []
     bias = state.selection_bias if balance.loss_free else None
-    for i, batch in enumerate(pipeline(val_docs, shuffle=False, repeat=False)):
-      if i >= t.eval_batches:
-        break
-      with jax.set_mesh(mesh):
-        ce, n = eval_step(state.params, to_global(batch), step, bias)
-      ce_sum, targets = ce_sum + float(ce), targets + int(n)
-    loss = ce_sum / max(targets, 1)
-    return {"val_loss": loss, "val_ppl": float(np.exp(loss)), "val_targets": targets}
+    for name, docs in built.eval_sets.items():
+      result = evaluate(eval_step, state.params, pipeline(docs, shuffle=False, repeat=False),
+                        to_global, mesh, step, bias, t.eval_batches)
+      prefix = f"{name}_" if name else ""
+      logged.update({prefix + k: v for k, v in result.items()})
+      parts.append(f"{prefix}val_loss {result['val_loss']:.4f} | {prefix}val_ppl "
+                   f"{result['val_ppl']:.2f}")
+    return logged, " | ".join(parts)
 
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   peak = (t.peak_flops or peak_flops_per_device()) * jax.device_count()
@@ -199,11 +282,10 @@ def run(config, workdir: str):
               f"max load L0 {metrics['load_max_dev'][0]:+.2f} | ETA {format_duration(eta)}")
     else:
       line = None
-    if val_docs and (step % t.eval_every == 0 or step == t.steps):
-      val = evaluate(state, step)
+    if built.eval_sets and (step % t.eval_every == 0 or step == t.steps):
+      val, text = evaluate_all(state, step)
       logged.update(val)
-      line = (line + " | " if line else f"step {step}/{t.steps} | ") + (
-          f"val_loss {val['val_loss']:.4f} | val_ppl {val['val_ppl']:.2f}")
+      line = (line + " | " if line else f"step {step}/{t.steps} | ") + text
     if logged:
       writer.write(step, logged, line)
   if step > start_step and checkpointer.latest_step() != step:

@@ -119,19 +119,19 @@ def update_selection_bias(bias: jax.Array, tokens_per_expert: jax.Array,
   return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 
-def routing_metrics(stats: MoEStats) -> Dict[str, jax.Array]:
-  """Per-layer monitoring values (each [layers] unless noted) from the model's stats.
+def load_statistics(counts: jax.Array, gate_prob_mean: jax.Array) -> Dict[str, jax.Array]:
+  """How balanced a layer is, from its assignment counts and mean gate probabilities [..., E].
 
-  load_max_dev / load_min_dev: max_i f_i * E - 1 and min_i f_i * E - 1 (Fig. 2a).
-  load_cv / gate_prob_cv: coefficient of variation of f and of p across experts: p flat while f
-  is spiky is the "LBL shortcut" (Fig. 2b/c). f, p: [layers, E].
+  f, p: the load distribution and the mean gate probabilities. load_max_dev / load_min_dev:
+  max_i f_i * E - 1 and min_i f_i * E - 1 (Fig. 2a). load_cv / gate_prob_cv: coefficient of
+  variation of f and of p across experts: p flat while f is spiky is the "LBL shortcut"
+  (Fig. 2b/c). lbl: Eq. 1 on exactly these f and p.
   """
-  num_experts = stats.tokens_per_expert.shape[-1]
-  counts = stats.tokens_per_expert.astype(jnp.float32)
+  num_experts = counts.shape[-1]
+  counts = jnp.asarray(counts, jnp.float32)
   f = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
-  p = stats.gate_prob_mean
+  p = jnp.asarray(gate_prob_mean, jnp.float32)
   cv = lambda v: jnp.std(v, axis=-1) * num_experts  # mean of a distribution over E is 1/E
-  assignments = jnp.maximum(jnp.sum(counts, axis=-1), 1.0)
   return {
       "f": f,
       "p": p,
@@ -139,8 +139,33 @@ def routing_metrics(stats: MoEStats) -> Dict[str, jax.Array]:
       "load_min_dev": jnp.min(f, axis=-1) * num_experts - 1.0,
       "load_cv": cv(f),
       "gate_prob_cv": cv(p),
+      "lbl": load_balancing_loss(f, p),
+  }
+
+
+def routing_metrics(stats: MoEStats) -> Dict[str, jax.Array]:
+  """Per-layer monitoring values (each [layers] unless noted; f, p [layers, E]) of one step: the
+  `load_statistics` of the step's global batch, with `lbl` the loss in the configured mode."""
+  assignments = jnp.maximum(jnp.sum(stats.tokens_per_expert, axis=-1), 1).astype(jnp.float32)
+  return {
+      **load_statistics(stats.tokens_per_expert, stats.gate_prob_mean),
       "lbl": stats.lbl,
       "top1_lbl": stats.top1_lbl,
       "router_z_loss": stats.router_z_loss,
       "drop_fraction": stats.dropped.astype(jnp.float32) / assignments,
   }
+
+
+def expert_domain_mutual_information(counts: jax.Array) -> jax.Array:
+  """Mutual information, in bits, between the expert a token is sent to and its domain.
+
+  counts [domains, ..., E]: assignments per expert, counted separately on each domain's text.
+  Domains are weighted equally (P(domain) = 1 / domains), so the result does not depend on how
+  many tokens each domain contributed; it lies in [0, log2(domains)], 0 when every domain sees
+  the same load distribution, log2(domains) when the domains use disjoint experts.
+  """
+  counts = jnp.asarray(counts, jnp.float32)
+  per_domain = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+  mixture = jnp.mean(per_domain, axis=0)
+  ratio = jnp.where(per_domain > 0, per_domain / jnp.where(mixture > 0, mixture, 1.0), 1.0)
+  return jnp.mean(jnp.sum(per_domain * jnp.log2(ratio), axis=-1), axis=0)

@@ -204,14 +204,22 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
 
 
 def make_eval_step(graphdef, cfg: ModelConfig, schedule: Optional[TopKSchedule] = None):
-  """eval_step(params, batch, step, selection_bias=None) -> (summed cross-entropy, targets)."""
+  """eval_step(params, batch, step, selection_bias=None) -> (summed cross-entropy, targets,
+  routing): routing holds the batch's assignment counts per expert ("tokens_per_expert",
+  [layers, E]), summed gate probabilities ("gate_prob_sum", [layers, E]) and tokens
+  ("num_tokens", [layers]), which add up over batches into the load statistics of a whole
+  evaluation set."""
 
   def eval_step(params, batch, step, selection_bias=None):
     topk = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
             else schedule.topk_at(step))
-    logits, _ = nnx.merge(graphdef, params)(batch["tokens"], batch["segment_ids"],
-                                            batch["positions"], topk=topk,
-                                            selection_bias=selection_bias)
-    return lm_loss_terms(logits, batch["tokens"], batch["segment_ids"])
+    logits, stats = nnx.merge(graphdef, params)(batch["tokens"], batch["segment_ids"],
+                                                batch["positions"], topk=topk,
+                                                selection_bias=selection_bias)
+    ce_sum, targets = lm_loss_terms(logits, batch["tokens"], batch["segment_ids"])
+    routing = {"tokens_per_expert": stats.tokens_per_expert,
+               "gate_prob_sum": stats.gate_prob_mean * stats.num_tokens[:, None],
+               "num_tokens": stats.num_tokens}
+    return ce_sum, targets, routing
 
   return eval_step

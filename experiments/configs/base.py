@@ -26,11 +26,15 @@ def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
       log_every=10, eval_every=200, eval_batches=16,
       checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True,
-      seed=0, peak_flops=0.0)  # peak_flops 0: known chip table, else measured
+      seed=0, peak_flops=0.0,  # peak_flops 0: known chip table, else measured
+      # init_from: another run's workdir to start from (its checkpoint at init_step, -1 the
+      # latest) when this workdir has none: state, step and data position carry over.
+      init_from="", init_step=-1)
   # chunk_chars > 0 cuts training documents into pieces of at most that many characters (at
   # line breaks) so that shuffled batches mix the corpus; validation keeps whole documents.
+  # eval_sets "name=paths;name=paths": extra validation sets, logged as <name>_val_*.
   c.data = dict(path="data/shakespeare.jsonl.gz", tokenizer="data/shakespeare_bpe4096.json",
-                val_fraction=0.05, seed=0, chunk_chars=0)
+                val_fraction=0.05, seed=0, chunk_chars=0, eval_sets="")
   c.balance = dict(loss="lbl", coef=1e-3, z_loss_coef=0.0, loss_free=False, bias_rate=1e-3,
                    accumulate_counts=False)
   # Per-layer top-k phases, "start:per_layer; start:per_layer" (start: a step, or a fraction of
