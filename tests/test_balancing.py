@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sigma_moe_jax.balancing import (MoEStats, routing_metrics, top1_load_balancing_loss,
-                                     update_selection_bias)
+from sigma_moe_jax.balancing import (MoEStats, expert_domain_mutual_information,
+                                     load_statistics, routing_metrics,
+                                     top1_load_balancing_loss, update_selection_bias)
 from sigma_moe_jax.moe import MoE
 
 E, D, F = 8, 16, 16
@@ -174,3 +175,44 @@ def test_count_offset_accumulates_counts_into_f():
   counts = np.asarray(s1.tokens_per_expert + s2.tokens_per_expert, np.float64)
   np.testing.assert_allclose(s2.lbl, E * np.sum(counts / counts.sum() * s2.gate_prob_mean),
                              rtol=1e-5)
+
+
+def test_load_statistics_lbl_is_eq1_on_the_given_f_and_p():
+  rng = np.random.default_rng(2)
+  counts = rng.integers(0, 50, size=(3, E))
+  probs = rng.dirichlet(np.ones(E), size=3)
+  got = load_statistics(jnp.asarray(counts), jnp.asarray(probs, jnp.float32))
+  f = counts / counts.sum(-1, keepdims=True)
+  np.testing.assert_allclose(got["lbl"], E * np.sum(f * probs, -1), rtol=1e-5)
+  np.testing.assert_allclose(got["load_cv"], f.std(-1) / f.mean(-1), rtol=1e-4)
+
+
+def numpy_mutual_information(counts):
+  """I(expert; domain) in bits from the joint table P(d, e) = P(d) P(e | d), P(d) uniform."""
+  domains = counts.shape[0]
+  joint = np.zeros(counts.shape)
+  for d in range(domains):
+    joint[d] = counts[d] / counts[d].sum() / domains
+  p_domain, p_expert = joint.sum(1), joint.sum(0)
+  total = 0.0
+  for d in range(domains):
+    for e in range(counts.shape[1]):
+      if joint[d, e] > 0:
+        total += joint[d, e] * np.log2(joint[d, e] / (p_domain[d] * p_expert[e]))
+  return total
+
+
+def test_expert_domain_mutual_information_matches_the_joint_table():
+  rng = np.random.default_rng(3)
+  counts = rng.integers(0, 40, size=(2, 3, E))  # [domains, layers, E]
+  counts[0, 1, :3] = 0  # experts one domain never uses
+  got = expert_domain_mutual_information(jnp.asarray(counts))
+  want = [numpy_mutual_information(counts[:, layer]) for layer in range(3)]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  # Same distribution at different volumes: no information; disjoint experts: one bit.
+  same = np.stack([counts[0], 3 * counts[0]])
+  np.testing.assert_allclose(expert_domain_mutual_information(jnp.asarray(same)), 0, atol=1e-6)
+  disjoint = np.zeros((2, 1, E))
+  disjoint[0, 0, :4], disjoint[1, 0, 4:] = 5, 7
+  np.testing.assert_allclose(expert_domain_mutual_information(jnp.asarray(disjoint)), [1.0],
+                             rtol=1e-6)

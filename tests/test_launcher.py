@@ -74,6 +74,8 @@ def test_resume_after_sigkill_reproduces_every_loss(tmp_path):
     (["--config.train.steps=0"], "train.steps must be >= 1"),
     (["--config.schedule.topk=[1]*5"], "expected num_layers=2"),
     (["--config.model.gate_fn=relu"], "ModelConfig.gate_fn"),
+    (["--config.train.init_from=/nonexistent/run"], "no checkpoints directory"),
+    (["--config.data.eval_sets=python"], "not name=paths"),
 ])
 def test_bad_input_gives_one_clear_error(tmp_path, overrides, message):
   code, out, err = launch(tmp_path / "run", *overrides, devices=2)
@@ -113,3 +115,21 @@ def test_resume_onto_a_different_mesh(tmp_path):
   assert code == 0, err[-2000:]
   assert "resumed from step 3" in out
   assert sorted(losses(workdir)) == [1, 2, 3, 4, 5]
+
+
+def test_init_from_continues_another_run(tmp_path):
+  """A run started from another's step-3 checkpoint retraces that run's steps 4-6 exactly (state,
+  step and data position carry over); a step the source does not have is refused."""
+  source, branch = tmp_path / "source", tmp_path / "branch"
+  code, _, err = launch(source, "--config.train.steps=6")
+  assert code == 0, err[-2000:]
+  code, _, err = launch(branch, "--config.train.steps=6", f"--config.train.init_from={source}",
+                        "--config.train.init_step=2")
+  assert code != 0 and "no checkpoint at step 2" in err.strip().splitlines()[-1]
+  code, out, err = launch(branch, "--config.train.steps=6", f"--config.train.init_from={source}",
+                          "--config.train.init_step=3")
+  assert code == 0, err[-2000:]
+  assert "initialized from step 3" in out
+  got, want = losses(branch), losses(source)
+  assert sorted(got) == [4, 5, 6]
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-6, rtol=0)

@@ -106,3 +106,27 @@ def test_invalid_settings_are_rejected():
     train_lib.learning_rate_schedule(lr=1.0, steps=5, warmup_steps=5, kind="cosine")
   with pytest.raises(ValueError, match="lr_schedule"):
     train_lib.learning_rate_schedule(lr=1.0, steps=5, warmup_steps=1, kind="linear")
+
+
+def test_evaluation_routing_adds_up_to_the_whole_set():
+  """The routing load that `evaluate` sums over batches equals the load of all of them run as one
+  batch (a second code path), and its LBL is Eq. 1 on that f and p."""
+  from experiments.training import evaluate
+  from sigma_moe_jax.sharding import make_mesh
+  graphdef, params = train_lib.init_model(CFG, 0)
+  eval_step = jax.jit(train_lib.make_eval_step(graphdef, CFG))
+  batches = [make_batch(seed) for seed in (5, 6, 7)]
+  mesh = make_mesh(devices=jax.devices()[:1])
+  got = evaluate(eval_step, params, iter(batches), lambda b: b, mesh, 0, None, max_batches=2)
+  whole = jax.tree.map(lambda *a: jnp.concatenate(a), *batches[:2])
+  ce, n, routing = eval_step(params, whole, 0)
+  np.testing.assert_array_equal(got["val_tokens_per_expert"], routing["tokens_per_expert"])
+  assert got["val_targets"] == int(n)
+  np.testing.assert_allclose(got["val_loss"], float(ce) / int(n), rtol=1e-5)
+  p = np.asarray(routing["gate_prob_sum"]) / np.asarray(routing["num_tokens"])[:, None]
+  np.testing.assert_allclose(got["val_p"], p, rtol=1e-5)
+  f = np.asarray(routing["tokens_per_expert"], np.float64)
+  f /= f.sum(-1, keepdims=True)
+  np.testing.assert_allclose(got["val_lbl"], CFG.num_experts * np.sum(f * p, -1), rtol=1e-5)
+  np.testing.assert_allclose(got["val_load_max_dev"], f.max(-1) * CFG.num_experts - 1,
+                             rtol=1e-5)

@@ -1,0 +1,140 @@
+"""The reproduction studies: variants, the analyses against NumPy on synthetic metrics, and the
+launcher end to end on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import reproduce, studies
+from experiments.configs.reproduce import get_config
+from sigma_moe_jax.data import load_documents
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_study_selection():
+  assert reproduce.selected_studies("all") == list(studies.STUDIES)
+  # progressive starts from phase1's checkpoint, so phase1 is trained (first) even when only
+  # the progressive study is asked for.
+  assert reproduce.variant_order(["progressive"]) == ["lbl", "phase1", "progressive"]
+  with pytest.raises(ValueError, match="unknown --study"):
+    reproduce.selected_studies("imbalance,fig9")
+
+
+def test_variants_change_only_what_they_compare(tmp_path):
+  base = get_config()
+  changed = {}
+  for name in studies.VARIANTS:
+    config = studies.variant_config(base, name, str(tmp_path))
+    flat = lambda c: {(s, k): v for s in c for k, v in c[s].items()}
+    changed[name] = {key for key, value in flat(config).items() if flat(base)[key] != value}
+  assert changed["lbl"] == set()
+  assert changed["phase1"] == {("schedule", "topk")}
+  assert changed["loss_free"] == {("model", "gate_fn"), ("balance", "loss"),
+                                  ("balance", "loss_free")}
+  assert changed["domains_global"] - changed["domains_sequence"] == set()
+  progressive = studies.variant_config(base, "progressive", str(tmp_path))
+  assert progressive.train.init_step == 540 and progressive.train.init_from.endswith("phase1")
+  assert studies.variant_config(base, "domains_sequence", str(tmp_path)).model.lbl_mode == \
+      "sequence"
+
+
+def test_domains_are_real_python_source_of_matching_size(tmp_path):
+  base = get_config()
+  paths = studies.prepare_domains(base, str(tmp_path))
+  english = sum(len(d) for s in ("train", "val") for d in load_documents(paths["english"][s]))
+  python_train = load_documents(paths["python"]["train"])
+  python_val = load_documents(paths["python"]["val"])
+  python = sum(map(len, python_train + python_val))
+  assert english <= python < english + 500_000
+  assert all("def " in d or "import " in d or "class " in d for d in python_val)
+  assert not set(python_train) & set(python_val)
+
+
+def synthetic_run(name, config, steps, **series):
+  records = {}
+  for key, values in series.items():
+    for step, value in zip(steps, values):
+      records.setdefault(step, {"step": step})[key] = np.asarray(value).tolist()
+  return studies.Run(name, config, records)
+
+
+def test_analyses_report_what_the_metrics_say(tmp_path):
+  rng = np.random.default_rng(0)
+  base = get_config()
+  layers, experts = base.model.num_layers, base.model.num_experts
+  steps = [50, 100]
+  counts = rng.integers(1, 100, size=(len(steps), layers, experts))
+  f = counts / counts.sum(-1, keepdims=True)
+  p = rng.dirichlet(np.ones(experts), size=(len(steps), layers))
+  common = dict(val_load_max_dev=f.max(-1) * experts - 1, val_load_min_dev=f.min(-1) * experts - 1,
+                val_f=f, val_p=p, val_load_cv=f.std(-1) * experts,
+                val_gate_prob_cv=p.std(-1) * experts, val_lbl=experts * (f * p).sum(-1),
+                val_loss=[5.0, 4.5], drop_fraction=np.zeros((2, layers)))
+  lbl = synthetic_run("lbl", base, steps, **common)
+  results, figures = studies.analyze_imbalance({"lbl": lbl}, str(tmp_path))
+  final = f[-1].max(-1) * experts - 1
+  assert results["max_load_dev"]["lower_layers_mean"] == pytest.approx(final[:2].mean())
+  assert results["most_imbalanced_layer"] == int(np.argmax(final))
+  assert all(os.path.getsize(path) > 10_000 for path in figures)
+
+  results, _ = studies.analyze_shortcut({"lbl": lbl}, str(tmp_path))
+  worst = int(np.argmax(f[-1].std(-1)))
+  assert results["worst_layer"]["layer"] == worst
+  assert results["worst_layer"]["f_max"] == pytest.approx(f[-1, worst].max())
+  assert results["worst_layer"]["lbl"] == pytest.approx(experts * np.sum(f[-1, worst] * p[-1, worst]))
+
+  english, python = counts, counts[:, :, ::-1]
+  domain_configs = {m: studies.variant_config(base, f"domains_{m}", str(tmp_path))
+                    for m in studies.DOMAIN_MODES}
+  runs = {f"domains_{m}": synthetic_run(
+      m, domain_configs[m], steps, english_val_tokens_per_expert=english,
+      python_val_tokens_per_expert=python if m == "global" else english,
+      english_val_loss=[3, 2], python_val_loss=[3, 2], english_val_load_max_dev=[[0] * layers] * 2,
+      python_val_load_max_dev=[[0] * layers] * 2) for m in studies.DOMAIN_MODES}
+  results, _ = studies.analyze_domains(runs, str(tmp_path))
+  info = results["mutual_information_bits"]
+  assert info["micro_batch"]["mean"] == pytest.approx(0, abs=1e-6)
+  for layer in range(layers):
+    joint = np.stack([english[-1, layer] / english[-1, layer].sum(),
+                      python[-1, layer] / python[-1, layer].sum()]) / 2
+    marginal = joint.sum(0)
+    want = np.sum(joint * np.log2(joint / (0.5 * marginal)))
+    assert info["global"]["per_layer"][layer] == pytest.approx(want, rel=1e-4)
+
+
+def test_launcher_trains_reuses_and_refuses(tmp_path):
+  """A tiny dense-vs-MoE study end to end; a second call reuses both runs; another config on the
+  same workdir is refused and leaves the runs as they were."""
+  tiny = ["--config.model.d_model=32", "--config.model.num_layers=3",
+          "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+          "--config.model.head_dim=16", "--config.model.num_experts=4",
+          "--config.model.d_ff=32", "--config.train.batch_size=4", "--config.train.seq_len=32",
+          "--config.train.steps=4", "--config.train.warmup_steps=1",
+          "--config.train.eval_every=2", "--config.train.eval_batches=1",
+          "--config.train.checkpoint_every=2", "--config.train.peak_flops=1e12"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  cmd = [sys.executable, "-m", "experiments.reproduce", "--study=dense",
+         f"--workdir={tmp_path}", *tiny]
+  first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert first.stdout.count("=== training") == 2
+  results = json.load(open(tmp_path / "dense" / "results.json"))
+  metrics = [json.loads(line) for line in open(tmp_path / "runs" / "dense" / "metrics.jsonl")]
+  assert results["val_loss"]["dense"] == metrics[-1]["val_loss"]
+  assert results["active_params"]["dense"] < results["active_params"]["moe"]
+  assert os.path.exists(tmp_path / "dense" / "dense.png")
+
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert again.returncode == 0 and "=== training" not in again.stdout, again.stderr[-3000:]
+
+  before = open(tmp_path / "runs" / "dense" / "metrics.jsonl").read()
+  other = subprocess.run(cmd + ["--config.train.lr=1e-2"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=400)
+  assert other.returncode != 0
+  assert "made with another config" in other.stderr.strip().splitlines()[-1]
+  assert open(tmp_path / "runs" / "dense" / "metrics.jsonl").read() == before
