@@ -256,12 +256,19 @@ def analyze_imbalance(runs, out):
   run = runs["lbl"]
   steps, max_dev = run.series("val_load_max_dev")
   _, min_dev = run.series("val_load_min_dev")
+  _, lbl = run.series("val_lbl")
   final_max, final_min = max_dev[-1], min_dev[-1]
+  late = steps >= steps[-1] / 2  # single evaluations are noisy: also the second half's mean
   results = {
       "final_max_load_dev_per_layer": final_max.tolist(),
       "final_min_load_dev_per_layer": final_min.tolist(),
+      "final_lbl_per_layer": lbl[-1].tolist(),
+      "second_half_mean_max_load_dev_per_layer": max_dev[late].mean(0).tolist(),
+      "second_half_mean_lbl_per_layer": lbl[late].mean(0).tolist(),
       "max_load_dev": _lower_vs_upper(final_max),
       "min_load_dev": _lower_vs_upper(final_min),
+      "second_half_max_load_dev": _lower_vs_upper(max_dev[late].mean(0)),
+      "second_half_lbl": _lower_vs_upper(lbl[late].mean(0)),
       "most_imbalanced_layer": int(np.argmax(final_max)),
       "drop_fraction_per_layer": run.last("drop_fraction").tolist(),
   }

@@ -80,6 +80,8 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
   final = f[-1].max(-1) * experts - 1
   assert results["max_load_dev"]["lower_layers_mean"] == pytest.approx(final[:2].mean())
   assert results["most_imbalanced_layer"] == int(np.argmax(final))
+  lbl_values = experts * (f * p).sum(-1)
+  assert results["second_half_mean_lbl_per_layer"] == pytest.approx(lbl_values.mean(0))
   assert all(os.path.getsize(path) > 10_000 for path in figures)
 
   results, _ = studies.analyze_shortcut({"lbl": lbl}, str(tmp_path))
