@@ -103,6 +103,11 @@ def _lbl(c, workdir):
   del c, workdir  # the base config as it is
 
 
+def _lbl_seed1(c, workdir):
+  del workdir
+  c.train.seed = 1  # another initialisation, same data order
+
+
 def _phase1(c, workdir):
   del workdir
   c.schedule.topk = phase1_topk(c.model.num_layers)
@@ -148,6 +153,7 @@ def _domain_mix(mode):
 
 VARIANTS: Dict[str, Callable] = {
     "lbl": _lbl,
+    "lbl_seed1": _lbl_seed1,
     "phase1": _phase1,
     "progressive": _progressive,  # after phase1: it starts from phase1's checkpoint
     "loss_free": _loss_free,
@@ -489,6 +495,24 @@ def analyze_dense(runs, out):
   return results, [_save(fig, out, "dense.png")]
 
 
+def analyze_seed_noise(runs, out):
+  """How much two initialisations of the same run differ: the yardstick for every comparison."""
+  del out
+  a, b = runs["lbl"], runs["lbl_seed1"]
+  steps, loss_a = a.series("val_loss")
+  _, loss_b = b.series("val_loss")
+  return {
+      "val_loss": {"seed0": _final_loss(a), "seed1": _final_loss(b)},
+      "val_loss_abs_diff_final": abs(_final_loss(a) - _final_loss(b)),
+      "val_loss_abs_diff_mean_second_half": float(
+          np.mean(np.abs(loss_a - loss_b)[steps >= steps[-1] / 2])),
+      "final_max_load_dev_per_layer": {"seed0": a.last("val_load_max_dev").tolist(),
+                                       "seed1": b.last("val_load_max_dev").tolist()},
+      "final_lbl_per_layer": {"seed0": a.last("val_lbl").tolist(),
+                              "seed1": b.last("val_lbl").tolist()},
+  }, []
+
+
 class Study(NamedTuple):
   title: str
   variants: tuple
@@ -507,4 +531,6 @@ STUDIES: Dict[str, Study] = {
                      tuple(f"domains_{m}" for m in DOMAIN_MODES), analyze_domains),
     "dense": Study("MoE against dense at equal activated parameters", ("lbl", "dense"),
                    analyze_dense),
+    "seed_noise": Study("Seed-to-seed spread of the plain-LBL run", ("lbl", "lbl_seed1"),
+                        analyze_seed_noise),
 }
