@@ -295,24 +295,29 @@ def analyze_imbalance(runs, out):
 
 
 def analyze_shortcut(runs, out):
-  """Fig. 2b/c: in the most and least balanced layers, the spread of p against that of f."""
+  """Fig. 2b/c: the spread of p against that of f, in layer 0 and the top layer (the paper's
+  layers 0 and 52) and in the least balanced layer. Since sum_i f_i = sum_i p_i = 1,
+  LBL = 1 + E * sum_i (f_i - 1/E)(p_i - 1/E): it stays near 1 when either vector is flat or when
+  their deviations are uncorrelated, however spiky the other one is."""
   run = runs["lbl"]
   f, p = run.last("val_f"), run.last("val_p")
   load_cv, prob_cv, lbl = run.last("val_load_cv"), run.last("val_gate_prob_cv"), run.last("val_lbl")
-  worst, best = int(np.argmax(load_cv)), int(np.argmin(load_cv))
-  num_experts = f.shape[-1]
+  num_layers, num_experts = f.shape
+  correlation = [float(np.corrcoef(f[l], p[l])[0, 1]) for l in range(num_layers)]
   describe = lambda layer: {
       "layer": layer, "lbl": float(lbl[layer]),
       "f_min": float(f[layer].min()), "f_max": float(f[layer].max()),
       "p_min": float(p[layer].min()), "p_max": float(p[layer].max()),
-      "f_cv": float(load_cv[layer]), "p_cv": float(prob_cv[layer])}
-  results = {"uniform_share": 1.0 / num_experts, "worst_layer": describe(worst),
-             "best_layer": describe(best),
+      "f_cv": float(load_cv[layer]), "p_cv": float(prob_cv[layer]),
+      "f_p_correlation": correlation[layer]}
+  worst = int(np.argmax(load_cv))
+  results = {"uniform_share": 1.0 / num_experts, "layer_0": describe(0),
+             "top_layer": describe(num_layers - 1), "least_balanced_layer": describe(worst),
              "per_layer": {"lbl": lbl.tolist(), "f_cv": load_cv.tolist(),
-                           "p_cv": prob_cv.tolist()}}
+                           "p_cv": prob_cv.tolist(), "f_p_correlation": correlation}}
   plt = _plt()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, layer in zip(axes, (worst, best)):
+  for ax, layer in zip(axes, (0, num_layers - 1)):
     order = np.argsort(-f[layer])
     x = np.arange(num_experts)
     ax.bar(x - 0.2, f[layer][order], width=0.4, label="f (share of tokens)")

@@ -86,9 +86,13 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
 
   results, _ = studies.analyze_shortcut({"lbl": lbl}, str(tmp_path))
   worst = int(np.argmax(f[-1].std(-1)))
-  assert results["worst_layer"]["layer"] == worst
-  assert results["worst_layer"]["f_max"] == pytest.approx(f[-1, worst].max())
-  assert results["worst_layer"]["lbl"] == pytest.approx(experts * np.sum(f[-1, worst] * p[-1, worst]))
+  assert results["least_balanced_layer"]["layer"] == worst
+  assert results["least_balanced_layer"]["f_max"] == pytest.approx(f[-1, worst].max())
+  top = results["top_layer"]
+  assert top["lbl"] == pytest.approx(experts * np.sum(f[-1, -1] * p[-1, -1]))
+  # The identity the study leans on: LBL = 1 + E * sum (f - 1/E)(p - 1/E).
+  assert top["lbl"] == pytest.approx(
+      1 + experts * np.sum((f[-1, -1] - 1 / experts) * (p[-1, -1] - 1 / experts)))
 
   english, python = counts, counts[:, :, ::-1]
   domain_configs = {m: studies.variant_config(base, f"domains_{m}", str(tmp_path))
