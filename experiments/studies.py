@@ -287,10 +287,15 @@ def analyze_imbalance(runs, out):
               title="max (solid) and min (dashed) expert load, top-1 + LBL")
   axes[0].legend(fontsize=7, ncol=2)
   layers = np.arange(len(final_max))
-  axes[1].bar(layers, 100 * final_max, color="tab:red", label="most loaded expert")
-  axes[1].bar(layers, 100 * final_min, color="tab:blue", label="least loaded expert")
-  axes[1].set(xlabel="layer", ylabel="load deviation (%)", title=f"step {steps[-1]}")
-  axes[1].legend()
+  axes[1].bar(layers, 100 * max_dev[late].mean(0), color="tab:red",
+              label="most loaded expert, second-half mean")
+  axes[1].bar(layers, 100 * min_dev[late].mean(0), color="tab:blue",
+              label="least loaded expert, second-half mean")
+  axes[1].scatter(layers, 100 * final_max, color="k", marker="_", s=200, zorder=3,
+                  label=f"step {steps[-1]}")
+  axes[1].scatter(layers, 100 * final_min, color="k", marker="_", s=200, zorder=3)
+  axes[1].set(xlabel="layer", ylabel="load deviation (%)", title="per layer")
+  axes[1].legend(fontsize=8)
   return results, [_save(fig, out, "imbalance.png")]
 
 
