@@ -477,8 +477,9 @@ def analyze_domains(runs, out):
     axes[1].plot(steps, info.mean(axis=1), color=colors[mode], label=f"{mode} LBL")
   axes[0].set(xlabel="layer", ylabel="I(expert; domain) (bits, max 1)",
               title="expert specialisation at the end")
+  axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.25)
   axes[1].set(xlabel="step", ylabel="mean over layers (bits)", title="specialisation over time")
-  axes[0].legend()
+  axes[0].legend(ncol=3, fontsize=8, loc="upper center")
   axes[1].legend()
   return results, [_save(fig, out, "domains.png")]
 
