@@ -16,9 +16,11 @@ import random
 import sysconfig
 from typing import Callable, Dict, List, NamedTuple
 
+import jax
 import ml_collections
 import numpy as np
 
+from experiments import training
 from sigma_moe_jax import ModelConfig
 from sigma_moe_jax.balancing import expert_domain_mutual_information
 from sigma_moe_jax.data import load_documents, split_documents
@@ -545,3 +547,62 @@ STUDIES: Dict[str, Study] = {
     "seed_noise": Study("Seed-to-seed spread of the plain-LBL run", ("lbl", "lbl_seed1"),
                         analyze_seed_noise),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Running studies (experiments/reproduce.py)
+
+def selected_studies(spec: str):
+  names = list(STUDIES) if spec.strip() == "all" else [
+      s.strip() for s in spec.split(",") if s.strip()]
+  unknown = [n for n in names if n not in STUDIES]
+  if unknown or not names:
+    raise ValueError(f"unknown --study {unknown or spec!r}; choose from "
+                     f"{', '.join(STUDIES)} or all")
+  return names
+
+
+def variant_order(names):
+  """Variants of the selected studies, each once, with phase1 before progressive."""
+  wanted = {v for n in names for v in STUDIES[n].variants}
+  if "progressive" in wanted:
+    wanted.add("phase1")
+  return [v for v in VARIANTS if v in wanted]
+
+
+def check_devices(config, name: str):
+  sizes = [config.mesh[axis] for axis in ("data", "fsdp", "expert", "tensor")]
+  count = 1
+  for size in sizes:
+    count *= size
+  if -1 not in sizes and count != jax.device_count():
+    raise ValueError(
+        f"run {name!r} splits each batch over {count} devices and this process has "
+        f"{jax.device_count()}; on CPU, start it with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+
+
+def train_variant(base, name: str, workdir: str):
+  """Trains (or resumes, or reuses) one variant; returns its config."""
+  config = variant_config(base, name, workdir)
+  run_dir = os.path.join(workdir, "runs", name)
+  stamp = os.path.join(run_dir, "run_config.json")
+  wanted = json.loads(config.to_json())
+  if os.path.exists(stamp):
+    with open(stamp) as f:
+      if json.load(f) != wanted:
+        raise ValueError(f"{run_dir} holds a run made with another config; remove it or use "
+                         f"another --workdir")
+  else:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(stamp, "w") as f:
+      json.dump(wanted, f, indent=1)
+  metrics, finished = os.path.join(run_dir, "metrics.jsonl"), False
+  if os.path.exists(metrics):
+    with open(metrics) as f:
+      finished = any(json.loads(line)["step"] == config.train.steps for line in f)
+  if not finished:
+    check_devices(config, name)
+    print(f"=== training {name} in {run_dir}", flush=True)
+    training.run(config, run_dir)
+  return config

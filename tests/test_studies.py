@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import reproduce, studies
+from experiments import studies
 from experiments.configs.reproduce import get_config
 from sigma_moe_jax.data import load_documents
 
@@ -17,12 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_study_selection():
-  assert reproduce.selected_studies("all") == list(studies.STUDIES)
+  assert studies.selected_studies("all") == list(studies.STUDIES)
   # progressive starts from phase1's checkpoint, so phase1 is trained (first) even when only
   # the progressive study is asked for.
-  assert reproduce.variant_order(["progressive"]) == ["lbl", "phase1", "progressive"]
+  assert studies.variant_order(["progressive"]) == ["lbl", "phase1", "progressive"]
   with pytest.raises(ValueError, match="unknown --study"):
-    reproduce.selected_studies("imbalance,fig9")
+    studies.selected_studies("imbalance,fig9")
 
 
 def test_variants_change_only_what_they_compare(tmp_path):
