@@ -297,7 +297,8 @@ def analyze_imbalance(runs, out):
                   label=f"step {steps[-1]}")
   axes[1].scatter(layers, 100 * final_min, color="k", marker="_", s=200, zorder=3)
   axes[1].set(xlabel="layer", ylabel="load deviation (%)", title="per layer")
-  axes[1].legend(fontsize=8)
+  axes[1].set_ylim(top=axes[1].get_ylim()[1] * 1.35)
+  axes[1].legend(fontsize=8, loc="upper center")
   return results, [_save(fig, out, "imbalance.png")]
 
 
