@@ -182,7 +182,8 @@ def restore_initial(config, state, shardings, train_iter):
 
 def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batches: int):
   """Loss and routing load of up to `max_batches` batches: val_loss, val_ppl, val_targets,
-  tokens_per_expert and gate_prob_mean [layers, E], and their `load_statistics` (val_*)."""
+  val_tokens_per_expert [layers, E] and the `load_statistics` of the summed counts and mean gate
+  probabilities (val_f, val_p, val_load_max_dev, ...)."""
   ce_sum, targets, counts, prob_sum, tokens = 0.0, 0, 0, 0, 0
   for i, batch in enumerate(batches):
     if i >= max_batches:

@@ -123,6 +123,7 @@ def test_init_from_continues_another_run(tmp_path):
   source, branch = tmp_path / "source", tmp_path / "branch"
   code, _, err = launch(source, "--config.train.steps=6")
   assert code == 0, err[-2000:]
+  saved = sorted(os.listdir(source / "checkpoints"))
   code, _, err = launch(branch, "--config.train.steps=6", f"--config.train.init_from={source}",
                         "--config.train.init_step=2")
   assert code != 0 and "no checkpoint at step 2" in err.strip().splitlines()[-1]
@@ -132,4 +133,5 @@ def test_init_from_continues_another_run(tmp_path):
   assert "initialized from step 3" in out
   got, want = losses(branch), losses(source)
   assert sorted(got) == [4, 5, 6]
+  assert sorted(os.listdir(source / "checkpoints")) == saved  # the source is only read
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-6, rtol=0)
