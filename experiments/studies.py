@@ -3,7 +3,7 @@ from their metrics (see docs/reproduction.md and SPEC.md, "What the paper observ
 
 A run ("variant") is the base config of experiments/configs/reproduce.py with a few changes; a
 study names the variants it compares and turns their metrics.jsonl into results (a JSON-ready
-dict) and figures. Variants are shared: the plain-LBL run serves five studies and is trained once.
+dict) and figures. Variants are shared: the plain-LBL run serves seven studies and is trained once.
 """
 
 from __future__ import annotations
