@@ -53,10 +53,15 @@ def check_config_keys(config):
       raise ValueError(f"unknown config keys in {section}: {unknown}")
 
 
+def model_differences(saved: dict, current: dict) -> list:
+  """The model.* keys of two config dicts that differ, as "model.k: checkpoint x, config y"."""
+  return [f"model.{k}: checkpoint {saved['model'].get(k)!r}, config {v!r}"
+          for k, v in current["model"].items() if saved["model"].get(k) != v]
+
+
 def check_compatible(saved: dict, current: dict):
   """The model (and the tokenizer that defines its vocabulary) must match the checkpoint's."""
-  diffs = [f"model.{k}: checkpoint {saved['model'].get(k)!r}, config {v!r}"
-           for k, v in current["model"].items() if saved["model"].get(k) != v]
+  diffs = model_differences(saved, current)
   if saved["schedule"]["topk"] != current["schedule"]["topk"]:
     diffs.append(f"schedule.topk: checkpoint {saved['schedule']['topk']!r}, config "
                  f"{current['schedule']['topk']!r}")
@@ -149,13 +154,6 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
                   optimizer)
 
 
-def check_model_compatible(saved: dict, current: dict, source: str):
-  diffs = [f"model.{k}: {saved['model'].get(k)!r} there, {v!r} here"
-           for k, v in current["model"].items() if saved["model"].get(k) != v]
-  if diffs:
-    raise ValueError(f"{source} holds a different model (" + "; ".join(diffs) + ")")
-
-
 def restore_initial(config, state, shardings, train_iter):
   """train.init_from: starts a new run from another run's checkpoint (train state and data
   position), e.g. to continue a run under a different top-k schedule. The model must match; the
@@ -166,13 +164,15 @@ def restore_initial(config, state, shardings, train_iter):
     raise ValueError(f"train.init_from: no checkpoints directory in {t.init_from!r}")
   source = Checkpointer(directory, save_every=1, keep=1, async_save=False)
   try:
-    steps = source.manager.all_steps()
+    steps = source.all_steps()
     step = steps[-1] if steps and t.init_step < 0 else t.init_step
     if step not in steps:
       raise ValueError(f"train.init_from: {t.init_from!r} has no checkpoint at step {step} "
-                       f"(it has {sorted(steps)})")
-    check_model_compatible(source.saved_config(step), config.to_dict(),
-                           f"train.init_from {t.init_from!r}")
+                       f"(it has {steps})")
+    diffs = model_differences(source.saved_config(step), config.to_dict())
+    if diffs:
+      raise ValueError(f"train.init_from {t.init_from!r} holds a different model ("
+                       + "; ".join(diffs) + ")")
     state = source.restore(step, abstract_like(state, shardings), train_iter)
   finally:
     source.close()

@@ -7,7 +7,7 @@ the shardings of the *current* mesh, so a run can resume on a different mesh.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import grain
 import jax
@@ -25,6 +25,9 @@ class Checkpointer:
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
+
+  def all_steps(self) -> List[int]:
+    return sorted(self.manager.all_steps())
 
   def saved_config(self, step: int) -> Dict[str, Any]:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

@@ -55,8 +55,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
       raise ValueError(f"mesh: {len(devices)} devices do not split into {sizes}")
     sizes[free[0]] = len(devices) // fixed
   if math.prod(sizes.values()) != len(devices):
-    raise ValueError(f"mesh: {sizes} needs {math.prod(sizes.values())} devices, have "
-                     f"{len(devices)}")
+    needed = math.prod(sizes.values())
+    hint = (f"; on CPU, start the process with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed}"
+            if devices and devices[0].platform == "cpu" else "")
+    raise ValueError(f"mesh: {sizes} needs {needed} devices, have {len(devices)}{hint}")
   shape = tuple(sizes[name] for name in MESH_AXES)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
