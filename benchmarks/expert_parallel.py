@@ -39,7 +39,7 @@ def main():
   x = jax.random.normal(jax.random.key(0), (seqs, args.tokens // seqs, args.d_model))
   mask = jnp.ones(x.shape[:2], bool)
   moe = MoE(args.d_model, args.d_ff, args.experts, gate_fn="softmax", renormalize=False,
-            strategy="padded", capacity_factor=args.capacity_factor, init_std=0.02,
+            dispatch="padded", capacity_factor=args.capacity_factor, init_std=0.02,
             dtype=jnp.float32, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(moe)
 

@@ -44,7 +44,7 @@ def main():
 
   def moe_call(strategy):
     capacity = args.capacity_factor if strategy == "padded" else None
-    moe = MoE(d, f, args.experts, gate_fn="softmax", renormalize=False, strategy=strategy,
+    moe = MoE(d, f, args.experts, gate_fn="softmax", renormalize=False, dispatch=strategy,
               capacity_factor=capacity, init_std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(moe)
 

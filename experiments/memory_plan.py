@@ -18,9 +18,9 @@ from absl import app, flags
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-from sigma_moe_jax import ModelConfig, TopKSchedule, sharding
+from experiments.settings import model_and_schedule
+from sigma_moe_jax import sharding
 from sigma_moe_jax.params import abstract_model
-from sigma_moe_jax.schedule import parse_phases
 from flax import nnx
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -41,11 +41,7 @@ GB = 1e9
 
 
 def plan(config, devices: int, mesh_sizes: dict, batch_size: int) -> dict:
-  schedule = None
-  if config.schedule.topk.strip():
-    schedule = TopKSchedule.parse(parse_phases(config.schedule.topk), config.model.num_layers,
-                                  config.train.steps, config.model.num_experts)
-  cfg = ModelConfig(**config.model, layer_k_max=schedule.k_max if schedule else None)
+  cfg, _ = model_and_schedule(config)
   sizes = dict(mesh_sizes)
   free = [k for k, v in sizes.items() if v == -1]
   if free:
@@ -67,8 +63,8 @@ def plan(config, devices: int, mesh_sizes: dict, batch_size: int) -> dict:
   act = np.dtype(cfg.dtype).itemsize
   d, f, layers = cfg.d_model, cfg.d_ff, cfg.num_layers
   attn_width = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.resolved_head_dim
-  k_max = max(cfg.k_max_per_layer)
-  layer_working = (tokens * (2 * d + attn_width + k_max * (2 * d + 3 * f)) * act
+  max_top_k = max(cfg.max_top_k_per_layer)
+  layer_working = (tokens * (2 * d + attn_width + max_top_k * (2 * d + 3 * f)) * act
                    + sequences * cfg.num_heads * seq * seq * act)
   logits = tokens * cfg.vocab_size * 4 / sizes["tensor"]
   if cfg.remat == "none":

@@ -1,5 +1,5 @@
 """The paper's findings as studies at small scale: the runs each study needs and what it measures
-from their metrics (see docs/reproduction.md and SPEC.md, "What the paper observed").
+from their metrics (see docs/reproduction.md and docs/design.md, "What the paper observed").
 
 A run ("variant") is the base config of experiments/configs/reproduce.py with a few changes; a
 study names the variants it compares and turns their metrics.jsonl into results (a JSON-ready
@@ -20,15 +20,15 @@ import ml_collections
 import numpy as np
 
 from experiments import training
+from experiments.settings import model_and_schedule
 from sigma_moe_jax import ModelConfig
 from sigma_moe_jax.balancing import expert_domain_mutual_information
 from sigma_moe_jax.data import load_documents, split_documents
 from sigma_moe_jax.params import count_params
-from sigma_moe_jax.schedule import TopKSchedule, parse_phases
 
 # Progressive sparsification: more experts in the two lowest layers (a quarter of 8), as the
 # paper's [8,8,6,6,4,4,2,2]+[1]*48 does in its lowest seventh; then top-1 everywhere.
-def phase1_topk(num_layers: int) -> str:
+def phase1_top_k(num_layers: int) -> str:
   if num_layers < 3:
     raise ValueError("the progressive study needs model.num_layers >= 3")
   return f"[4,2]+[1]*{num_layers - 2}"
@@ -111,11 +111,11 @@ def _lbl_seed1(c, workdir):
 
 def _phase1(c, workdir):
   del workdir
-  c.schedule.topk = phase1_topk(c.model.num_layers)
+  c.schedule.top_k = phase1_top_k(c.model.num_layers)
 
 
 def _progressive(c, workdir):
-  c.schedule.topk = (f"0:{phase1_topk(c.model.num_layers)}; "
+  c.schedule.top_k = (f"0:{phase1_top_k(c.model.num_layers)}; "
                      f"{SWITCH_FRACTION}:[1]*{c.model.num_layers}")
   c.train.init_from = os.path.join(workdir, "runs", "phase1")
   c.train.init_step = branch_step(c)
@@ -131,7 +131,7 @@ def _loss_free(c, workdir):
 def _top1_lbl(c, workdir):
   del workdir
   c.balance.loss = "top1_lbl"
-  c.model.top1_lbl_tau = 0.1  # the temperature SPEC.md recommends as a start
+  c.model.top1_lbl_tau = 0.1  # starting temperature, docs/design.md "Top-1 LBL (Eq. 2)"
 
 
 def _dense(c, workdir):
@@ -193,21 +193,15 @@ class Run(NamedTuple):
     return values[-1]
 
   def model(self) -> ModelConfig:
-    fields = dict(self.config.model)
-    schedule = self.schedule()
-    return ModelConfig(**fields, layer_k_max=schedule.k_max if schedule else None)
+    return model_and_schedule(self.config)[0]
 
   def schedule(self):
-    if not self.config.schedule.topk.strip():
-      return None
-    return TopKSchedule.parse(parse_phases(self.config.schedule.topk),
-                              self.config.model.num_layers, self.config.train.steps,
-                              self.config.model.num_experts)
+    return model_and_schedule(self.config)[1]
 
   def active_params(self, step: int) -> int:
     schedule = self.schedule()
-    topk = None if schedule is None else [int(k) for k in schedule.topk_at(step)]
-    return count_params(self.model(), topk)["active"]
+    top_k = None if schedule is None else [int(k) for k in schedule.top_k_at(step)]
+    return count_params(self.model(), top_k)["active"]
 
 
 def read_run(name: str, config, run_dir: str) -> Run:
@@ -263,7 +257,7 @@ def analyze_imbalance(runs, out):
   run = runs["lbl"]
   steps, max_dev = run.series("val_load_max_dev")
   _, min_dev = run.series("val_load_min_dev")
-  _, lbl = run.series("val_lbl")
+  _, lbl = run.series("val_lbl_per_layer")
   final_max, final_min = max_dev[-1], min_dev[-1]
   late = steps >= steps[-1] / 2  # single evaluations are noisy: also the second half's mean
   results = {
@@ -308,7 +302,7 @@ def analyze_shortcut(runs, out):
   their deviations are uncorrelated, however spiky the other one is."""
   run = runs["lbl"]
   f, p = run.last("val_f"), run.last("val_p")
-  load_cv, prob_cv, lbl = run.last("val_load_cv"), run.last("val_gate_prob_cv"), run.last("val_lbl")
+  load_cv, prob_cv, lbl = run.last("val_load_cv"), run.last("val_gate_prob_cv"), run.last("val_lbl_per_layer")
   num_layers, num_experts = f.shape
   correlation = [float(np.corrcoef(f[l], p[l])[0, 1]) for l in range(num_layers)]
   describe = lambda layer: {
@@ -521,8 +515,8 @@ def analyze_seed_noise(runs, out):
           np.mean(np.abs(loss_a - loss_b)[steps >= steps[-1] / 2])),
       "final_max_load_dev_per_layer": {"seed0": a.last("val_load_max_dev").tolist(),
                                        "seed1": b.last("val_load_max_dev").tolist()},
-      "final_lbl_per_layer": {"seed0": a.last("val_lbl").tolist(),
-                              "seed1": b.last("val_lbl").tolist()},
+      "final_lbl_per_layer": {"seed0": a.last("val_lbl_per_layer").tolist(),
+                              "seed1": b.last("val_lbl_per_layer").tolist()},
   }, []
 
 

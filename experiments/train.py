@@ -12,6 +12,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.settings import flag_names
 from experiments.training import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -24,7 +25,8 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    with flag_names():
+      run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 

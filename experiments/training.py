@@ -1,6 +1,7 @@
 """Everything a training run does, built from its config; `experiments/train.py` is the
 command-line entry point."""
 
+import dataclasses
 import math
 import os
 import time
@@ -11,6 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.configs.base import make_config
+from experiments.settings import Settings, TrainSettings, from_config
 from sigma_moe_jax import ModelConfig, TopKSchedule, sharding
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
@@ -19,7 +21,6 @@ from sigma_moe_jax.data import (check_vocab, chunk_documents, load_documents, ma
                                 split_documents)
 from sigma_moe_jax.metrics import (MetricsWriter, flops_per_token, format_duration,
                                    peak_flops_per_device)
-from sigma_moe_jax.schedule import parse_phases
 from sigma_moe_jax.tokenizer import load_tokenizer
 
 
@@ -62,21 +63,17 @@ def model_differences(saved: dict, current: dict) -> list:
 def check_compatible(saved: dict, current: dict):
   """The model (and the tokenizer that defines its vocabulary) must match the checkpoint's."""
   diffs = model_differences(saved, current)
-  if saved["schedule"]["topk"] != current["schedule"]["topk"]:
-    diffs.append(f"schedule.topk: checkpoint {saved['schedule']['topk']!r}, config "
-                 f"{current['schedule']['topk']!r}")
+  # Checkpoints written before the key was named top_k hold it as "topk".
+  saved_top_k = saved["schedule"].get("top_k", saved["schedule"].get("topk"))
+  if saved_top_k != current["schedule"]["top_k"]:
+    diffs.append(f"schedule.top_k: checkpoint {saved_top_k!r}, config "
+                 f"{current['schedule']['top_k']!r}")
   if diffs:
     raise ValueError("the workdir holds a checkpoint from an incompatible config ("
                      + "; ".join(diffs) + "); use another --workdir")
 
 
-def check_train_settings(t, batch_shards: int):
-  for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-               "eval_batches", "checkpoint_every", "keep_checkpoints"):
-    if t[name] < 1:
-      raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
-  if t.seq_len < 2:
-    raise ValueError("train.seq_len must be >= 2: a sequence needs a next token")
+def check_batch_split(t: TrainSettings, batch_shards: int):
   if t.batch_size % (t.grad_accum * batch_shards):
     raise ValueError(f"train.batch_size {t.batch_size} does not split into train.grad_accum "
                      f"{t.grad_accum} micro-batches over the {batch_shards} batch shards of "
@@ -88,6 +85,7 @@ def check_train_settings(t, batch_shards: int):
 
 class Training(NamedTuple):
   """What a run is made of, built from its config (shared by the launcher and its tests)."""
+  settings: Settings
   model_cfg: ModelConfig
   schedule: Optional[TopKSchedule]
   balance: train_lib.BalanceSettings
@@ -120,23 +118,19 @@ def parse_eval_sets(spec: str) -> dict:
 def build_training(config, workdir: Optional[str] = None) -> Training:
   """Validates the config and builds everything but the data iterators and the jitted steps."""
   check_config_keys(config)
-  t = config.train
-  schedule = None
-  if config.schedule.topk.strip():
-    schedule = TopKSchedule.parse(parse_phases(config.schedule.topk), config.model.num_layers,
-                                  t.steps, config.model.num_experts)
-  model_cfg = ModelConfig(**config.model, layer_k_max=schedule.k_max if schedule else None)
-  balance = train_lib.BalanceSettings(**config.balance)
-  mesh = sharding.make_mesh(**config.mesh)
-  check_train_settings(t, math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh)))
-  tokenizer = load_tokenizer(config.data.tokenizer)
+  settings = from_config(config)
+  t, data = settings.train, settings.data
+  model_cfg, schedule, balance = settings.model, settings.schedule, settings.balance
+  mesh = sharding.make_mesh(**dataclasses.asdict(settings.mesh))
+  check_batch_split(t, math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh)))
+  tokenizer = load_tokenizer(data.tokenizer)
   check_vocab(tokenizer, model_cfg.vocab_size)
-  train_docs, val_docs = split_documents(load_documents(config.data.path),
-                                         config.data.val_fraction, config.data.seed)
+  train_docs, val_docs = split_documents(load_documents(data.path), data.val_fraction,
+                                         data.seed)
   eval_sets = {"": val_docs} if val_docs else {}
-  eval_sets.update(parse_eval_sets(config.data.eval_sets))
-  if config.data.chunk_chars:
-    train_docs = chunk_documents(train_docs, config.data.chunk_chars)
+  eval_sets.update(parse_eval_sets(data.eval_sets))
+  if data.chunk_chars:
+    train_docs = chunk_documents(train_docs, data.chunk_chars)
   lr = train_lib.learning_rate_schedule(
       lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps, kind=t.lr_schedule,
       min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
@@ -150,15 +144,14 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
   if t.init_from and os.path.abspath(t.init_from) == os.path.abspath(workdir or ""):
     raise ValueError("train.init_from names the run's own workdir; a run resumes from its own "
                      "checkpoints without it")
-  return Training(model_cfg, schedule, balance, mesh, tokenizer, train_docs, eval_sets, lr,
-                  optimizer)
+  return Training(settings, model_cfg, schedule, balance, mesh, tokenizer, train_docs, eval_sets,
+                  lr, optimizer)
 
 
-def restore_initial(config, state, shardings, train_iter):
+def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
   """train.init_from: starts a new run from another run's checkpoint (train state and data
   position), e.g. to continue a run under a different top-k schedule. The model must match; the
   step carries on, so step-keyed schedules continue where the other run stood."""
-  t = config.train
   directory = os.path.join(os.path.abspath(t.init_from), "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"train.init_from: no checkpoints directory in {t.init_from!r}")
@@ -202,18 +195,19 @@ def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batche
     result["val_tokens_per_expert"] = counts
     result.update({f"val_{k}": np.asarray(v) for k, v in
                    load_statistics(counts, gate_prob_mean).items()})
+    result["val_lbl"] = float(np.mean(result["val_lbl_per_layer"]))
   return result
 
 
 def run(config, workdir: str):
   maybe_initialize_distributed()
   built = build_training(config, workdir)
-  t = config.train
+  t = built.settings.train
   model_cfg, schedule, balance, mesh = built.model_cfg, built.schedule, built.balance, built.mesh
   optimizer, lr = built.optimizer, built.lr
   local_batch = t.batch_size // jax.process_count()
   pipeline = lambda docs, **kw: make_pipeline(
-      docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=config.data.seed,
+      docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=built.settings.data.seed,
       process_index=jax.process_index(), process_count=jax.process_count(), **kw)
   train_iter = pipeline(built.train_docs)
 
@@ -231,7 +225,7 @@ def run(config, workdir: str):
     state = checkpointer.restore(latest, abstract_like(state, shardings), train_iter)
     print(f"resumed from step {latest} in {workdir}", flush=True)
   elif t.init_from:
-    state = restore_initial(config, state, shardings, train_iter)
+    state = restore_initial(config, t, state, shardings, train_iter)
 
   train_step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, model_cfg, balance,
                                                  schedule=schedule, grad_accum=t.grad_accum),
@@ -273,7 +267,7 @@ def run(config, workdir: str):
       metrics = jax.device_get(metrics)
       now = time.perf_counter()
       tokens_per_sec = (step - interval_step) * tokens_per_step / (now - interval_time)
-      mfu = tokens_per_sec * flops_per_token(model_cfg, t.seq_len, metrics["topk"]) / peak
+      mfu = tokens_per_sec * flops_per_token(model_cfg, t.seq_len, metrics["top_k"]) / peak
       eta = (t.steps - step) * (now - start_time) / (step - start_step)
       interval_time, interval_step = now, step
       logged = {**metrics, "tokens_per_sec": tokens_per_sec, "mfu": mfu}

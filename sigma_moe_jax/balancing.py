@@ -1,5 +1,6 @@
 """Load balancing: the global-batch LBL (Eq. 1), the Top-1 LBL (Eq. 2), loss-free bias updates,
-and the per-layer routing metrics that the paper's figures are made of. See SPEC.md.
+and the per-layer routing metrics that the paper's figures are made of. See docs/design.md,
+"Load balancing".
 
 `layer_statistics` runs inside the MoE layer's `shard_map` body, on the local shard of the batch,
 with the names of the mesh axes that split the tokens of the step.
@@ -49,7 +50,7 @@ def layer_statistics(logits, expert_ids, valid, token_mask, *, mode: str, tau: f
                      axes: Sequence[str], count_offset: Optional[jax.Array] = None) -> MoEStats:
   """Balancing losses and statistics from one shard's routing.
 
-  logits [batch, seq, E] float32; expert_ids, valid [batch, seq, k_max]; token_mask [batch, seq].
+  logits [batch, seq, E] float32; expert_ids, valid [batch, seq, max_top_k]; token_mask [batch, seq].
   Modes (the scope over which f and p are measured):
     global: f from counts summed (psum) over `axes`, i.e. over every token of the step; p the
       mean over the same tokens. Equals the loss of the whole batch on one device.
@@ -125,7 +126,7 @@ def load_statistics(counts: jax.Array, gate_prob_mean: jax.Array) -> Dict[str, j
   f, p: the load distribution and the mean gate probabilities. load_max_dev / load_min_dev:
   max_i f_i * E - 1 and min_i f_i * E - 1 (Fig. 2a). load_cv / gate_prob_cv: coefficient of
   variation of f and of p across experts: p flat while f is spiky is the "LBL shortcut"
-  (Fig. 2b/c). lbl: Eq. 1 on exactly these f and p.
+  (Fig. 2b/c). lbl_per_layer: Eq. 1 on exactly these f and p.
   """
   num_experts = counts.shape[-1]
   counts = jnp.asarray(counts, jnp.float32)
@@ -139,17 +140,18 @@ def load_statistics(counts: jax.Array, gate_prob_mean: jax.Array) -> Dict[str, j
       "load_min_dev": jnp.min(f, axis=-1) * num_experts - 1.0,
       "load_cv": cv(f),
       "gate_prob_cv": cv(p),
-      "lbl": load_balancing_loss(f, p),
+      "lbl_per_layer": load_balancing_loss(f, p),
   }
 
 
 def routing_metrics(stats: MoEStats) -> Dict[str, jax.Array]:
   """Per-layer monitoring values (each [layers] unless noted; f, p [layers, E]) of one step: the
-  `load_statistics` of the step's global batch, with `lbl` the loss in the configured mode."""
+  `load_statistics` of the step's global batch, with `lbl_per_layer` the loss in the configured
+  mode."""
   assignments = jnp.maximum(jnp.sum(stats.tokens_per_expert, axis=-1), 1).astype(jnp.float32)
   return {
       **load_statistics(stats.tokens_per_expert, stats.gate_prob_mean),
-      "lbl": stats.lbl,
+      "lbl_per_layer": stats.lbl,
       "top1_lbl": stats.top1_lbl,
       "router_z_loss": stats.router_z_loss,
       "drop_fraction": stats.dropped.astype(jnp.float32) / assignments,

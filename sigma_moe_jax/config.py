@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+from sigma_moe_jax.balancing import LBL_MODES
+from sigma_moe_jax.dispatch import DISPATCHES
+
 GATE_FUNCTIONS = ("softmax", "sigmoid")
-DISPATCH_STRATEGIES = ("ragged", "padded", "dense")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
-LBL_MODES = ("global", "micro_batch", "sequence")
 EXPERT_EXCHANGES = ("all_to_all", "ragged_all_to_all")
 
 
@@ -22,7 +23,7 @@ class ModelConfig:
   """Architecture of a Sigma-MoE style decoder.
 
   Every layer is attention followed by a mixture of SwiGLU experts. `top_k` is the number of
-  experts each token activates at the end of training; `layer_k_max` is the static per-layer
+  experts each token activates at the end of training; `max_top_k` is the static per-layer
   maximum that a progressive-sparsification schedule may ask for (the traced per-layer k at a
   step is at most this). Parameters never depend on k, so one checkpoint serves every phase.
   """
@@ -36,7 +37,7 @@ class ModelConfig:
   num_experts: int = 16
   d_ff: int = 128  # intermediate size of one expert
   top_k: int = 1
-  layer_k_max: Optional[Tuple[int, ...]] = None  # None: top_k in every layer
+  max_top_k: Optional[Tuple[int, ...]] = None  # None: top_k in every layer
   gate_fn: str = "softmax"
   # Renormalizing a single weight makes it exactly 1 and cuts the router off from the LM loss,
   # so it is only allowed where a layer can activate more than one expert.
@@ -58,8 +59,8 @@ class ModelConfig:
   remat: str = "none"
 
   def __post_init__(self):
-    if self.layer_k_max is not None:
-      object.__setattr__(self, "layer_k_max", tuple(int(k) for k in self.layer_k_max))
+    if self.max_top_k is not None:
+      object.__setattr__(self, "max_top_k", tuple(int(k) for k in self.max_top_k))
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                  "num_experts", "d_ff"):
       _require(name, isinstance(getattr(self, name), int) and getattr(self, name) > 0,
@@ -74,17 +75,17 @@ class ModelConfig:
              f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads")
     _require("top_k", 1 <= self.top_k <= self.num_experts,
              f"must be in [1, num_experts={self.num_experts}]")
-    if self.layer_k_max is not None:
-      _require("layer_k_max", len(self.layer_k_max) == self.num_layers,
-               f"has {len(self.layer_k_max)} entries, expected num_layers={self.num_layers}")
-      _require("layer_k_max", all(1 <= k <= self.num_experts for k in self.layer_k_max),
+    if self.max_top_k is not None:
+      _require("max_top_k", len(self.max_top_k) == self.num_layers,
+               f"has {len(self.max_top_k)} entries, expected num_layers={self.num_layers}")
+      _require("max_top_k", all(1 <= k <= self.num_experts for k in self.max_top_k),
                f"entries must be in [1, num_experts={self.num_experts}]")
-      _require("layer_k_max", all(k >= self.top_k for k in self.layer_k_max),
+      _require("max_top_k", all(k >= self.top_k for k in self.max_top_k),
                f"entries must be >= top_k={self.top_k}")
     _require("gate_fn", self.gate_fn in GATE_FUNCTIONS, f"must be one of {GATE_FUNCTIONS}")
-    _require("dispatch", self.dispatch in DISPATCH_STRATEGIES,
-             f"must be one of {DISPATCH_STRATEGIES}")
-    _require("renormalize", not self.renormalize or max(self.k_max_per_layer) > 1,
+    _require("dispatch", self.dispatch in DISPATCHES,
+             f"must be one of {tuple(DISPATCHES)}")
+    _require("renormalize", not self.renormalize or max(self.max_top_k_per_layer) > 1,
              "needs a layer with k > 1: at k = 1 the gate weight becomes 1 and the router "
              "gets no gradient from the language-modelling loss")
     _require("capacity_factor", self.capacity_factor is None or self.capacity_factor > 0,
@@ -102,9 +103,9 @@ class ModelConfig:
     return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
 
   @property
-  def k_max_per_layer(self) -> Tuple[int, ...]:
+  def max_top_k_per_layer(self) -> Tuple[int, ...]:
     """Static maximum experts per token in each layer."""
-    return self.layer_k_max or (self.top_k,) * self.num_layers
+    return self.max_top_k or (self.top_k,) * self.num_layers
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

@@ -1,13 +1,13 @@
 """Running the chosen experts: sorted grouped matmul, capacity-padded buffers, dense oracle.
 
-All strategies share one signature:
-  strategy(x [tokens, d_model], expert_ids [tokens, slots], gate_weights [tokens, slots],
+Every dispatch shares one signature:
+  dispatch(x [tokens, d_model], expert_ids [tokens, slots], gate_weights [tokens, slots],
            valid [tokens, slots], experts, capacity) -> (y [tokens, d_model], dropped int32)
 where `experts` = (w_gate [E, d, f], w_up [E, d, f], w_down [E, f, d]).
 
 `moe.run_experts` picks the number of slots from a small static set (`slot_buckets`) with
-`lax.switch`, so a layer built for k_max = 8 that runs at k = 1 sorts, buffers and multiplies one
-slot per token, not eight, and changing k at run time never recompiles.
+`lax.switch`, so a layer built for max_top_k = 8 that runs at top_k = 1 sorts, buffers and
+multiplies one slot per token, not eight, and changing top_k at run time never recompiles.
 """
 
 from __future__ import annotations
@@ -168,22 +168,30 @@ def dense(x, expert_ids, gate_weights, valid, experts: Experts, capacity=None):
   return jnp.einsum("ted,te->td", out, per_expert), jnp.zeros((), jnp.int32)
 
 
-STRATEGIES: Dict[str, Callable] = {"ragged": ragged, "padded": padded, "dense": dense}
+DISPATCHES: Dict[str, Callable] = {"ragged": ragged, "padded": padded, "dense": dense}
 
 
-def slot_buckets(k_max: int) -> Tuple[int, ...]:
-  """Static slot counts compiled for a layer: powers of two below k_max, and k_max."""
-  buckets = {k_max}
+def slot_buckets(max_top_k: int) -> Tuple[int, ...]:
+  """Static slot counts compiled for a layer: powers of two below max_top_k, and max_top_k."""
+  buckets = {max_top_k}
   b = 1
-  while b < k_max:
+  while b < max_top_k:
     buckets.add(b)
     b *= 2
   return tuple(sorted(buckets))
 
 
+def buffer_capacity(rows: int, groups: int, capacity_factor: Optional[float], limit: int) -> int:
+  """Rows per buffer when `rows` assignments are spread over `groups` fixed-size buffers:
+  capacity_factor times the even share, at most `limit` (what one group can ever receive).
+  None is dropless: room for `limit` rows."""
+  if capacity_factor is None:
+    return limit
+  return max(1, min(limit, math.ceil(capacity_factor * rows / groups)))
+
+
 def expert_capacity(tokens: int, slots: int, num_experts: int,
                     capacity_factor: Optional[float]) -> int:
-  """Buffer rows per expert. Dropless (None) needs room for every token: top-k experts differ."""
-  if capacity_factor is None:
-    return tokens
-  return max(1, min(tokens, math.ceil(capacity_factor * tokens * slots / num_experts)))
+  """Buffer rows per expert. An expert gets at most one slot of each token (top-k experts are
+  distinct), so dropless needs room for every token."""
+  return buffer_capacity(tokens * slots, num_experts, capacity_factor, limit=tokens)

@@ -4,12 +4,11 @@ with `jax.lax.all_to_all`. Runs inside the MoE layer's shard_map body.
 Each device groups its (token, slot) assignments by the device that holds the expert, into one
 fixed-size buffer per destination (capacity from the capacity factor; overflow is dropped and
 counted), exchanges buffers with all_to_all, runs its local experts on what it received with the
-configured strategy, and returns the outputs with the reverse all_to_all.
+configured dispatch, and returns the outputs with the reverse all_to_all.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import jax
@@ -20,13 +19,11 @@ from sigma_moe_jax import dispatch as dispatch_lib
 
 def send_capacity(assignments: int, shards: int, capacity_factor: Optional[float]) -> int:
   """Rows per destination buffer. Dropless (None) leaves room for every assignment."""
-  if capacity_factor is None:
-    return assignments
-  return max(1, min(assignments, math.ceil(capacity_factor * assignments / shards)))
+  return dispatch_lib.buffer_capacity(assignments, shards, capacity_factor, limit=assignments)
 
 
 def exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *, axis: str,
-                     shards: int, num_experts: int, strategy: str,
+                     shards: int, num_experts: int, dispatch: str,
                      capacity_factor: Optional[float]):
   """x [tokens, d] local tokens; expert_ids, gate_weights, valid [tokens, slots] (global expert
   ids); local_experts: this device's [num_experts / shards, ...] weights.
@@ -52,7 +49,7 @@ def exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *, axis:
   local_capacity = dispatch_lib.expert_capacity(tokens * shards, slots, num_experts,
                                                 capacity_factor)
   local_capacity = min(local_capacity, shards * capacity)
-  out, local_dropped = dispatch_lib.STRATEGIES[strategy](
+  out, local_dropped = dispatch_lib.DISPATCHES[dispatch](
       rows, jnp.minimum(row_expert, local_count - 1), row_valid.astype(x.dtype), row_valid,
       local_experts, local_capacity)
   returned = exchange(out.reshape(shards, capacity, d_model)).reshape(shards * capacity, d_model)
@@ -62,7 +59,7 @@ def exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *, axis:
 
 
 def ragged_exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *, axis: str,
-                            shards: int, num_experts: int, strategy: str,
+                            shards: int, num_experts: int, dispatch: str,
                             collective: Callable = None):
   """Dropless expert parallelism with `jax.lax.ragged_all_to_all` (GPU and TPU).
 
@@ -90,7 +87,7 @@ def ragged_exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *
       s.group_start, s.group_sizes, landing[me], sizes[:, me], axis_name=axis)
   received, received_expert = send(send_rows, 0), send(send_expert, local_count)
   row_valid = (received_expert < local_count)[:, None]
-  out, _ = dispatch_lib.STRATEGIES[strategy](
+  out, _ = dispatch_lib.DISPATCHES[dispatch](
       received, jnp.minimum(received_expert, local_count - 1)[:, None],
       row_valid.astype(x.dtype), row_valid, local_experts, received_rows)
   returned = collective(out, jnp.zeros((assignments, d_model), out.dtype), landing[:, me],

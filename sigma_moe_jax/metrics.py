@@ -21,10 +21,10 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
               "NVIDIA A100": 312e12}
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, topk: Optional[Sequence[int]] = None) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, top_k: Optional[Sequence[int]] = None) -> float:
   """Training FLOPs per token: 6 x activated matmul parameters (LM head included, the embedding
   lookup not) + causal attention scores and values (6 x layers x heads x head_dim x seq_len)."""
-  counts = count_params(cfg, topk)
+  counts = count_params(cfg, top_k)
   matmul_params = counts["active"] + cfg.vocab_size * cfg.d_model
   attention = 6 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
   return 6.0 * matmul_params + attention

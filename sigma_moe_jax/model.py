@@ -34,24 +34,24 @@ class Block(nnx.Module):
                           init_std=cfg.init_std, dtype=dtype, rngs=rngs)
     self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, gate_fn=cfg.gate_fn,
-                   renormalize=cfg.renormalize, strategy=cfg.dispatch,
+                   renormalize=cfg.renormalize, dispatch=cfg.dispatch,
                    capacity_factor=cfg.capacity_factor, init_std=cfg.init_std, dtype=dtype,
                    rngs=rngs, lbl_mode=cfg.lbl_mode, top1_lbl_tau=cfg.top1_lbl_tau,
                    expert_exchange=cfg.expert_exchange)
 
-  def __call__(self, x, positions, mask, token_mask, k, k_max: int, selection_bias=None,
+  def __call__(self, x, positions, mask, token_mask, top_k, max_top_k: int, selection_bias=None,
                count_offset=None):
     x = x + self.attn(self.attn_norm(x), positions, mask)
-    y, stats = self.moe(self.moe_norm(x), k, k_max, token_mask, selection_bias, count_offset)
+    y, stats = self.moe(self.moe_norm(x), top_k, max_top_k, token_mask, selection_bias, count_offset)
     return x + y, stats
 
 
-def scan_groups(k_max_per_layer) -> List[Tuple[int, int, int]]:
-  """Runs of consecutive layers sharing a static k_max: [(start, stop, k_max), ...]."""
+def scan_groups(max_top_k_per_layer) -> List[Tuple[int, int, int]]:
+  """Runs of consecutive layers sharing a static max_top_k: [(start, stop, max_top_k), ...]."""
   groups, start = [], 0
-  for k_max, run in itertools.groupby(k_max_per_layer):
+  for max_top_k, run in itertools.groupby(max_top_k_per_layer):
     length = len(list(run))
-    groups.append((start, start + length, k_max))
+    groups.append((start, start + length, max_top_k))
     start += length
   return groups
 
@@ -82,15 +82,15 @@ class Transformer(nnx.Module):
     self.lm_head = normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std)
 
   def __call__(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None,
-               positions: Optional[jax.Array] = None, topk: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None, top_k: Optional[jax.Array] = None,
                selection_bias: Optional[jax.Array] = None,
                count_offset: Optional[jax.Array] = None):
     """Logits for next-token prediction.
 
     tokens [batch, seq] int32. segment_ids [batch, seq]: packed document ids, 0 for padding
-    (default: one document per row); positions restart per document unless given. topk int32
+    (default: one document per row); positions restart per document unless given. top_k int32
     [layers]: experts per token in each layer (traced; default: the config's top_k; clipped to
-    each layer's static k_max). selection_bias float32 [layers, experts]: loss-free balancing.
+    each layer's static max_top_k). selection_bias float32 [layers, experts]: loss-free balancing.
     count_offset float32 [layers, experts]: expert counts of earlier micro-batches of the same
     optimizer step, added before the load-balancing f is formed.
 
@@ -102,9 +102,9 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
       positions = positions_from_segments(segment_ids)
-    k_max = np.asarray(cfg.k_max_per_layer, np.int32)
-    topk = jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if topk is None else topk
-    topk = jnp.clip(jnp.asarray(topk, jnp.int32), 1, k_max)
+    max_top_k = np.asarray(cfg.max_top_k_per_layer, np.int32)
+    top_k = jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if top_k is None else top_k
+    top_k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, max_top_k)
     mask = attention_mask(segment_ids)
     token_mask = segment_ids > 0
     dtype = jnp.dtype(cfg.dtype)
@@ -112,15 +112,15 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
     graphdef, stacked = nnx.split(self.blocks)
     all_stats = []
-    for start, stop, group_k_max in scan_groups(cfg.k_max_per_layer):
-      def layer(x, xs, group_k_max=group_k_max):
-        layer_state, k, bias, offset = xs
-        return nnx.merge(graphdef, layer_state)(x, positions, mask, token_mask, k, group_k_max,
+    for start, stop, group_max_top_k in scan_groups(cfg.max_top_k_per_layer):
+      def layer(x, xs, group_max_top_k=group_max_top_k):
+        layer_state, layer_top_k, bias, offset = xs
+        return nnx.merge(graphdef, layer_state)(x, positions, mask, token_mask, layer_top_k, group_max_top_k,
                                                 bias, offset)
       if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
       rows = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
-      group = (rows(stacked), topk[start:stop], rows(selection_bias), rows(count_offset))
+      group = (rows(stacked), top_k[start:stop], rows(selection_bias), rows(count_offset))
       x, stats = jax.lax.scan(layer, x, group)
       all_stats.append(stats)
     stats = jax.tree.map(lambda *s: jnp.concatenate(s), *all_stats)

@@ -31,22 +31,22 @@ class MoE(nnx.Module):
   """Router [d_model, E] plus E SwiGLU experts stacked as [E, d_model, d_ff]."""
 
   def __init__(self, d_model: int, d_ff: int, num_experts: int, *, gate_fn: str,
-               renormalize: bool, strategy: str, capacity_factor: Optional[float],
+               renormalize: bool, dispatch: str, capacity_factor: Optional[float],
                init_std: float, dtype, rngs: nnx.Rngs, lbl_mode: str = "global",
                top1_lbl_tau: float = 1.0, expert_exchange: str = "all_to_all"):
     self.expert_exchange = expert_exchange
     self.gate_fn, self.renormalize = gate_fn, renormalize
-    self.strategy, self.capacity_factor, self.dtype = strategy, capacity_factor, dtype
+    self.dispatch, self.capacity_factor, self.dtype = dispatch, capacity_factor, dtype
     self.lbl_mode, self.top1_lbl_tau = lbl_mode, top1_lbl_tau
     self.router = normal_param(rngs, (d_model, num_experts), init_std)
     self.w_gate = normal_param(rngs, (num_experts, d_model, d_ff), init_std)
     self.w_up = normal_param(rngs, (num_experts, d_model, d_ff), init_std)
     self.w_down = normal_param(rngs, (num_experts, d_ff, d_model), init_std)
 
-  def __call__(self, x: jax.Array, k: jax.Array, k_max: int, token_mask: jax.Array,
+  def __call__(self, x: jax.Array, top_k: jax.Array, max_top_k: int, token_mask: jax.Array,
                selection_bias: Optional[jax.Array] = None,
                count_offset: Optional[jax.Array] = None):
-    """x [batch, seq, d_model]; k traced int32 scalar <= k_max (static); token_mask [batch, seq];
+    """x [batch, seq, d_model]; top_k traced int32 scalar <= max_top_k (static); token_mask [batch, seq];
     selection_bias [E] (loss-free balancing); count_offset [E] (counts carried from earlier
     micro-batches of the same optimizer step).
 
@@ -70,17 +70,17 @@ class MoE(nnx.Module):
     weight_specs = {name: sharding.logical_spec(_EXPERT_AXES[name], w.shape, mesh)
                     for name, w in weights.items()}
 
-    def moe_shard(x, router, k, token_mask, bias, offset, weights):
+    def moe_shard(x, router, top_k, token_mask, bias, offset, weights):
       b, s, d_model = x.shape
       # The router runs in float32 whatever the compute dtype: top-1 choices among 96 experts
       # are decided by small logit differences.
       logits = jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32),
                           precision=jax.lax.Precision.HIGHEST)  # [b, s, E]
-      routing = route(logits.reshape(b * s, num_experts), k, k_max, gate_fn=self.gate_fn,
+      routing = route(logits.reshape(b * s, num_experts), top_k, max_top_k, gate_fn=self.gate_fn,
                       renormalize=self.renormalize, token_mask=token_mask.reshape(-1),
                       selection_bias=None if selection_bias is None else bias)
       stats = layer_statistics(
-          logits, routing.expert_ids.reshape(b, s, k_max), routing.valid.reshape(b, s, k_max),
+          logits, routing.expert_ids.reshape(b, s, max_top_k), routing.valid.reshape(b, s, max_top_k),
           token_mask, mode=self.lbl_mode, tau=self.top1_lbl_tau, axes=axes,
           count_offset=None if count_offset is None else offset)
       experts = []
@@ -92,7 +92,7 @@ class MoE(nnx.Module):
         experts.append(w.astype(self.dtype))
       y, dropped = run_experts(
           x.reshape(b * s, d_model), routing.expert_ids, routing.gate_weights.astype(self.dtype),
-          routing.valid, tuple(experts), k, strategy=self.strategy,
+          routing.valid, tuple(experts), top_k, dispatch=self.dispatch,
           capacity_factor=self.capacity_factor, expert_axis="expert",
           expert_shards=expert_shards, expert_exchange=self.expert_exchange)
       if weight_specs["w_down"][1] == "tensor":  # d_ff split: partial sums of the down projection
@@ -105,42 +105,42 @@ class MoE(nnx.Module):
         moe_shard, mesh=mesh,
         in_specs=(batch_spec, P(), P(), batch_spec, P(), P(), weight_specs),
         out_specs=(batch_spec, P()),
-    )(x, self.router[...], k, token_mask, bias, offset, weights)
+    )(x, self.router[...], top_k, token_mask, bias, offset, weights)
 
 
-def run_experts(x, expert_ids, gate_weights, valid, experts: dispatch_lib.Experts, k, *,
-                strategy: str, capacity_factor: Optional[float],
+def run_experts(x, expert_ids, gate_weights, valid, experts: dispatch_lib.Experts, top_k, *,
+                dispatch: str, capacity_factor: Optional[float],
                 expert_axis: Optional[str] = None, expert_shards: int = 1,
                 expert_exchange: str = "all_to_all"):
-  """Runs the experts for the first k (traced) slots of a routing with k_max static slots.
+  """Runs the experts for the first top_k (traced) slots of a routing with max_top_k static slots.
 
   With `expert_shards` > 1 (inside a shard_map over `expert_axis`), `experts` are this device's
   share and tokens travel to their experts' devices and back (see expert_parallel.py).
   """
-  if strategy not in dispatch_lib.STRATEGIES:
-    raise ValueError(f"unknown dispatch strategy {strategy!r}; expected one of "
-                     f"{list(dispatch_lib.STRATEGIES)}")
-  tokens, k_max = expert_ids.shape
+  if dispatch not in dispatch_lib.DISPATCHES:
+    raise ValueError(f"unknown dispatch {dispatch!r}; expected one of "
+                     f"{list(dispatch_lib.DISPATCHES)}")
+  tokens, max_top_k = expert_ids.shape
   num_experts = experts[0].shape[0]
-  buckets = dispatch_lib.slot_buckets(k_max)
+  buckets = dispatch_lib.slot_buckets(max_top_k)
 
   def run(slots, x, gate_weights, experts, expert_ids, valid):
     ids, weights, mask = expert_ids[:, :slots], gate_weights[:, :slots], valid[:, :slots]
     if expert_shards > 1 and expert_exchange == "ragged_all_to_all":
       return expert_parallel.ragged_exchange_and_run(
           x, ids, weights, mask, experts, axis=expert_axis, shards=expert_shards,
-          num_experts=num_experts * expert_shards, strategy=strategy)
+          num_experts=num_experts * expert_shards, dispatch=dispatch)
     if expert_shards > 1:
       return expert_parallel.exchange_and_run(
           x, ids, weights, mask, experts, axis=expert_axis, shards=expert_shards,
-          num_experts=num_experts * expert_shards, strategy=strategy,
+          num_experts=num_experts * expert_shards, dispatch=dispatch,
           capacity_factor=capacity_factor)
     capacity = dispatch_lib.expert_capacity(tokens, slots, num_experts, capacity_factor)
-    return dispatch_lib.STRATEGIES[strategy](x, ids, weights, mask, experts, capacity)
+    return dispatch_lib.DISPATCHES[dispatch](x, ids, weights, mask, experts, capacity)
 
   if len(buckets) == 1:
     return run(buckets[0], x, gate_weights, experts, expert_ids, valid)
-  index = jnp.searchsorted(jnp.asarray(buckets), k)
+  index = jnp.searchsorted(jnp.asarray(buckets), top_k)
   branches = [functools.partial(run, b) for b in buckets]
   return _switch_recomputing(branches, index, x, gate_weights, experts, expert_ids, valid)
 
@@ -150,7 +150,7 @@ def _switch_recomputing(branches, index, x, gate_weights, experts, expert_ids, v
   """lax.switch over slot buckets whose backward pass recomputes the chosen branch.
 
   Differentiating lax.switch directly makes every branch return zero-filled copies of every
-  other branch's residuals: at k = 1 under k_max = 8 that is 14x the k = 1 layer's activations
+  other branch's residuals: at top_k = 1 under max_top_k = 8 that is 14x the top_k = 1 layer's activations
   written each step. Saving only the inputs costs one extra forward of the chosen branch.
   """
   return jax.lax.switch(index, branches, x, gate_weights, experts, expert_ids, valid)

@@ -20,25 +20,25 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
-def count_params(cfg: ModelConfig, topk: Optional[Sequence[int]] = None) -> Dict[str, int]:
+def count_params(cfg: ModelConfig, top_k: Optional[Sequence[int]] = None) -> Dict[str, int]:
   """Total, embedding and activated parameter counts.
 
   `active` follows the paper's convention: parameters a token activates outside the embedding
   and LM head (attention, norms, every router, and k experts per layer), for the per-layer top-k
-  `topk` (default: the config's top_k everywhere). `active_with_embedding` adds both embedding
+  `top_k` (default: the config's top_k everywhere). `active_with_embedding` adds both embedding
   matrices whole (input embedding and LM head).
   """
-  topk = [cfg.top_k] * cfg.num_layers if topk is None else [int(k) for k in topk]
-  return dict(_count_params(cfg, tuple(topk)))
+  top_k = [cfg.top_k] * cfg.num_layers if top_k is None else [int(k) for k in top_k]
+  return dict(_count_params(cfg, tuple(top_k)))
 
 
 @functools.lru_cache(maxsize=64)
-def _count_params(cfg: ModelConfig, topk: Tuple[int, ...]) -> Tuple[Tuple[str, int], ...]:
+def _count_params(cfg: ModelConfig, top_k: Tuple[int, ...]) -> Tuple[Tuple[str, int], ...]:
   # Cached: the training loop asks at every log line (for the FLOPs of the current top-k).
-  if len(topk) != cfg.num_layers:
-    raise ValueError(f"topk has {len(topk)} entries, expected num_layers={cfg.num_layers}")
-  if any(not 1 <= k <= cfg.num_experts for k in topk):
-    raise ValueError(f"topk entries must lie in [1, {cfg.num_experts}]")
+  if len(top_k) != cfg.num_layers:
+    raise ValueError(f"top_k has {len(top_k)} entries, expected num_layers={cfg.num_layers}")
+  if any(not 1 <= k <= cfg.num_experts for k in top_k):
+    raise ValueError(f"top_k entries must lie in [1, {cfg.num_experts}]")
   state = nnx.state(abstract_model(cfg), nnx.Param)
   total = embedding = experts = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
@@ -50,6 +50,6 @@ def _count_params(cfg: ModelConfig, topk: Tuple[int, ...]) -> Tuple[Tuple[str, i
     if any(n in _EXPERT_WEIGHTS for n in names):
       experts += size
   per_expert = experts // (cfg.num_layers * cfg.num_experts)
-  active = total - embedding - experts + sum(topk) * per_expert
+  active = total - embedding - experts + sum(top_k) * per_expert
   return (("total", total), ("embedding", embedding), ("active", active),
           ("active_with_embedding", active + embedding))

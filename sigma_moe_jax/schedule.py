@@ -108,7 +108,7 @@ class TopKSchedule:
     return cls(tuple(starts), tuple(per_layer))
 
   @property
-  def k_max(self) -> Tuple[int, ...]:
+  def max_top_k(self) -> Tuple[int, ...]:
     """Static per-layer maximum over all phases: what the model must be built for."""
     return tuple(int(k) for k in np.max(np.asarray(self.per_layer), axis=0))
 
@@ -116,7 +116,7 @@ class TopKSchedule:
   def final(self) -> Tuple[int, ...]:
     return self.per_layer[-1]
 
-  def topk_at(self, step) -> jax.Array:
+  def top_k_at(self, step) -> jax.Array:
     """int32 [layers]: the top-k of each layer at `step` (a Python int or a traced scalar)."""
     phase = jnp.searchsorted(jnp.asarray(self.starts), step, side="right") - 1
     return jnp.asarray(self.per_layer, jnp.int32)[phase]

@@ -48,7 +48,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
     raise ValueError(f"mesh: only one axis may be -1, got {free}")
   for name, size in sizes.items():
     if size != -1 and (not isinstance(size, int) or size < 1):
-      raise ValueError(f"mesh.{name}: must be a positive integer or -1, got {size!r}")
+      raise ValueError(f"mesh axis {name}: must be a positive integer or -1, got {size!r}")
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if free:
     if len(devices) % fixed:

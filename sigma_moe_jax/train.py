@@ -24,6 +24,7 @@ from sigma_moe_jax.model import Transformer
 from sigma_moe_jax.schedule import TopKSchedule
 
 BALANCE_LOSSES = ("lbl", "top1_lbl", "none")
+LR_SCHEDULES = ("wsd", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +47,11 @@ class BalanceSettings:
 
   def __post_init__(self):
     if self.loss not in BALANCE_LOSSES:
-      raise ValueError(f"balance.loss: must be one of {BALANCE_LOSSES}, got {self.loss!r}")
+      raise ValueError(f"BalanceSettings.loss: must be one of {BALANCE_LOSSES}, got "
+                       f"{self.loss!r}")
     for name in ("coef", "z_loss_coef", "bias_rate"):
       if getattr(self, name) < 0:
-        raise ValueError(f"balance.{name}: must be >= 0")
+        raise ValueError(f"BalanceSettings.{name}: must be >= 0, got {getattr(self, name)!r}")
 
 
 class TrainState(NamedTuple):
@@ -64,7 +66,7 @@ def learning_rate_schedule(*, lr: float, steps: int, warmup_steps: int, kind: st
   """optax schedule: `cosine` (warmup + cosine to lr * min_lr_ratio) or `wsd`
   (warmup, stable, then linear decay over the last `decay_fraction` of steps)."""
   if warmup_steps >= steps:
-    raise ValueError(f"train.warmup_steps ({warmup_steps}) must be below train.steps ({steps})")
+    raise ValueError(f"warmup_steps ({warmup_steps}) must be below steps ({steps})")
   if kind == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, steps, lr * min_lr_ratio)
   if kind == "wsd":
@@ -74,7 +76,7 @@ def learning_rate_schedule(*, lr: float, steps: int, warmup_steps: int, kind: st
         [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr),
          optax.linear_schedule(lr, lr * min_lr_ratio, decay_steps)],
         [warmup_steps, warmup_steps + stable_steps])
-  raise ValueError(f"train.lr_schedule: must be 'cosine' or 'wsd', got {kind!r}")
+  raise ValueError(f"learning-rate schedule must be one of {LR_SCHEDULES}, got {kind!r}")
 
 
 def make_optimizer(schedule: Callable, *, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0):
@@ -136,15 +138,15 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
                     grad_accum: int = 1):
   """Builds train_step(state, batch) -> (state, metrics). Jit it with donate_argnums=0."""
   if balance.accumulate_counts and cfg.lbl_mode != "global":
-    raise ValueError(f"balance.accumulate_counts needs model.lbl_mode 'global', not "
+    raise ValueError(f"BalanceSettings.accumulate_counts needs ModelConfig.lbl_mode 'global', not "
                      f"{cfg.lbl_mode!r}: the carried counts are global-batch counts")
-  if schedule is not None and tuple(cfg.k_max_per_layer) != schedule.k_max:
-    raise ValueError(f"model.layer_k_max {cfg.k_max_per_layer} must equal the schedule's "
-                     f"per-layer maximum {schedule.k_max}")
+  if schedule is not None and tuple(cfg.max_top_k_per_layer) != schedule.max_top_k:
+    raise ValueError(f"ModelConfig.max_top_k {cfg.max_top_k_per_layer} must equal the schedule's "
+                     f"per-layer maximum {schedule.max_top_k}")
 
-  def micro_loss(params, micro, topk, bias, offset, total_targets):
+  def micro_loss(params, micro, top_k, bias, offset, total_targets):
     model = nnx.merge(graphdef, params)
-    logits, stats = model(micro["tokens"], micro["segment_ids"], micro["positions"], topk=topk,
+    logits, stats = model(micro["tokens"], micro["segment_ids"], micro["positions"], top_k=top_k,
                           selection_bias=bias, count_offset=offset)
     ce_sum, targets = lm_loss_terms(logits, micro["tokens"], micro["segment_ids"])
     balance_loss = {"lbl": jnp.sum(stats.lbl), "top1_lbl": jnp.sum(stats.top1_lbl),
@@ -157,8 +159,8 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array]):
-    topk = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
-            else schedule.topk_at(state.step))
+    top_k = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
+            else schedule.top_k_at(state.step))
     bias = state.selection_bias if balance.loss_free else None
     segments = batch["segment_ids"]
     total_targets = jnp.maximum(
@@ -169,7 +171,7 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
     def accumulate(carry, micro):
       grads_sum, counts = carry
       offset = counts if balance.accumulate_counts else None
-      (objective, (ce_sum, stats)), grads = grad_fn(state.params, micro, topk, bias, offset,
+      (objective, (ce_sum, stats)), grads = grad_fn(state.params, micro, top_k, bias, offset,
                                                     total_targets)
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       counts = counts + stats.tokens_per_expert.astype(jnp.float32)
@@ -192,11 +194,10 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
         "lr": lr_schedule(state.step),
         "grad_norm": optax.tree.norm(grads),
         "targets": total_targets,
-        "topk": topk,
+        "top_k": top_k,
         "bias_abs_mean": jnp.mean(jnp.abs(selection_bias), axis=-1),
-        **{name: value for name, value in routing_metrics(stats).items()},
+        **routing_metrics(stats),
     }
-    metrics["lbl_per_layer"] = metrics.pop("lbl")
     metrics["lbl"] = jnp.mean(metrics["lbl_per_layer"])
     return TrainState(params, opt_state, selection_bias, state.step + 1), metrics
 
@@ -211,10 +212,10 @@ def make_eval_step(graphdef, cfg: ModelConfig, schedule: Optional[TopKSchedule] 
   evaluation set."""
 
   def eval_step(params, batch, step, selection_bias=None):
-    topk = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
-            else schedule.topk_at(step))
+    top_k = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
+            else schedule.top_k_at(step))
     logits, stats = nnx.merge(graphdef, params)(batch["tokens"], batch["segment_ids"],
-                                                batch["positions"], topk=topk,
+                                                batch["positions"], top_k=top_k,
                                                 selection_bias=selection_bias)
     ce_sum, targets = lm_loss_terms(logits, batch["tokens"], batch["segment_ids"])
     routing = {"tokens_per_expert": stats.tokens_per_expert,

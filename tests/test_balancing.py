@@ -37,7 +37,7 @@ def numpy_top1_lbl(logits, tau):
 @functools.lru_cache(maxsize=None)
 def moe_step(mode, k):
   """Jitted (loss, stats) and gradients of the layer's LBL w.r.t. the router and the input."""
-  moe = MoE(D, F, E, gate_fn="softmax", renormalize=False, strategy="padded",
+  moe = MoE(D, F, E, gate_fn="softmax", renormalize=False, dispatch="padded",
             capacity_factor=None, init_std=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0),
             lbl_mode=mode, top1_lbl_tau=0.5)
   graphdef, params = nnx.split(moe)
@@ -163,7 +163,7 @@ def test_routing_metrics_match_numpy():
 
 def test_count_offset_accumulates_counts_into_f():
   """With the counts of earlier micro-batches added, f is over all micro-batches so far."""
-  moe = MoE(D, F, E, gate_fn="softmax", renormalize=False, strategy="padded",
+  moe = MoE(D, F, E, gate_fn="softmax", renormalize=False, dispatch="padded",
             capacity_factor=None, init_std=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = inputs()
   mask = jnp.ones(x.shape[:2], bool)
@@ -183,7 +183,7 @@ def test_load_statistics_lbl_is_eq1_on_the_given_f_and_p():
   probs = rng.dirichlet(np.ones(E), size=3)
   got = load_statistics(jnp.asarray(counts), jnp.asarray(probs, jnp.float32))
   f = counts / counts.sum(-1, keepdims=True)
-  np.testing.assert_allclose(got["lbl"], E * np.sum(f * probs, -1), rtol=1e-5)
+  np.testing.assert_allclose(got["lbl_per_layer"], E * np.sum(f * probs, -1), rtol=1e-5)
   np.testing.assert_allclose(got["load_cv"], f.std(-1) / f.mean(-1), rtol=1e-4)
 
 

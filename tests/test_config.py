@@ -11,8 +11,8 @@ from sigma_moe_jax import ModelConfig, count_params
     ("num_kv_heads", dict(num_heads=4, num_kv_heads=3)),
     ("top_k", dict(top_k=0)),
     ("top_k", dict(num_experts=8, top_k=9)),
-    ("layer_k_max", dict(num_layers=4, layer_k_max=(2, 2, 1))),
-    ("layer_k_max", dict(num_experts=8, layer_k_max=(9, 1, 1, 1))),
+    ("max_top_k", dict(num_layers=4, max_top_k=(2, 2, 1))),
+    ("max_top_k", dict(num_experts=8, max_top_k=(9, 1, 1, 1))),
     ("d_model", dict(d_model=0)),
     ("d_ff", dict(d_ff=-5)),
     ("num_experts", dict(num_experts=0)),
@@ -47,7 +47,7 @@ def test_sigma_moe_tiny_parameter_counts_from_shapes_only():
   assert counts["embedding"] == 2 * 200_064 * 1536
 
 
-def test_active_params_follow_the_per_layer_topk():
+def test_active_params_follow_the_per_layer_top_k():
   cfg = ModelConfig.sigma_moe_tiny()
   per_expert = 3 * 1536 * 768
   base = count_params(cfg)["active"]

@@ -13,7 +13,7 @@ E, D, F, B, S = 8, 16, 24, 2, 12
 
 
 def make_moe(strategy, gate_fn="softmax", renormalize=False, capacity_factor=None):
-  return MoE(D, F, E, gate_fn=gate_fn, renormalize=renormalize, strategy=strategy,
+  return MoE(D, F, E, gate_fn=gate_fn, renormalize=renormalize, dispatch=strategy,
              capacity_factor=capacity_factor, init_std=0.3, dtype=jnp.float32,
              rngs=nnx.Rngs(0))
 
@@ -39,21 +39,21 @@ def moe_params(moe):
   return {n: getattr(moe, n)[...] for n in ("router", "w_gate", "w_up", "w_down")}
 
 
-def run_moe(strategy, params, x, k, k_max, capacity_factor=None, **kw):
+def run_moe(strategy, params, x, k, max_top_k, capacity_factor=None, **kw):
   moe = make_moe(strategy, capacity_factor=capacity_factor, **kw)
   for name, value in params.items():
     getattr(moe, name)[...] = value
-  return moe(x, jnp.int32(k), k_max, jnp.ones(x.shape[:2], bool))
+  return moe(x, jnp.int32(k), max_top_k, jnp.ones(x.shape[:2], bool))
 
 
-@pytest.mark.parametrize("gate_fn,k,k_max,renormalize", [
+@pytest.mark.parametrize("gate_fn,k,max_top_k,renormalize", [
     ("softmax", 1, 1, False),
     ("sigmoid", 1, 1, False),
     ("softmax", 2, 2, True),
-    ("softmax", 2, 4, False),  # traced k below the static k_max: slots 2, 3 masked
+    ("softmax", 2, 4, False),  # traced k below the static max_top_k: slots 2, 3 masked
     ("sigmoid", 3, 4, True),
 ])
-def test_strategies_match_loop_oracle(gate_fn, k, k_max, renormalize):
+def test_strategies_match_loop_oracle(gate_fn, k, max_top_k, renormalize):
   x = jax.random.normal(jax.random.key(1), (B, S, D))
   params = moe_params(make_moe("dense"))
   target = jax.random.normal(jax.random.key(2), (B, S, D))
@@ -64,7 +64,7 @@ def test_strategies_match_loop_oracle(gate_fn, k, k_max, renormalize):
   want_loss, want_grads = jax.value_and_grad(oracle_loss, argnums=(0, 1))(params, x)
   for strategy in ("dense", "padded", "ragged"):
     def loss(params, x):
-      y, stats = run_moe(strategy, params, x, k, k_max, gate_fn=gate_fn,
+      y, stats = run_moe(strategy, params, x, k, max_top_k, gate_fn=gate_fn,
                          renormalize=renormalize)
       return jnp.sum(y * target), stats
 
@@ -108,7 +108,7 @@ def test_padded_drops_over_capacity_like_a_first_come_queue():
 
 
 def test_masked_slots_take_no_capacity_and_no_compute():
-  """At k = 1 under k_max = 4 the layer computes exactly what a k_max = 1 layer computes,
+  """At k = 1 under max_top_k = 4 the layer computes exactly what a max_top_k = 1 layer computes,
   including which assignments overflow a tight capacity."""
   x = jax.random.normal(jax.random.key(3), (B, S, D))
   params = moe_params(make_moe("dense"))
@@ -129,7 +129,7 @@ def test_slot_buckets_and_capacity():
 
 
 def test_renormalization_never_applies_at_traced_k1():
-  """A layer built for k_max = 2 running at k = 1 keeps the raw gate weight, so the router still
+  """A layer built for max_top_k = 2 running at k = 1 keeps the raw gate weight, so the router still
   gets the LM gradient; at k = 2 the two weights sum to 1."""
   from sigma_moe_jax.routing import route
   logits = jax.random.normal(jax.random.key(4), (6, E))

@@ -72,8 +72,8 @@ def test_resume_after_sigkill_reproduces_every_loss(tmp_path):
     (["--config.model.vocab_size=100"], "4096"),
     (["--config.train.batch_size=3"], "does not split"),
     (["--config.train.steps=0"], "train.steps must be >= 1"),
-    (["--config.schedule.topk=[1]*5"], "expected num_layers=2"),
-    (["--config.model.gate_fn=relu"], "ModelConfig.gate_fn"),
+    (["--config.schedule.top_k=[1]*5"], "expected num_layers=2"),
+    (["--config.model.gate_fn=relu"], "model.gate_fn: must be one of"),
     (["--config.train.init_from=/nonexistent/run"], "no checkpoints directory"),
     (["--config.data.eval_sets=python"], "not name=paths"),
 ])

@@ -27,11 +27,11 @@ def test_phases_and_fractions():
   schedule = TopKSchedule.parse([(0, "[8,8,6,6,4,4,2,2]+[1]*48"), (0.9, "[1]*56")],
                                 num_layers=56, total_steps=1000)
   assert schedule.starts == (0, 900)
-  assert schedule.k_max == (8, 8, 6, 6, 4, 4, 2, 2) + (1,) * 48
-  np.testing.assert_array_equal(schedule.topk_at(899)[:9], [8, 8, 6, 6, 4, 4, 2, 2, 1])
-  np.testing.assert_array_equal(schedule.topk_at(900), [1] * 56)
+  assert schedule.max_top_k == (8, 8, 6, 6, 4, 4, 2, 2) + (1,) * 48
+  np.testing.assert_array_equal(schedule.top_k_at(899)[:9], [8, 8, 6, 6, 4, 4, 2, 2, 1])
+  np.testing.assert_array_equal(schedule.top_k_at(900), [1] * 56)
   single = TopKSchedule.parse("[2]*4", num_layers=4)
-  np.testing.assert_array_equal(single.topk_at(10**6), [2] * 4)
+  np.testing.assert_array_equal(single.top_k_at(10**6), [2] * 4)
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -51,18 +51,18 @@ def test_invalid_schedules_are_rejected(spec, match):
 def test_switch_needs_no_recompilation():
   schedule = TopKSchedule.parse([(0, "[4,2]+[1]*2"), (3, "[1]*4")], num_layers=4)
   cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=4, num_heads=2, num_kv_heads=1,
-                    num_experts=8, d_ff=16, top_k=1, layer_k_max=schedule.k_max,
+                    num_experts=8, d_ff=16, top_k=1, max_top_k=schedule.max_top_k,
                     capacity_factor=2.0)
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
 
   @jax.jit
   def forward(params, tokens, step):
-    return nnx.merge(graphdef, params)(tokens, topk=schedule.topk_at(step))[1]
+    return nnx.merge(graphdef, params)(tokens, top_k=schedule.top_k_at(step))[1]
 
   tokens = jnp.ones((2, 8), jnp.int32)
   for step in range(6):
     stats = forward(params, tokens, step)
-    want = np.asarray(schedule.topk_at(step)) * tokens.size
+    want = np.asarray(schedule.top_k_at(step)) * tokens.size
     np.testing.assert_array_equal(stats.tokens_per_expert.sum(-1), want)
   assert forward._cache_size() == 1
 

@@ -109,7 +109,7 @@ def test_parameter_shardings_follow_the_rules():
     (dict(data=-1, fsdp=-1), "only one axis may be -1"),
     (dict(data=3), "needs 3 devices"),
     (dict(data=-1, expert=3), "do not split"),
-    (dict(data=0), "mesh.data"),
+    (dict(data=0), "mesh axis data"),
 ])
 def test_bad_meshes_are_rejected(sizes, match):
   with pytest.raises(ValueError, match=match):

@@ -33,7 +33,7 @@ def test_variants_change_only_what_they_compare(tmp_path):
     flat = lambda c: {(s, k): v for s in c for k, v in c[s].items()}
     changed[name] = {key for key, value in flat(config).items() if flat(base)[key] != value}
   assert changed["lbl"] == set()
-  assert changed["phase1"] == {("schedule", "topk")}
+  assert changed["phase1"] == {("schedule", "top_k")}
   assert changed["loss_free"] == {("model", "gate_fn"), ("balance", "loss"),
                                   ("balance", "loss_free")}
   assert changed["domains_global"] - changed["domains_sequence"] == set()
@@ -73,7 +73,7 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
   p = rng.dirichlet(np.ones(experts), size=(len(steps), layers))
   common = dict(val_load_max_dev=f.max(-1) * experts - 1, val_load_min_dev=f.min(-1) * experts - 1,
                 val_f=f, val_p=p, val_load_cv=f.std(-1) * experts,
-                val_gate_prob_cv=p.std(-1) * experts, val_lbl=experts * (f * p).sum(-1),
+                val_gate_prob_cv=p.std(-1) * experts, val_lbl_per_layer=experts * (f * p).sum(-1),
                 val_loss=[5.0, 4.5], drop_fraction=np.zeros((2, layers)))
   lbl = synthetic_run("lbl", base, steps, **common)
   results, figures = studies.analyze_imbalance({"lbl": lbl}, str(tmp_path))

@@ -91,20 +91,20 @@ def test_loss_free_bias_follows_the_global_counts():
 
 def test_schedule_and_model_must_agree():
   schedule = TopKSchedule.parse([(0, [2, 2]), (5, [1, 1])], num_layers=2)
-  with pytest.raises(ValueError, match="layer_k_max"):
+  with pytest.raises(ValueError, match="max_top_k"):
     setup(train_lib.BalanceSettings(), schedule=schedule)
   _, state, step = setup(train_lib.BalanceSettings(), schedule=schedule,
-                         cfg=CFG.replace(layer_k_max=schedule.k_max))
+                         cfg=CFG.replace(max_top_k=schedule.max_top_k))
   _, metrics = step(state, make_batch(4))
-  np.testing.assert_array_equal(metrics["topk"], [2, 2])
+  np.testing.assert_array_equal(metrics["top_k"], [2, 2])
 
 
 def test_invalid_settings_are_rejected():
-  with pytest.raises(ValueError, match="balance.loss"):
+  with pytest.raises(ValueError, match="BalanceSettings.loss"):
     train_lib.BalanceSettings(loss="entropy")
   with pytest.raises(ValueError, match="warmup_steps"):
     train_lib.learning_rate_schedule(lr=1.0, steps=5, warmup_steps=5, kind="cosine")
-  with pytest.raises(ValueError, match="lr_schedule"):
+  with pytest.raises(ValueError, match="learning-rate schedule"):
     train_lib.learning_rate_schedule(lr=1.0, steps=5, warmup_steps=1, kind="linear")
 
 
@@ -127,6 +127,8 @@ def test_evaluation_routing_adds_up_to_the_whole_set():
   np.testing.assert_allclose(got["val_p"], p, rtol=1e-5)
   f = np.asarray(routing["tokens_per_expert"], np.float64)
   f /= f.sum(-1, keepdims=True)
-  np.testing.assert_allclose(got["val_lbl"], CFG.num_experts * np.sum(f * p, -1), rtol=1e-5)
+  lbl = CFG.num_experts * np.sum(f * p, -1)
+  np.testing.assert_allclose(got["val_lbl_per_layer"], lbl, rtol=1e-5)
+  np.testing.assert_allclose(got["val_lbl"], lbl.mean(), rtol=1e-5)
   np.testing.assert_allclose(got["val_load_max_dev"], f.max(-1) * CFG.num_experts - 1,
                              rtol=1e-5)

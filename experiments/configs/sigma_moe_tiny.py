@@ -9,7 +9,7 @@ def get_config():
   c = make_config(ModelConfig.sigma_moe_tiny(dtype="bfloat16", dispatch="ragged", remat="full"))
   c.train.update(steps=100_000, batch_size=1024, seq_len=4096, lr=3e-4, warmup_steps=2000,
                  log_every=10, eval_every=2000, eval_batches=64, checkpoint_every=1000)
-  c.schedule.topk = "0:[8,8,6,6,4,4,2,2]+[1]*48; 0.9:[1]*56"
+  c.schedule.top_k = "0:[8,8,6,6,4,4,2,2]+[1]*48; 0.9:[1]*56"
   # Experts over 8 devices, everything else fully sharded over the rest (see the memory plan).
   c.mesh.update(data=1, fsdp=-1, expert=8, tensor=1)
   # Local (or mounted) files: point these at your corpus and the o200k_base ranks file.

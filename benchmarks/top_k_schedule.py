@@ -1,7 +1,7 @@
 """Train-step time in phase 2 of a progressive-sparsification schedule (every layer top-1, lower
-layers built for k_max 8/6/4/2) against the same model built with k_max = 1 everywhere.
+layers built for max_top_k 8/6/4/2) against the same model built with max_top_k = 1 everywhere.
 
-  python -m benchmarks.topk_schedule
+  python -m benchmarks.top_k_schedule
 
 Masked slots must cost nothing: the target is at most 1.15x.
 """
@@ -26,11 +26,11 @@ def main():
   batch = random_batch(args.batch, args.seq, base.vocab_size)
   top1, phase2 = time_interleaved(
       [train_step_call(base, batch),
-       train_step_call(base.replace(layer_k_max=schedule.k_max), batch, schedule=schedule)],
+       train_step_call(base.replace(max_top_k=schedule.max_top_k), batch, schedule=schedule)],
       repeats=args.repeats)
   print(f"cpu_tiny with {args.layers} layers, {args.batch}x{args.seq} tokens, train step:")
-  print(f"{'k_max 1 everywhere':34s} {top1 * 1e3:8.1f} ms   1.00x")
-  print(f"{'k_max ' + str(list(schedule.k_max)) + ', k=1':34s} {phase2 * 1e3:8.1f} ms   "
+  print(f"{'max_top_k 1 everywhere':34s} {top1 * 1e3:8.1f} ms   1.00x")
+  print(f"{'max_top_k ' + str(list(schedule.max_top_k)) + ', k=1':34s} {phase2 * 1e3:8.1f} ms   "
         f"{phase2 / top1:.2f}x")
 
 

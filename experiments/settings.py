@@ -1,0 +1,130 @@
+"""Typed launch settings: the `train`, `data` and `mesh` sections of a config as frozen
+dataclasses, validated once, and the translation of library errors into flag names.
+
+Config files and the command line stay ml_collections (`experiments/configs/base.py` lists every
+key with its default); `from_config` turns a config into these types, so the trainer reads
+`settings.train.steps`, never an untyped dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, NamedTuple, Optional, Tuple
+
+from sigma_moe_jax import ModelConfig, TopKSchedule
+from sigma_moe_jax.schedule import parse_phases
+from sigma_moe_jax.train import LR_SCHEDULES, BalanceSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """The optimisation run: length, batch geometry, optimizer, cadence of logs and saves."""
+
+  steps: int = 1000  # optimizer steps of the whole run (fractional schedule starts refer to it)
+  batch_size: int = 8  # sequences per step, over all processes and devices
+  seq_len: int = 256  # tokens per sequence (packed documents)
+  grad_accum: int = 1  # micro-batches per step (contiguous row blocks of the batch)
+  lr: float = 3e-3  # peak learning rate
+  lr_schedule: str = "wsd"  # `wsd` (warmup, stable, linear decay) or `cosine`
+  warmup_steps: int = 50  # linear warmup from 0 to lr
+  min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+  decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+  weight_decay: float = 0.1  # AdamW decoupled weight decay (not on norm scales)
+  b1: float = 0.9  # AdamW first-moment decay
+  b2: float = 0.95  # AdamW second-moment decay
+  grad_clip: float = 1.0  # global gradient-norm clip
+  log_every: int = 10  # steps between console / metrics.jsonl lines
+  eval_every: int = 200  # steps between evaluations
+  eval_batches: int = 16  # at most this many batches per evaluation set
+  checkpoint_every: int = 200  # steps between checkpoints
+  keep_checkpoints: int = 3  # newest checkpoints kept
+  async_checkpointing: bool = True  # save in the background while training goes on
+  seed: int = 0  # parameter initialisation
+  peak_flops: float = 0.0  # per-device peak for MFU; 0: the known chip table, else measured
+  init_from: str = ""  # another run's workdir to start from when this one has no checkpoint
+  init_step: int = -1  # its checkpoint to start from; -1: the latest
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
+                 "eval_batches", "checkpoint_every", "keep_checkpoints"):
+      _check(self, "train", name, getattr(self, name) >= 1, "must be >= 1")
+    _check(self, "train", "seq_len", self.seq_len >= 2, "must be >= 2: a sequence needs a "
+           "next token")
+    _check(self, "train", "lr_schedule", self.lr_schedule in LR_SCHEDULES,
+           f"must be one of {LR_SCHEDULES}")
+    _check(self, "train", "warmup_steps", 0 <= self.warmup_steps < self.steps,
+           f"must lie in [0, train.steps={self.steps})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """Where the text comes from and how it is split."""
+
+  path: str = "data/shakespeare.jsonl.gz"  # file, glob or comma list of .txt / .jsonl(.gz)
+  tokenizer: str = "data/shakespeare_bpe4096.json"  # tokenizer.json or .tiktoken ranks
+  val_fraction: float = 0.05  # documents held out for validation
+  seed: int = 0  # document split and shuffling
+  chunk_chars: int = 0  # > 0: cut training documents into pieces of at most this many chars
+  eval_sets: str = ""  # "name=paths;name=paths": extra validation sets, logged <name>_val_*
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  """Mesh axis sizes; one may be -1 for the remaining devices (checked by `make_mesh`)."""
+
+  data: int = -1  # pure data parallelism
+  fsdp: int = 1  # splits the batch and d_model of every weight
+  expert: int = 1  # splits the batch and the experts
+  tensor: int = 1  # splits d_ff, heads and the vocabulary
+
+
+def model_and_schedule(config) -> Tuple[ModelConfig, Optional[TopKSchedule]]:
+  """The model a config describes and its top-k schedule (None: model.top_k everywhere). The
+  model's static per-layer maximum top-k is the schedule's maximum over its phases."""
+  schedule = None
+  if config.schedule.top_k.strip():
+    schedule = TopKSchedule.parse(parse_phases(config.schedule.top_k), config.model.num_layers,
+                                  config.train.steps, config.model.num_experts)
+  model = ModelConfig(**config.model, max_top_k=schedule.max_top_k if schedule else None)
+  return model, schedule
+
+
+class Settings(NamedTuple):
+  model: ModelConfig
+  schedule: Optional[TopKSchedule]
+  train: TrainSettings
+  data: DataSettings
+  balance: BalanceSettings
+  mesh: MeshSettings
+
+
+def from_config(config: Any) -> Settings:
+  """Typed settings from an ml_collections config; a bad value is one error naming its flag."""
+  with flag_names():
+    model, schedule = model_and_schedule(config)
+    return Settings(model, schedule, TrainSettings(**config.train),
+                    DataSettings(**config.data), BalanceSettings(**config.balance),
+                    MeshSettings(**config.mesh))
+
+
+class flag_names:
+  """Context manager: library errors that name a settings class field ("ModelConfig.gate_fn",
+  "BalanceSettings.coef") are re-raised naming the config key a user sets ("model.gate_fn")."""
+
+  _SECTIONS = {"ModelConfig": "model", "BalanceSettings": "balance"}
+  _PATTERN = re.compile(r"\b(" + "|".join(_SECTIONS) + r")\.")
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    if kind is ValueError and self._PATTERN.search(str(error)):
+      message = self._PATTERN.sub(lambda m: self._SECTIONS[m.group(1)] + ".", str(error))
+      raise ValueError(message) from None
+    return False
+
+
+def _check(settings, section: str, name: str, ok: bool, rule: str) -> None:
+  if not ok:
+    raise ValueError(f"{section}.{name} {rule}, got {getattr(settings, name)!r}")
