@@ -14,14 +14,15 @@ import math
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
+from flax import nnx
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
+from experiments import cli as cli_lib
 from experiments.settings import model_and_schedule
 from sigma_moe_jax import sharding
 from sigma_moe_jax.params import abstract_model
-from flax import nnx
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Number of devices of the mesh.")
@@ -99,5 +100,9 @@ def main(argv):
     print(describe(name, hbm, plan(config, devices, mesh, batch)))
 
 
+def cli():
+  cli_lib.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

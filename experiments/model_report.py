@@ -6,9 +6,10 @@
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from experiments import cli as cli_lib
 from sigma_moe_jax import ModelConfig, Transformer, count_params
 
 PRESETS = {"sigma_moe_tiny": ModelConfig.sigma_moe_tiny, "gpu_small": ModelConfig.gpu_small,
@@ -38,5 +39,9 @@ def main(argv):
           f"tokens per expert in layer 0: {stats.tokens_per_expert[0].tolist()}")
 
 
+def cli():
+  cli_lib.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from typing import Any, NamedTuple, Optional, Tuple
 
+from experiments.cli import project_path
 from sigma_moe_jax import ModelConfig, TopKSchedule
 from sigma_moe_jax.schedule import parse_phases
 from sigma_moe_jax.train import LR_SCHEDULES, BalanceSettings
@@ -104,8 +105,14 @@ def from_config(config: Any) -> Settings:
   with flag_names():
     model, schedule = model_and_schedule(config)
     return Settings(model, schedule, TrainSettings(**config.train),
-                    DataSettings(**config.data), BalanceSettings(**config.balance),
+                    data_settings(config.data), BalanceSettings(**config.balance),
                     MeshSettings(**config.mesh))
+
+
+def data_settings(data) -> DataSettings:
+  """The data section with the shipped corpus and tokenizer found from any directory."""
+  return DataSettings(**{**data, "path": project_path(data.path),
+                         "tokenizer": project_path(data.tokenizer)})
 
 
 class flag_names:

@@ -9,9 +9,10 @@ runs call `jax.distributed.initialize()` when the environment describes one (see
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli as cli_lib
 from experiments.settings import flag_names
 from experiments.training import run
 
@@ -31,5 +32,9 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
+def cli():
+  cli_lib.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

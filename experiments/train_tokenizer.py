@@ -9,8 +9,9 @@ so validation text stays unseen by the tokenizer as well as by the model.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli as cli_lib
 from sigma_moe_jax import data, tokenizer
 
 _DATA = flags.DEFINE_string("data", None, "Path, comma-separated paths or glob of documents.",
@@ -36,5 +37,9 @@ def main(argv):
         f"{num_tokens:,} training tokens (eos included)")
 
 
+def cli():
+  cli_lib.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

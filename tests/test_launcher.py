@@ -20,12 +20,12 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=2",
         "--config.train.checkpoint_every=3", "--config.train.peak_flops=1e12"]
 
 
-def launch(workdir, *overrides, devices=1, wait=True):
+def launch(workdir, *overrides, devices=1, wait=True, cwd=ROOT):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   cmd = [sys.executable, "-m", "experiments.train",
          "--config=experiments/configs/cpu_tiny.py", f"--workdir={workdir}", *TINY, *overrides]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   if not wait:
     return proc
@@ -84,6 +84,16 @@ def test_bad_input_gives_one_clear_error(tmp_path, overrides, message):
   assert last.startswith("error: ") and message in last, err[-2000:]
   assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
       tmp_path / "run" / "checkpoints")
+
+
+def test_launcher_runs_from_another_directory(tmp_path):
+  """The installed package finds its shipped config, corpus and tokenizer from any directory;
+  a relative workdir is taken from where the command runs."""
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  code, _, err = launch("run", "--config.train.steps=3", cwd=elsewhere)
+  assert code == 0, err[-2000:]
+  assert losses(elsewhere / "run") and (elsewhere / "run" / "checkpoints").is_dir()
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
