@@ -4,7 +4,7 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
       python -m experiments.reproduce --study=domains --workdir=runs/reproduce
 
---study takes names from experiments/studies.py (comma-separated) or "all". Each study trains the
+--study takes names from experiments/studies/ (comma-separated) or "all". Each study trains the
 runs it compares under <workdir>/runs/<variant> (a run another study already trained is reused; an
 interrupted one resumes) and writes <workdir>/<study>/results.json and its PNG figures. Config
 overrides (--config.train.steps=...) apply to every run of the invocation; a workdir whose run was
@@ -15,13 +15,15 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli as cli_lib
 from experiments import studies
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/reproduce.py", "Base config of every run.", lock_config=True)
+    "config", cli_lib.project_path("experiments/configs/reproduce.py"),
+    "Base config of every run.", lock_config=True)
 _STUDY = flags.DEFINE_string("study", None, f"Studies to run: {', '.join(studies.STUDIES)}, or "
                              "all.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Runs, results and figures go here.")
@@ -51,5 +53,9 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
+def cli():
+  cli_lib.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

@@ -41,11 +41,13 @@ def test_variants_change_only_what_they_compare(tmp_path):
   assert progressive.train.init_step == 540 and progressive.train.init_from.endswith("phase1")
   assert studies.variant_config(base, "domains_sequence", str(tmp_path)).model.lbl_mode == \
       "sequence"
+  assert not os.listdir(tmp_path)  # building a config writes nothing (prepare_data does)
 
 
 def test_domains_are_real_python_source_of_matching_size(tmp_path):
   base = get_config()
   paths = studies.prepare_domains(base, str(tmp_path))
+  assert paths == studies.domain_paths(str(tmp_path))  # where the domains variants read
   english = sum(len(d) for s in ("train", "val") for d in load_documents(paths["english"][s]))
   python_train = load_documents(paths["python"]["train"])
   python_val = load_documents(paths["python"]["val"])
@@ -53,6 +55,14 @@ def test_domains_are_real_python_source_of_matching_size(tmp_path):
   assert english <= python < english + 500_000
   assert all("def " in d or "import " in d or "class " in d for d in python_val)
   assert not set(python_train) & set(python_val)
+
+
+def test_analyses_import_no_matplotlib():
+  """matplotlib is imported by the figures only, when one is drawn (a fresh interpreter)."""
+  code = ("import sys, experiments.studies.analyses; "
+          "assert 'matplotlib' not in sys.modules, 'the analyses imported matplotlib'")
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def synthetic_run(name, config, steps, **series):
@@ -76,7 +86,7 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
                 val_gate_prob_cv=p.std(-1) * experts, val_lbl_per_layer=experts * (f * p).sum(-1),
                 val_loss=[5.0, 4.5], drop_fraction=np.zeros((2, layers)))
   lbl = synthetic_run("lbl", base, steps, **common)
-  results, figures = studies.analyze_imbalance({"lbl": lbl}, str(tmp_path))
+  results, figures = studies.STUDIES["imbalance"].analyze({"lbl": lbl}, str(tmp_path))
   final = f[-1].max(-1) * experts - 1
   assert results["max_load_dev"]["lower_layers_mean"] == pytest.approx(final[:2].mean())
   assert results["most_imbalanced_layer"] == int(np.argmax(final))
@@ -84,7 +94,7 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
   assert results["second_half_mean_lbl_per_layer"] == pytest.approx(lbl_values.mean(0))
   assert all(os.path.getsize(path) > 10_000 for path in figures)
 
-  results, _ = studies.analyze_shortcut({"lbl": lbl}, str(tmp_path))
+  results, _ = studies.STUDIES["shortcut"].analyze({"lbl": lbl}, str(tmp_path))
   worst = int(np.argmax(f[-1].std(-1)))
   assert results["least_balanced_layer"]["layer"] == worst
   assert results["least_balanced_layer"]["f_max"] == pytest.approx(f[-1, worst].max())
@@ -102,7 +112,7 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
       python_val_tokens_per_expert=python if m == "global" else english,
       english_val_loss=[3, 2], python_val_loss=[3, 2], english_val_load_max_dev=[[0] * layers] * 2,
       python_val_load_max_dev=[[0] * layers] * 2) for m in studies.DOMAIN_MODES}
-  results, _ = studies.analyze_domains(runs, str(tmp_path))
+  results, _ = studies.STUDIES["domains"].analyze(runs, str(tmp_path))
   info = results["mutual_information_bits"]
   assert info["micro_batch"]["mean"] == pytest.approx(0, abs=1e-6)
   for layer in range(layers):

@@ -1,7 +1,7 @@
 """The model and training run that every reproduction study starts from (experiments/reproduce.py).
 
 8 layers of 32 fine-grained experts, top-1, the paper's LBL coefficient; about 6 minutes per run on
-2 CPU cores. A study changes only what it compares (experiments/studies.py).
+2 CPU cores. A study changes only what it compares (experiments/studies/).
 """
 
 from experiments.configs.base import make_config

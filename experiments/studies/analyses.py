@@ -1,0 +1,185 @@
+"""What each study measures, in numbers only: each analysis takes {variant: Run} and returns its
+results (a JSON-ready dict). NumPy only; the figures are in figures.py.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+
+from experiments.studies.runs import Run, joined
+from experiments.studies.variants import DOMAIN_MODES
+from sigma_moe_jax.balancing import expert_domain_mutual_information
+from sigma_moe_jax.params import count_params
+
+
+def _lower_vs_upper(values: np.ndarray) -> Dict[str, float]:
+  """Mean over the lowest quarter of the layers against the mean over the rest."""
+  lower = max(1, len(values) // 4)
+  return {"lower_layers_mean": float(np.mean(values[:lower])),
+          "upper_layers_mean": float(np.mean(values[lower:]))}
+
+
+def _final_loss(run: Run) -> float:
+  return float(run.last("val_loss"))
+
+
+def imbalance(runs):
+  """Fig. 2a: per-layer max and min load deviation over training (validation set), top-1."""
+  run = runs["lbl"]
+  steps, max_dev = run.series("val_load_max_dev")
+  _, min_dev = run.series("val_load_min_dev")
+  _, lbl = run.series("val_lbl_per_layer")
+  final_max, final_min = max_dev[-1], min_dev[-1]
+  late = steps >= steps[-1] / 2  # single evaluations are noisy: also the second half's mean
+  return {
+      "final_max_load_dev_per_layer": final_max.tolist(),
+      "final_min_load_dev_per_layer": final_min.tolist(),
+      "final_lbl_per_layer": lbl[-1].tolist(),
+      "second_half_mean_max_load_dev_per_layer": max_dev[late].mean(0).tolist(),
+      "second_half_mean_lbl_per_layer": lbl[late].mean(0).tolist(),
+      "max_load_dev": _lower_vs_upper(final_max),
+      "min_load_dev": _lower_vs_upper(final_min),
+      "second_half_max_load_dev": _lower_vs_upper(max_dev[late].mean(0)),
+      "second_half_lbl": _lower_vs_upper(lbl[late].mean(0)),
+      "most_imbalanced_layer": int(np.argmax(final_max)),
+      "drop_fraction_per_layer": run.last("drop_fraction").tolist(),
+  }
+
+
+def shortcut(runs):
+  """Fig. 2b/c: the spread of p against that of f, in layer 0 and the top layer (the paper's
+  layers 0 and 52) and in the least balanced layer. Since sum_i f_i = sum_i p_i = 1,
+  LBL = 1 + E * sum_i (f_i - 1/E)(p_i - 1/E): it stays near 1 when either vector is flat or when
+  their deviations are uncorrelated, however spiky the other one is."""
+  run = runs["lbl"]
+  f, p = run.last("val_f"), run.last("val_p")
+  load_cv, prob_cv = run.last("val_load_cv"), run.last("val_gate_prob_cv")
+  lbl = run.last("val_lbl_per_layer")
+  num_layers, num_experts = f.shape
+  correlation = [float(np.corrcoef(f[l], p[l])[0, 1]) for l in range(num_layers)]
+  describe = lambda layer: {
+      "layer": layer, "lbl": float(lbl[layer]),
+      "f_min": float(f[layer].min()), "f_max": float(f[layer].max()),
+      "p_min": float(p[layer].min()), "p_max": float(p[layer].max()),
+      "f_cv": float(load_cv[layer]), "p_cv": float(prob_cv[layer]),
+      "f_p_correlation": correlation[layer]}
+  worst = int(np.argmax(load_cv))
+  return {"uniform_share": 1.0 / num_experts, "layer_0": describe(0),
+          "top_layer": describe(num_layers - 1), "least_balanced_layer": describe(worst),
+          "per_layer": {"lbl": lbl.tolist(), "f_cv": load_cv.tolist(),
+                        "p_cv": prob_cv.tolist(), "f_p_correlation": correlation}}
+
+
+def progressive(runs):
+  """Progressive sparsification against top-1 from the start, and Table 3: from the phase-1
+  checkpoint, keep phase-1 sparsity or convert to top-1."""
+  top1, keep = runs["lbl"], runs["phase1"]
+  convert = joined(keep, runs["progressive"])
+  branch = runs["progressive"].config.train.init_step
+  end = top1.config.train.steps
+  results = {
+      "branch_step": branch,
+      "val_loss": {"top1_from_start": _final_loss(top1), "keep_phase1": _final_loss(keep),
+                   "converted_to_top1": _final_loss(convert)},
+      "val_loss_after_branch": {
+          str(step): {"keep_phase1": float(keep.records[step]["val_loss"]),
+                      "converted_to_top1": float(convert.records[step]["val_loss"])}
+          for step in sorted(convert.records) if step > branch
+          and "val_loss" in convert.records[step] and "val_loss" in keep.records.get(step, {})},
+      "active_params": {"top1_from_start": top1.active_params(end),
+                        "keep_phase1": keep.active_params(end),
+                        "converted_to_top1": convert.active_params(end)},
+      "final_max_load_dev_per_layer": {
+          "top1_from_start": top1.last("val_load_max_dev").tolist(),
+          "keep_phase1": keep.last("val_load_max_dev").tolist(),
+          "converted_to_top1": convert.last("val_load_max_dev").tolist()},
+      "final_min_load_dev_per_layer": {
+          "top1_from_start": top1.last("val_load_min_dev").tolist(),
+          "keep_phase1": keep.last("val_load_min_dev").tolist(),
+          "converted_to_top1": convert.last("val_load_min_dev").tolist()},
+  }
+  loss = results["val_loss"]
+  results["converted_keeps_fraction_of_keep"] = loss["keep_phase1"] / loss["converted_to_top1"]
+  return results
+
+
+def loss_free(runs):
+  """Fig. 3: loss-free balancing: bias magnitude per layer and the load against the LBL's."""
+  free, lbl = runs["loss_free"], runs["lbl"]
+  _, bias = free.series("bias_abs_mean")
+  return {
+      "final_bias_abs_mean_per_layer": bias[-1].tolist(),
+      "final_max_load_dev_per_layer": {"loss_free": free.last("val_load_max_dev").tolist(),
+                                       "lbl": lbl.last("val_load_max_dev").tolist()},
+      "final_min_load_dev_per_layer": {"loss_free": free.last("val_load_min_dev").tolist(),
+                                       "lbl": lbl.last("val_load_min_dev").tolist()},
+      "val_loss": {"loss_free": _final_loss(free), "lbl": _final_loss(lbl)},
+  }
+
+
+def top1_lbl(runs):
+  """Fig. 4: Top-1 LBL against the standard LBL: per-layer balance and validation loss."""
+  top1, lbl = runs["top1_lbl"], runs["lbl"]
+  results = {"val_loss": {"top1_lbl": _final_loss(top1), "lbl": _final_loss(lbl)}}
+  for key in ("max", "min"):
+    values = {name: run.last(f"val_load_{key}_dev") for name, run in (("top1_lbl", top1),
+                                                                        ("lbl", lbl))}
+    results[f"final_{key}_load_dev_per_layer"] = {k: v.tolist() for k, v in values.items()}
+    results[f"{key}_load_dev"] = {k: _lower_vs_upper(v) for k, v in values.items()}
+  return results
+
+
+def domain_information(run: Run):
+  """(steps, [evals, layers] mutual information in bits between expert choice and domain)."""
+  steps, english = run.series("english_val_tokens_per_expert")
+  _, python = run.series("python_val_tokens_per_expert")
+  counts = np.stack([english, python], axis=1)  # [evals, domains, layers, E]
+  return steps, np.stack([np.asarray(expert_domain_mutual_information(c)) for c in counts])
+
+
+def domains(runs):
+  """Qiu et al.: global-batch LBL lets experts specialise by domain; micro-batch and
+  sequence-level LBL push every shard or sequence towards uniform use."""
+  results = {"mutual_information_bits": {}, "val_loss": {}, "max_load_dev_per_layer": {}}
+  for mode in DOMAIN_MODES:
+    run = runs[f"domains_{mode}"]
+    _, info = domain_information(run)
+    results["mutual_information_bits"][mode] = {
+        "per_layer": info[-1].tolist(), "mean": float(info[-1].mean())}
+    results["val_loss"][mode] = {d: float(run.last(f"{d}_val_loss"))
+                                 for d in ("english", "python")}
+    results["max_load_dev_per_layer"][mode] = {
+        d: run.last(f"{d}_val_load_max_dev").tolist() for d in ("english", "python")}
+  return results
+
+
+def dense(runs):
+  """MoE against a dense model with the same activated parameters, on the same tokens."""
+  moe, dense_run = runs["lbl"], runs["dense"]
+  end = moe.config.train.steps
+  return {
+      "val_loss": {"moe": _final_loss(moe), "dense": _final_loss(dense_run)},
+      "active_params": {"moe": moe.active_params(end), "dense": dense_run.active_params(end)},
+      "total_params": {"moe": count_params(moe.model())["total"],
+                       "dense": count_params(dense_run.model())["total"]},
+      "tokens": int(end * moe.config.train.batch_size * moe.config.train.seq_len),
+  }
+
+
+def seed_noise(runs):
+  """How much two initialisations of the same run differ: the yardstick for every comparison."""
+  a, b = runs["lbl"], runs["lbl_seed1"]
+  steps, loss_a = a.series("val_loss")
+  _, loss_b = b.series("val_loss")
+  return {
+      "val_loss": {"seed0": _final_loss(a), "seed1": _final_loss(b)},
+      "val_loss_abs_diff_final": abs(_final_loss(a) - _final_loss(b)),
+      "val_loss_abs_diff_mean_second_half": float(
+          np.mean(np.abs(loss_a - loss_b)[steps >= steps[-1] / 2])),
+      "final_max_load_dev_per_layer": {"seed0": a.last("val_load_max_dev").tolist(),
+                                       "seed1": b.last("val_load_max_dev").tolist()},
+      "final_lbl_per_layer": {"seed0": a.last("val_lbl_per_layer").tolist(),
+                              "seed1": b.last("val_lbl_per_layer").tolist()},
+  }

@@ -1,0 +1,73 @@
+"""The two-domain corpus of the domains study: English (the configured corpus) and Python source
+of equal size, each split into train and validation files under <workdir>/data.
+
+`domain_paths` only names the files (variants read it to build their config); `prepare_domains`
+writes them, once, and is run by the study runner before training.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import random
+import sysconfig
+from typing import Dict, List
+
+from sigma_moe_jax.data import load_documents, split_documents
+
+DOMAINS = ("english", "python")
+SPLITS = ("train", "val")
+
+
+def python_stdlib_documents(target_chars: int, seed: int) -> List[str]:
+  """Source files of the standard library of the Python running this (tests, IDLE and
+  site-packages left out), drawn in a seeded order until `target_chars` characters."""
+  root = sysconfig.get_paths()["stdlib"]
+  files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                 if not any(part in f for part in ("site-packages", "/test", "idlelib")))
+  if not files:
+    raise ValueError(f"no Python source files under {root}")
+  random.Random(seed).shuffle(files)
+  docs, chars = [], 0
+  for path in files:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+    if text.strip():
+      docs.append(text)
+      chars += len(text)
+    if chars >= target_chars:
+      break
+  return docs
+
+
+def _write_jsonl(path: str, docs: List[str]):
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    for doc in docs:
+      f.write(json.dumps({"text": doc}) + "\n")
+
+
+def domain_paths(workdir: str) -> Dict[str, Dict[str, str]]:
+  """{domain: {"train": path, "val": path}} under workdir; writes nothing."""
+  directory = os.path.join(workdir, "data")
+  return {name: {split: os.path.join(directory, f"{name}_{split}.jsonl.gz") for split in SPLITS}
+          for name in DOMAINS}
+
+
+def prepare_domains(config, workdir: str) -> Dict[str, Dict[str, str]]:
+  """Writes the files of `domain_paths(workdir)` that are not there yet and returns their paths:
+  the documents of `config.data.path` and as many characters of Python source, each split by
+  `config.data.val_fraction` and `config.data.seed`."""
+  paths = domain_paths(workdir)
+  os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+  english = load_documents(config.data.path)
+  python = python_stdlib_documents(sum(map(len, english)), config.data.seed)
+  for name, docs in (("english", english), ("python", python)):
+    train, val = split_documents(docs, config.data.val_fraction, config.data.seed)
+    for split, part in (("train", train), ("val", val)):
+      path = paths[name][split]
+      if not os.path.exists(path):
+        _write_jsonl(path + ".tmp", part)
+        os.replace(path + ".tmp", path)
+  return paths

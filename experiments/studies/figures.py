@@ -1,0 +1,188 @@
+"""The studies' figures: each takes {variant: Run}, the study's results and an output directory,
+writes PNGs there and returns their paths. matplotlib (Agg) is imported here only, on first use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from experiments.studies.analyses import domain_information
+from experiments.studies.runs import joined
+from experiments.studies.variants import DOMAIN_MODES
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, out: str, name: str) -> str:
+  path = os.path.join(out, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  _plt().close(fig)
+  return path
+
+
+def _layer_colors(num_layers: int):
+  cmap = _plt().get_cmap("viridis")
+  return [cmap(i / max(num_layers - 1, 1)) for i in range(num_layers)]
+
+
+def imbalance(runs, results, out):
+  """Max and min expert load per layer over training, and per layer at the end."""
+  del results
+  run = runs["lbl"]
+  steps, max_dev = run.series("val_load_max_dev")
+  _, min_dev = run.series("val_load_min_dev")
+  final_max, final_min = max_dev[-1], min_dev[-1]
+  late = steps >= steps[-1] / 2
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for layer, color in enumerate(_layer_colors(max_dev.shape[1])):
+    axes[0].plot(steps, 100 * max_dev[:, layer], color=color, label=f"layer {layer}")
+    axes[0].plot(steps, 100 * min_dev[:, layer], color=color, linestyle="--")
+  axes[0].set(xlabel="step", ylabel="load deviation from uniform (%)",
+              title="max (solid) and min (dashed) expert load, top-1 + LBL")
+  axes[0].legend(fontsize=7, ncol=2)
+  layers = np.arange(len(final_max))
+  axes[1].bar(layers, 100 * max_dev[late].mean(0), color="tab:red",
+              label="most loaded expert, second-half mean")
+  axes[1].bar(layers, 100 * min_dev[late].mean(0), color="tab:blue",
+              label="least loaded expert, second-half mean")
+  axes[1].scatter(layers, 100 * final_max, color="k", marker="_", s=200, zorder=3,
+                  label=f"step {steps[-1]}")
+  axes[1].scatter(layers, 100 * final_min, color="k", marker="_", s=200, zorder=3)
+  axes[1].set(xlabel="layer", ylabel="load deviation (%)", title="per layer")
+  axes[1].set_ylim(top=axes[1].get_ylim()[1] * 1.35)
+  axes[1].legend(fontsize=8, loc="upper center")
+  return [_save(fig, out, "imbalance.png")]
+
+
+def shortcut(runs, results, out):
+  """f against p, experts sorted by f, in layer 0 and the top layer."""
+  del results
+  run = runs["lbl"]
+  f, p = run.last("val_f"), run.last("val_p")
+  load_cv, prob_cv = run.last("val_load_cv"), run.last("val_gate_prob_cv")
+  lbl = run.last("val_lbl_per_layer")
+  num_layers, num_experts = f.shape
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, layer in zip(axes, (0, num_layers - 1)):
+    order = np.argsort(-f[layer])
+    x = np.arange(num_experts)
+    ax.bar(x - 0.2, f[layer][order], width=0.4, label="f (share of tokens)")
+    ax.bar(x + 0.2, p[layer][order], width=0.4, label="p (mean gate probability)")
+    ax.axhline(1.0 / num_experts, color="k", linewidth=0.8, linestyle=":", label="uniform")
+    ax.set(xlabel="expert (sorted by f)", title=f"layer {layer}: LBL {lbl[layer]:.3f}, "
+           f"CV f {load_cv[layer]:.2f}, CV p {prob_cv[layer]:.2f}")
+    ax.legend(fontsize=8)
+  return [_save(fig, out, "shortcut.png")]
+
+
+def progressive(runs, results, out):
+  """Validation loss and layers 0-1 max load of the three runs, the branch step marked."""
+  top1, keep = runs["lbl"], runs["phase1"]
+  convert = joined(keep, runs["progressive"])
+  branch = runs["progressive"].config.train.init_step
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  styles = (("top-1 from the start", top1, "tab:gray"), ("phase 1 kept", keep, "tab:blue"),
+            ("phase 1, then top-1", convert, "tab:red"))
+  for label, run, color in styles:
+    axes[0].plot(*run.series("val_loss"), label=label, color=color)
+    steps, dev = run.series("val_load_max_dev")
+    axes[1].plot(steps, 100 * dev[:, 0], label=f"{label}, layer 0", color=color)
+    axes[1].plot(steps, 100 * dev[:, 1], color=color, linestyle="--")
+  for ax in axes:
+    ax.axvline(branch, color="k", linewidth=0.8, linestyle=":")
+  axes[0].set(xlabel="step", ylabel="validation loss", title="validation loss")
+  axes[0].set_ylim(top=min(axes[0].get_ylim()[1], results["val_loss"]["top1_from_start"] + 1.5))
+  axes[1].set(xlabel="step", ylabel="max load deviation (%)",
+              title="most loaded expert, layer 0 (solid) and 1 (dashed)")
+  axes[0].legend()
+  axes[1].legend(fontsize=8)
+  return [_save(fig, out, "progressive.png")]
+
+
+def loss_free(runs, results, out):
+  """Bias magnitude per layer over training, and layer 0's load against the LBL run's."""
+  del results
+  free, lbl = runs["loss_free"], runs["lbl"]
+  bias_steps, bias = free.series("bias_abs_mean")
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for layer, color in enumerate(_layer_colors(bias.shape[1])):
+    axes[0].plot(bias_steps, bias[:, layer], color=color, label=f"layer {layer}")
+  axes[0].set(xlabel="step", ylabel="mean |bias|", title="loss-free: selection-bias magnitude")
+  axes[0].legend(fontsize=7, ncol=2)
+  for label, run, color in (("loss-free", free, "tab:red"), ("LBL", lbl, "tab:gray")):
+    steps, max_dev = run.series("val_load_max_dev")
+    _, min_dev = run.series("val_load_min_dev")
+    axes[1].plot(steps, 100 * max_dev[:, 0], color=color, label=f"{label}: max")
+    axes[1].plot(steps, 100 * min_dev[:, 0], color=color, linestyle="--", label=f"{label}: min")
+  axes[1].set(xlabel="step", ylabel="load deviation (%)", title="layer 0 expert load")
+  axes[1].legend()
+  return [_save(fig, out, "loss_free.png")]
+
+
+def top1_lbl(runs, results, out):
+  """Max and min load per layer at the end, and validation loss, of both losses."""
+  top1, lbl = runs["top1_lbl"], runs["lbl"]
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  layers = np.arange(top1.config.model.num_layers)
+  for offset, (label, run, color) in zip((-0.2, 0.2), (("LBL", lbl, "tab:gray"),
+                                                       ("Top-1 LBL", top1, "tab:green"))):
+    axes[0].bar(layers + offset, 100 * run.last("val_load_max_dev"), width=0.4, color=color,
+                label=label)
+    axes[0].bar(layers + offset, 100 * run.last("val_load_min_dev"), width=0.4, color=color,
+                alpha=0.5)
+    axes[1].plot(*run.series("val_loss"), color=color, label=label)
+  axes[0].set(xlabel="layer", ylabel="load deviation (%)",
+              title="most (up) and least (down) loaded expert at the end")
+  axes[1].set(xlabel="step", ylabel="validation loss", title="validation loss")
+  axes[1].set_ylim(top=min(axes[1].get_ylim()[1], results["val_loss"]["lbl"] + 1.5))
+  axes[0].legend()
+  axes[1].legend()
+  return [_save(fig, out, "top1_lbl.png")]
+
+
+def domains(runs, results, out):
+  """Expert-domain mutual information per layer at the end, and its mean over training."""
+  del results
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  colors = dict(zip(DOMAIN_MODES, ("tab:purple", "tab:orange", "tab:cyan")))
+  for i, mode in enumerate(DOMAIN_MODES):
+    steps, info = domain_information(runs[f"domains_{mode}"])
+    layers = np.arange(info.shape[1])
+    axes[0].bar(layers + (i - 1) * 0.27, info[-1], width=0.27, color=colors[mode],
+                label=f"{mode} LBL")
+    axes[1].plot(steps, info.mean(axis=1), color=colors[mode], label=f"{mode} LBL")
+  axes[0].set(xlabel="layer", ylabel="I(expert; domain) (bits, max 1)",
+              title="expert specialisation at the end")
+  axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.25)
+  axes[1].set(xlabel="step", ylabel="mean over layers (bits)", title="specialisation over time")
+  axes[0].legend(ncol=3, fontsize=8, loc="upper center")
+  axes[1].legend()
+  return [_save(fig, out, "domains.png")]
+
+
+def dense(runs, results, out):
+  """Validation loss of the MoE and the dense model."""
+  moe, dense_run = runs["lbl"], runs["dense"]
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, run, color in (("MoE, 32 experts top-1", moe, "tab:red"),
+                            ("dense, same activated params", dense_run, "tab:gray")):
+    ax.plot(*run.series("val_loss"), color=color, label=label)
+  ax.set(xlabel="step", ylabel="validation loss", title="MoE against dense")
+  ax.set_ylim(top=min(ax.get_ylim()[1], results["val_loss"]["dense"] + 1.5))
+  ax.legend()
+  return [_save(fig, out, "dense.png")]

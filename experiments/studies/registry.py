@@ -1,0 +1,98 @@
+"""The studies by name (the variants each compares, its analysis and its figure) and running them
+for experiments/reproduce.py: preparing data, then training each variant once."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, NamedTuple, Optional
+
+from experiments import training
+from experiments.studies import analyses, figures
+from experiments.studies.domain_data import prepare_domains
+from experiments.studies.variants import DOMAIN_VARIANTS, VARIANTS, variant_config
+
+
+class Study(NamedTuple):
+  """`analysis(runs) -> results`; `figure(runs, results, out) -> PNG paths` (None: no figure)."""
+  title: str
+  variants: tuple
+  analysis: Callable
+  figure: Optional[Callable] = None
+
+  def analyze(self, runs, out: str):
+    """(results, figure paths) of {variant: Run}, the figures written under `out`."""
+    results = self.analysis(runs)
+    return results, [] if self.figure is None else self.figure(runs, results, out)
+
+
+STUDIES: Dict[str, Study] = {
+    "imbalance": Study("Lower-layer imbalance under top-1 (Fig. 2a)", ("lbl",),
+                       analyses.imbalance, figures.imbalance),
+    "shortcut": Study("The LBL shortcut (Fig. 2b/c)", ("lbl",), analyses.shortcut,
+                      figures.shortcut),
+    "progressive": Study("Progressive sparsification and Table 3",
+                         ("lbl", "phase1", "progressive"), analyses.progressive,
+                         figures.progressive),
+    "loss_free": Study("Loss-free balancing (Fig. 3)", ("lbl", "loss_free"), analyses.loss_free,
+                       figures.loss_free),
+    "top1_lbl": Study("Top-1 LBL (Fig. 4)", ("lbl", "top1_lbl"), analyses.top1_lbl,
+                      figures.top1_lbl),
+    "domains": Study("Global-batch against micro-batch and sequence LBL (Qiu et al.)",
+                     DOMAIN_VARIANTS, analyses.domains, figures.domains),
+    "dense": Study("MoE against dense at equal activated parameters", ("lbl", "dense"),
+                   analyses.dense, figures.dense),
+    "seed_noise": Study("Seed-to-seed spread of the plain-LBL run", ("lbl", "lbl_seed1"),
+                        analyses.seed_noise),
+}
+
+
+def selected_studies(spec: str):
+  names = list(STUDIES) if spec.strip() == "all" else [
+      s.strip() for s in spec.split(",") if s.strip()]
+  unknown = [n for n in names if n not in STUDIES]
+  if unknown or not names:
+    raise ValueError(f"unknown --study {unknown or spec!r}; choose from "
+                     f"{', '.join(STUDIES)} or all")
+  return names
+
+
+def variant_order(names):
+  """Variants of the selected studies, each once, with phase1 before progressive."""
+  wanted = {v for n in names for v in STUDIES[n].variants}
+  if "progressive" in wanted:
+    wanted.add("phase1")
+  return [v for v in VARIANTS if v in wanted]
+
+
+def prepare_data(base, name: str, workdir: str):
+  """Writes the data files variant `name` reads, if not there yet (the domain corpora)."""
+  if name in DOMAIN_VARIANTS:
+    prepare_domains(base, workdir)
+
+
+def train_variant(base, name: str, workdir: str):
+  """Prepares the data of one variant, then trains (or resumes, or reuses) it; returns its
+  config."""
+  prepare_data(base, name, workdir)
+  config = variant_config(base, name, workdir)
+  run_dir = os.path.join(workdir, "runs", name)
+  stamp = os.path.join(run_dir, "run_config.json")
+  wanted = json.loads(config.to_json())
+  if os.path.exists(stamp):
+    with open(stamp) as f:
+      if json.load(f) != wanted:
+        raise ValueError(f"{run_dir} holds a run made with another config; remove it or use "
+                         f"another --workdir")
+  else:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(stamp, "w") as f:
+      json.dump(wanted, f, indent=1)
+  metrics, finished = os.path.join(run_dir, "metrics.jsonl"), False
+  if os.path.exists(metrics):
+    with open(metrics) as f:
+      finished = any(json.loads(line)["step"] == config.train.steps for line in f)
+  if not finished:
+    print(f"=== training {name} in {run_dir}", flush=True)
+    training.run(config, run_dir)
+  return config

@@ -1,0 +1,111 @@
+"""The runs ("variants") the studies compare: each is the base config of
+experiments/configs/reproduce.py with a few changes. Building a config writes nothing; the data
+files a variant reads are written by `registry.prepare_data`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict
+
+import ml_collections
+
+from experiments.studies.domain_data import domain_paths
+
+SWITCH_FRACTION = 0.9
+DOMAIN_MESH_DATA = 4  # batch shards of the domain study: micro-batch LBL differs from global
+DOMAIN_MODES = ("global", "micro_batch", "sequence")
+DOMAIN_VARIANTS = tuple(f"domains_{m}" for m in DOMAIN_MODES)
+
+
+# Progressive sparsification: more experts in the two lowest layers (a quarter of 8), as the
+# paper's [8,8,6,6,4,4,2,2]+[1]*48 does in its lowest seventh; then top-1 everywhere.
+def phase1_top_k(num_layers: int) -> str:
+  if num_layers < 3:
+    raise ValueError("the progressive study needs model.num_layers >= 3")
+  return f"[4,2]+[1]*{num_layers - 2}"
+
+
+def branch_step(config) -> int:
+  """The step where progressive sparsification switches to top-1, and the run branches."""
+  step = int(round(SWITCH_FRACTION * config.train.steps))
+  if step % config.train.checkpoint_every or step <= 0:
+    raise ValueError(f"the progressive study branches at step {step} (90% of train.steps="
+                     f"{config.train.steps}), which must be a multiple of "
+                     f"train.checkpoint_every={config.train.checkpoint_every}")
+  if config.train.keep_checkpoints * config.train.checkpoint_every < config.train.steps - step:
+    raise ValueError("train.keep_checkpoints is too small to keep the branch checkpoint")
+  return step
+
+
+def _lbl(c, workdir):
+  del c, workdir  # the base config as it is
+
+
+def _lbl_seed1(c, workdir):
+  del workdir
+  c.train.seed = 1  # another initialisation, same data order
+
+
+def _phase1(c, workdir):
+  del workdir
+  c.schedule.top_k = phase1_top_k(c.model.num_layers)
+
+
+def _progressive(c, workdir):
+  c.schedule.top_k = (f"0:{phase1_top_k(c.model.num_layers)}; "
+                     f"{SWITCH_FRACTION}:[1]*{c.model.num_layers}")
+  c.train.init_from = os.path.join(workdir, "runs", "phase1")
+  c.train.init_step = branch_step(c)
+
+
+def _loss_free(c, workdir):
+  del workdir
+  c.model.gate_fn = "sigmoid"
+  c.balance.loss = "none"
+  c.balance.loss_free = True
+
+
+def _top1_lbl(c, workdir):
+  del workdir
+  c.balance.loss = "top1_lbl"
+  c.model.top1_lbl_tau = 0.1  # starting temperature, docs/design.md "Top-1 LBL (Eq. 2)"
+
+
+def _dense(c, workdir):
+  del workdir
+  c.model.num_experts = 1  # one expert of the same size: the same activated parameters
+  c.model.capacity_factor = 1.0
+  c.balance.loss = "none"
+
+
+def _domain_mix(mode):
+  def change(c, workdir):
+    paths = domain_paths(workdir)
+    c.data.path = ",".join(paths[d]["train"] for d in ("english", "python"))
+    c.data.val_fraction = 0.0
+    c.data.eval_sets = ";".join(f"{d}={paths[d]['val']}" for d in ("english", "python"))
+    c.model.lbl_mode = mode
+    c.mesh.data = DOMAIN_MESH_DATA
+  return change
+
+
+VARIANTS: Dict[str, Callable] = {
+    "lbl": _lbl,
+    "lbl_seed1": _lbl_seed1,
+    "phase1": _phase1,
+    "progressive": _progressive,  # after phase1: it starts from phase1's checkpoint
+    "loss_free": _loss_free,
+    "top1_lbl": _top1_lbl,
+    "dense": _dense,
+    "domains_global": _domain_mix("global"),
+    "domains_micro_batch": _domain_mix("micro_batch"),
+    "domains_sequence": _domain_mix("sequence"),
+}
+
+
+def variant_config(base, name: str, workdir: str) -> ml_collections.ConfigDict:
+  """The config of variant `name`: a copy of `base` with its changes (paths under workdir)."""
+  config = ml_collections.ConfigDict(base.to_dict())
+  VARIANTS[name](config, workdir)
+  return config
