@@ -12,6 +12,7 @@ from typing import Dict, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
 
 LBL_MODES = ("global", "micro_batch", "sequence")
 
@@ -36,18 +37,23 @@ class MoEStats(NamedTuple):
   router_z_loss: jax.Array
 
 
-def load_balancing_loss(f: jax.Array, p: jax.Array) -> jax.Array:
+# Shape names: B batch rows, T tokens per row, S slots, E experts, L leading axes (e.g. layers).
+def load_balancing_loss(f: Float[Array, "*L E"],
+                        p: Float[Array, "*L E"]) -> Float[Array, "*L"]:
   """Eq. 1: N_E * sum_i f_i p_i over the last axis. 1 at perfect balance."""
   return f.shape[-1] * jnp.sum(f * p, axis=-1)
 
 
-def top1_load_balancing_loss(fhat: jax.Array, pbar_top1: jax.Array) -> jax.Array:
+def top1_load_balancing_loss(fhat: Float[Array, "*L E"],
+                             pbar_top1: Float[Array, "*L"]) -> Float[Array, "*L"]:
   """Eq. 2: N_E * sum_i fhat_i^2 / pbar_top1. >= 1; 1 only for one-hot routing, uniform load."""
   return fhat.shape[-1] * jnp.sum(fhat * fhat, axis=-1) / pbar_top1
 
 
-def layer_statistics(logits, expert_ids, valid, token_mask, *, mode: str, tau: float,
-                     axes: Sequence[str], count_offset: Optional[jax.Array] = None) -> MoEStats:
+def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T S"],
+                     valid: Bool[Array, "B T S"], token_mask: Bool[Array, "B T"], *, mode: str,
+                     tau: float, axes: Sequence[str],
+                     count_offset: Optional[Float[Array, "E"]] = None) -> MoEStats:
   """Balancing losses and statistics from one shard's routing.
 
   logits [batch, seq, E] float32; expert_ids, valid [batch, seq, max_top_k]; token_mask [batch, seq].
@@ -110,8 +116,8 @@ def layer_statistics(logits, expert_ids, valid, token_mask, *, mode: str, tau: f
       router_z_loss=total["z"] / jnp.maximum(total["tokens"], 1.0))
 
 
-def update_selection_bias(bias: jax.Array, tokens_per_expert: jax.Array,
-                          rate: float) -> jax.Array:
+def update_selection_bias(bias: Float[Array, "*L E"], tokens_per_expert: Int[Array, "*L E"],
+                          rate: float) -> Float[Array, "*L E"]:
   """Loss-free balancing: b_i <- b_i + u * sign(mean load - load_i), per layer.
 
   bias float32 [layers, E]; tokens_per_expert [layers, E] counted over the global batch.
@@ -120,7 +126,8 @@ def update_selection_bias(bias: jax.Array, tokens_per_expert: jax.Array,
   return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 
-def load_statistics(counts: jax.Array, gate_prob_mean: jax.Array) -> Dict[str, jax.Array]:
+def load_statistics(counts: Float[Array, "*L E"],
+                    gate_prob_mean: Float[Array, "*L E"]) -> Dict[str, jax.Array]:
   """How balanced a layer is, from its assignment counts and mean gate probabilities [..., E].
 
   f, p: the load distribution and the mean gate probabilities. load_max_dev / load_min_dev:
@@ -158,7 +165,8 @@ def routing_metrics(stats: MoEStats) -> Dict[str, jax.Array]:
   }
 
 
-def expert_domain_mutual_information(counts: jax.Array) -> jax.Array:
+def expert_domain_mutual_information(
+    counts: Float[Array, "domains *L E"]) -> Float[Array, "*L"]:
   """Mutual information, in bits, between the expert a token is sent to and its domain.
 
   counts [domains, ..., E]: assignments per expert, counted separately on each domain's text.

@@ -17,8 +17,12 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
 
-Experts = Tuple[jax.Array, jax.Array, jax.Array]
+# Shape names: T tokens, S slots per token (experts a token may use), E experts, D d_model,
+# F d_ff, N = T * S assignments, G groups (experts, or devices in expert parallelism), C capacity.
+Experts = Tuple[Float[Array, "E D F"], Float[Array, "E D F"], Float[Array, "E F D"]]
+Output = Tuple[Float[Array, "T D"], Int[Array, ""]]  # (y, dropped assignments)
 
 
 class SortedAssignments(NamedTuple):
@@ -32,7 +36,8 @@ class SortedAssignments(NamedTuple):
   group_start: jax.Array  # [E] first sorted row of each expert
 
 
-def sort_assignments(expert_ids, valid, num_experts: int) -> SortedAssignments:
+def sort_assignments(expert_ids: Int[Array, "T S"], valid: Bool[Array, "T S"],
+                     num_experts: int) -> SortedAssignments:
   slots = expert_ids.shape[1]
   flat = jnp.where(valid, expert_ids, num_experts).reshape(-1)
   order = jnp.argsort(flat, stable=True)
@@ -45,14 +50,17 @@ def sort_assignments(expert_ids, valid, num_experts: int) -> SortedAssignments:
                            group_sizes, group_start)
 
 
-def combine(out_per_assignment, gate_weights):
+def combine(out_per_assignment: Float[Array, "N D"],
+            gate_weights: Float[Array, "T S"]) -> Float[Array, "T D"]:
   """Weighted sum over slots: [tokens * slots, d] x [tokens, slots] -> [tokens, d]."""
   tokens, slots = gate_weights.shape
   out = out_per_assignment.reshape(tokens, slots, -1)
   return jnp.einsum("tsd,ts->td", out, gate_weights.astype(out.dtype))
 
 
-def ragged(x, expert_ids, gate_weights, valid, experts: Experts, capacity=None):
+def ragged(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
+           gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"], experts: Experts,
+           capacity: Optional[int] = None) -> Output:
   """Dropless: sort by expert, grouped matmul with `jax.lax.ragged_dot`, unsort.
 
   Masked rows sort past the sum of the group sizes, where ragged_dot computes nothing. XLA:CPU
@@ -111,7 +119,8 @@ class BufferLayout(NamedTuple):
   kept: jax.Array
 
 
-def buffer_layout(group_ids, valid, num_groups: int, capacity: int) -> BufferLayout:
+def buffer_layout(group_ids: Int[Array, "T S"], valid: Bool[Array, "T S"], num_groups: int,
+                  capacity: int) -> BufferLayout:
   s = sort_assignments(group_ids, valid, num_groups)
   position = jnp.arange(capacity, dtype=jnp.int32)
   filled = (position[None, :] < s.group_sizes[:, None]).reshape(-1)
@@ -125,20 +134,23 @@ def buffer_layout(group_ids, valid, num_groups: int, capacity: int) -> BufferLay
   return BufferLayout(source, filled, index, kept)
 
 
-def to_buffers(x, layout: BufferLayout, slots: int):
+def to_buffers(x: Float[Array, "T D"], layout: BufferLayout,
+               slots: int) -> Float[Array, "G*C D"]:
   """Token rows x [tokens, d] -> buffer rows [groups * capacity, d] (empty rows are zero)."""
   tokens = x.shape[0]
   return take_rows(x, layout.source // slots, layout.filled,
                    layout.index.reshape(tokens, slots), layout.kept.reshape(tokens, slots))
 
 
-def from_buffers(rows, layout: BufferLayout):
+def from_buffers(rows: Float[Array, "G*C D"], layout: BufferLayout) -> Float[Array, "N D"]:
   """Buffer rows [groups * capacity, d] -> one row per assignment (zero where not kept)."""
   return take_rows(rows, layout.index, layout.kept, layout.source[:, None],
                    layout.filled[:, None])
 
 
-def padded(x, expert_ids, gate_weights, valid, experts: Experts, capacity: int):
+def padded(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
+           gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"], experts: Experts,
+           capacity: int) -> Output:
   """Sort, gather into [experts, capacity, d] buffers, batched matmul, gather back.
 
   Assignments past an expert's capacity are dropped (their output is zero) and counted. Data
@@ -155,7 +167,9 @@ def padded(x, expert_ids, gate_weights, valid, experts: Experts, capacity: int):
   return combine(from_buffers(out, layout), gate_weights), dropped.astype(jnp.int32)
 
 
-def dense(x, expert_ids, gate_weights, valid, experts: Experts, capacity=None):
+def dense(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
+          gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"], experts: Experts,
+          capacity: Optional[int] = None) -> Output:
   """Every expert on every token, combined with a masked weight matrix. A test oracle."""
   del capacity
   w_gate, w_up, w_down = experts

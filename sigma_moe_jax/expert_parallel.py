@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
 
 from sigma_moe_jax import dispatch as dispatch_lib
 
@@ -22,9 +23,11 @@ def send_capacity(assignments: int, shards: int, capacity_factor: Optional[float
   return dispatch_lib.buffer_capacity(assignments, shards, capacity_factor, limit=assignments)
 
 
-def exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *, axis: str,
-                     shards: int, num_experts: int, dispatch: str,
-                     capacity_factor: Optional[float]):
+def exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
+                     gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"],
+                     local_experts: dispatch_lib.Experts, *, axis: str, shards: int,
+                     num_experts: int, dispatch: str,
+                     capacity_factor: Optional[float]) -> dispatch_lib.Output:
   """x [tokens, d] local tokens; expert_ids, gate_weights, valid [tokens, slots] (global expert
   ids); local_experts: this device's [num_experts / shards, ...] weights.
 
@@ -58,9 +61,11 @@ def exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *, axis:
   return y, (send_dropped + local_dropped).astype(jnp.int32)
 
 
-def ragged_exchange_and_run(x, expert_ids, gate_weights, valid, local_experts, *, axis: str,
-                            shards: int, num_experts: int, dispatch: str,
-                            collective: Callable = None):
+def ragged_exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
+                            gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"],
+                            local_experts: dispatch_lib.Experts, *, axis: str, shards: int,
+                            num_experts: int, dispatch: str,
+                            collective: Optional[Callable] = None) -> dispatch_lib.Output:
   """Dropless expert parallelism with `jax.lax.ragged_all_to_all` (GPU and TPU).
 
   Each device sends exactly its assignments for each destination; receive buffers are sized for

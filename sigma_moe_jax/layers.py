@@ -71,6 +71,10 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     """x [batch, seq, d_model], positions [batch, seq], mask [batch, 1, seq, seq]."""
+    with jax.named_scope("attention"):
+      return self._attend(x, positions, mask)
+
+  def _attend(self, x, positions, mask):
     cast = lambda p: p[...].astype(self.dtype)
     q = jnp.einsum("bsd,dnh->bsnh", x, cast(self.wq))
     k = jnp.einsum("bsd,dkh->bskh", x, cast(self.wk))

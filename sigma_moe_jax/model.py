@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sigma_moe_jax import sharding
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.layers import (Attention, RMSNorm, attention_mask, normal_param,
                                   positions_from_segments)
@@ -96,6 +97,19 @@ class Transformer(nnx.Module):
 
     Returns (logits float32 [batch, seq, vocab], MoEStats with a leading [layers] axis).
     """
+    x, stats = self.hidden_states(tokens, segment_ids, positions, top_k, selection_bias,
+                                  count_offset)
+    logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits, stats
+
+  def hidden_states(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None,
+                    positions: Optional[jax.Array] = None, top_k: Optional[jax.Array] = None,
+                    selection_bias: Optional[jax.Array] = None,
+                    count_offset: Optional[jax.Array] = None):
+    """The final-norm output [batch, seq, d_model] (compute dtype) and the MoEStats; arguments
+    as in `__call__`. The residual stream is split over the mesh's batch axes at every block
+    boundary."""
     cfg = self.cfg
     check_tokens(tokens, cfg.vocab_size)
     if segment_ids is None:
@@ -109,14 +123,16 @@ class Transformer(nnx.Module):
     token_mask = segment_ids > 0
     dtype = jnp.dtype(cfg.dtype)
 
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+    x = sharding.constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(dtype))
     graphdef, stacked = nnx.split(self.blocks)
     all_stats = []
     for start, stop, group_max_top_k in scan_groups(cfg.max_top_k_per_layer):
       def layer(x, xs, group_max_top_k=group_max_top_k):
         layer_state, layer_top_k, bias, offset = xs
-        return nnx.merge(graphdef, layer_state)(x, positions, mask, token_mask, layer_top_k, group_max_top_k,
-                                                bias, offset)
+        block = nnx.merge(graphdef, layer_state)
+        x, stats = block(x, positions, mask, token_mask, layer_top_k, group_max_top_k, bias,
+                         offset)
+        return sharding.constrain_batch(x), stats
       if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
       rows = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
@@ -124,7 +140,4 @@ class Transformer(nnx.Module):
       x, stats = jax.lax.scan(layer, x, group)
       all_stats.append(stats)
     stats = jax.tree.map(lambda *s: jnp.concatenate(s), *all_stats)
-    x = self.final_norm(x)
-    logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(dtype),
-                        preferred_element_type=jnp.float32)
-    return logits, MoEStats(*stats)
+    return self.final_norm(x), MoEStats(*stats)

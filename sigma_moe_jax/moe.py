@@ -72,17 +72,21 @@ class MoE(nnx.Module):
 
     def moe_shard(x, router, top_k, token_mask, bias, offset, weights):
       b, s, d_model = x.shape
-      # The router runs in float32 whatever the compute dtype: top-1 choices among 96 experts
-      # are decided by small logit differences.
-      logits = jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)  # [b, s, E]
-      routing = route(logits.reshape(b * s, num_experts), top_k, max_top_k, gate_fn=self.gate_fn,
-                      renormalize=self.renormalize, token_mask=token_mask.reshape(-1),
-                      selection_bias=None if selection_bias is None else bias)
-      stats = layer_statistics(
-          logits, routing.expert_ids.reshape(b, s, max_top_k), routing.valid.reshape(b, s, max_top_k),
-          token_mask, mode=self.lbl_mode, tau=self.top1_lbl_tau, axes=axes,
-          count_offset=None if count_offset is None else offset)
+      with jax.named_scope("router"):
+        # The router runs in float32 whatever the compute dtype: top-1 choices among 96 experts
+        # are decided by small logit differences.
+        logits = jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)  # [b, s, E]
+        routing = route(logits.reshape(b * s, num_experts), top_k, max_top_k,
+                        gate_fn=self.gate_fn, renormalize=self.renormalize,
+                        token_mask=token_mask.reshape(-1),
+                        selection_bias=None if selection_bias is None else bias)
+      with jax.named_scope("balancing"):
+        stats = layer_statistics(
+            logits, routing.expert_ids.reshape(b, s, max_top_k),
+            routing.valid.reshape(b, s, max_top_k), token_mask, mode=self.lbl_mode,
+            tau=self.top1_lbl_tau, axes=axes,
+            count_offset=None if count_offset is None else offset)
       experts = []
       for name in ("w_gate", "w_up", "w_down"):
         w = weights[name]
@@ -90,11 +94,12 @@ class MoE(nnx.Module):
           if axis == "fsdp":  # FSDP: gather d_model before use; the gradient is reduce-scattered
             w = jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True)
         experts.append(w.astype(self.dtype))
-      y, dropped = run_experts(
-          x.reshape(b * s, d_model), routing.expert_ids, routing.gate_weights.astype(self.dtype),
-          routing.valid, tuple(experts), top_k, dispatch=self.dispatch,
-          capacity_factor=self.capacity_factor, expert_axis="expert",
-          expert_shards=expert_shards, expert_exchange=self.expert_exchange)
+      with jax.named_scope("dispatch"):
+        y, dropped = run_experts(
+            x.reshape(b * s, d_model), routing.expert_ids,
+            routing.gate_weights.astype(self.dtype), routing.valid, tuple(experts), top_k,
+            dispatch=self.dispatch, capacity_factor=self.capacity_factor, expert_axis="expert",
+            expert_shards=expert_shards, expert_exchange=self.expert_exchange)
       if weight_specs["w_down"][1] == "tensor":  # d_ff split: partial sums of the down projection
         y = jax.lax.psum(y, "tensor")
       dropped = jax.lax.psum(dropped, axes)

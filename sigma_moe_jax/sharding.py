@@ -88,6 +88,16 @@ def batch_spec(mesh) -> P:
   return P(axes if axes else None)
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation whose leading axis is the batch ([batch, seq, d_model] residual stream) to
+  be split over the batch axes of the ambient mesh, replicated along the others; a no-op when no
+  mesh is set. Keeps XLA from resharding the residual stream between blocks."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, batch_spec(mesh))
+
+
 def logical_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh) -> P:
   """Maps logical dimension names to mesh axes. A dimension stays replicated where the axis has
   size 1 (so no collective is spent on it) or does not divide it (2 KV heads on tensor = 4)."""

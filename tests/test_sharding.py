@@ -114,3 +114,22 @@ def test_parameter_shardings_follow_the_rules():
 def test_bad_meshes_are_rejected(sizes, match):
   with pytest.raises(ValueError, match=match):
     sharding.make_mesh(**sizes)
+
+
+def test_residual_stream_is_split_over_the_batch_axes():
+  """The residual stream leaves every block split over data, fsdp and expert and replicated over
+  tensor, d_model and seq, whatever the weights' placement suggests to XLA."""
+  mesh = sharding.make_mesh(data=1, fsdp=2, expert=2, tensor=2)
+  graphdef, state, _ = setup()
+  shardings = sharding.param_shardings(state.params, mesh)
+  params = jax.device_put(state.params, shardings)
+
+  def hidden(params, tokens):
+    return nnx.merge(graphdef, params).hidden_states(tokens)[0]
+  with jax.set_mesh(mesh):
+    fn = jax.jit(hidden)
+    x = fn(params, batch()["tokens"])
+    text = fn.lower(params, batch()["tokens"]).as_text()
+  assert x.sharding.is_equivalent_to(NamedSharding(mesh, P(("fsdp", "expert"))), x.ndim)
+  # One constraint after the embedding and one in the scanned block body.
+  assert text.count("sharding_constraint") >= 2
