@@ -55,9 +55,12 @@ def check_config_keys(config):
 
 
 def model_differences(saved: dict, current: dict) -> list:
-  """The model.* keys of two config dicts that differ, as "model.k: checkpoint x, config y"."""
-  return [f"model.{k}: checkpoint {saved['model'].get(k)!r}, config {v!r}"
-          for k, v in current["model"].items() if saved["model"].get(k) != v]
+  """The model.* keys of two config dicts that differ, as "model.k: checkpoint x, config y". A key
+  the checkpoint lacks (written before the field existed) counts as the field's default."""
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  saved_model = {**defaults, **saved["model"]}
+  return [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {v!r}"
+          for k, v in current["model"].items() if saved_model.get(k) != v]
 
 
 def check_compatible(saved: dict, current: dict):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+from sigma_moe_jax.attention import ATTENTIONS
 from sigma_moe_jax.balancing import LBL_MODES
 from sigma_moe_jax.dispatch import DISPATCHES
+from sigma_moe_jax.grouped_matmul import GROUPED_MATMULS
 
 GATE_FUNCTIONS = ("softmax", "sigmoid")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -43,6 +45,11 @@ class ModelConfig:
   # so it is only allowed where a layer can activate more than one expert.
   renormalize: bool = False
   dispatch: str = "padded"
+  # Kernel of the `ragged` dispatch's grouped matmul and of attention; `auto` picks per platform
+  # (grouped_matmul.py, attention.py): megablox and splash on TPU, Mosaic GPU and cuDNN on a
+  # Hopper GPU, XLA on the CPU.
+  grouped_matmul: str = "auto"
+  attention: str = "auto"
   # Scope of the load-balancing loss (see balancing.py): global batch (the paper), each shard's
   # micro-batch, or each sequence. top1_lbl_tau is the temperature of the Top-1 LBL (Eq. 2).
   lbl_mode: str = "global"
@@ -85,6 +92,9 @@ class ModelConfig:
     _require("gate_fn", self.gate_fn in GATE_FUNCTIONS, f"must be one of {GATE_FUNCTIONS}")
     _require("dispatch", self.dispatch in DISPATCHES,
              f"must be one of {tuple(DISPATCHES)}")
+    _require("grouped_matmul", self.grouped_matmul in GROUPED_MATMULS,
+             f"must be one of {GROUPED_MATMULS}")
+    _require("attention", self.attention in ATTENTIONS, f"must be one of {ATTENTIONS}")
     _require("renormalize", not self.renormalize or max(self.max_top_k_per_layer) > 1,
              "needs a layer with k > 1: at k = 1 the gate weight becomes 1 and the router "
              "gets no gradient from the language-modelling loss")

@@ -12,12 +12,16 @@ multiplies one slot per token, not eight, and changing top_k at run time never r
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+from sigma_moe_jax import grouped_matmul as grouped_matmul_lib
+from sigma_moe_jax.grouped_matmul import gmm
 
 # Shape names: T tokens, S slots per token (experts a token may use), E experts, D d_model,
 # F d_ff, N = T * S assignments, G groups (experts, or devices in expert parallelism), C capacity.
@@ -60,22 +64,19 @@ def combine(out_per_assignment: Float[Array, "N D"],
 
 def ragged(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
            gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"], experts: Experts,
-           capacity: Optional[int] = None) -> Output:
-  """Dropless: sort by expert, grouped matmul with `jax.lax.ragged_dot`, unsort.
+           capacity: Optional[int] = None, *, backend: str = "xla") -> Output:
+  """Dropless: sort by expert, grouped matmul (`grouped_matmul.gmm` with `backend`), unsort.
 
-  Masked rows sort past the sum of the group sizes, where ragged_dot computes nothing. XLA:CPU
-  lowers ragged_dot densely, so this is the GPU/TPU path.
+  Masked rows sort past the sum of the group sizes, where the grouped matmul yields zeros.
   """
   del capacity
   w_gate, w_up, w_down = experts
   s = sort_assignments(expert_ids, valid, w_gate.shape[0])
   xs = x[s.token]
-  h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, s.group_sizes))
-  h = h * jax.lax.ragged_dot(xs, w_up, s.group_sizes)
-  out = jax.lax.ragged_dot(h, w_down, s.group_sizes)
-  # Rows past the routed ones are unspecified by ragged_dot (kernels may leave them unwritten).
-  routed = jnp.arange(out.shape[0]) < jnp.sum(s.group_sizes)
-  out = jnp.where(routed[:, None], out, 0)
+  with jax.named_scope("experts"):
+    h = jax.nn.silu(gmm(xs, w_gate, s.group_sizes, backend))
+    h = h * gmm(xs, w_up, s.group_sizes, backend)
+    out = gmm(h, w_down, s.group_sizes, backend)
   return combine(out[s.inverse], gate_weights), jnp.zeros((), jnp.int32)
 
 
@@ -160,9 +161,10 @@ def padded(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
   num_experts = w_gate.shape[0]
   layout = buffer_layout(expert_ids, valid, num_experts, capacity)
   buffer = to_buffers(x, layout, expert_ids.shape[1]).reshape(num_experts, capacity, -1)
-  h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, w_gate))
-  h = h * jnp.einsum("ecd,edf->ecf", buffer, w_up)
-  out = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(num_experts * capacity, -1)
+  with jax.named_scope("experts"):
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, w_gate))
+    h = h * jnp.einsum("ecd,edf->ecf", buffer, w_up)
+    out = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(num_experts * capacity, -1)
   dropped = jnp.sum(valid) - jnp.sum(layout.kept)
   return combine(from_buffers(out, layout), gate_weights), dropped.astype(jnp.int32)
 
@@ -183,6 +185,29 @@ def dense(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
 
 
 DISPATCHES: Dict[str, Callable] = {"ragged": ragged, "padded": padded, "dense": dense}
+# Capacity of the padded dispatch where `ragged` finds no grouped-matmul kernel (a GPU other
+# than Hopper) and the model is dropless: dropless buffers would cost as much as the dense path.
+FALLBACK_CAPACITY_FACTOR = 2.0
+
+
+class Resolved(NamedTuple):
+  """What a layer runs on the target: the dispatch function and its capacity factor."""
+
+  run: Callable
+  capacity_factor: Optional[float]
+
+
+def resolve(dispatch: str, grouped_matmul: str, target, dtype, d_model: int, d_ff: int,
+            capacity_factor: Optional[float]) -> Resolved:
+  """The dispatch a layer configured with (`dispatch`, `grouped_matmul`) runs on `target`."""
+  if dispatch not in DISPATCHES:
+    raise ValueError(f"unknown dispatch {dispatch!r}; expected one of {list(DISPATCHES)}")
+  if dispatch != "ragged":
+    return Resolved(DISPATCHES[dispatch], capacity_factor)
+  backend = grouped_matmul_lib.resolve(grouped_matmul, target, dtype, d_model, d_ff)
+  if backend is None:
+    return Resolved(padded, capacity_factor or FALLBACK_CAPACITY_FACTOR)
+  return Resolved(functools.partial(ragged, backend=backend), capacity_factor)
 
 
 def slot_buckets(max_top_k: int) -> Tuple[int, ...]:

@@ -26,10 +26,11 @@ def send_capacity(assignments: int, shards: int, capacity_factor: Optional[float
 def exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
                      gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"],
                      local_experts: dispatch_lib.Experts, *, axis: str, shards: int,
-                     num_experts: int, dispatch: str,
+                     num_experts: int, dispatch: Callable,
                      capacity_factor: Optional[float]) -> dispatch_lib.Output:
   """x [tokens, d] local tokens; expert_ids, gate_weights, valid [tokens, slots] (global expert
-  ids); local_experts: this device's [num_experts / shards, ...] weights.
+  ids); local_experts: this device's [num_experts / shards, ...] weights; `dispatch` one of
+  `dispatch.DISPATCHES`, run on the received rows.
 
   Returns (y [tokens, d], dropped int32 on this device).
   """
@@ -52,7 +53,7 @@ def exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
   local_capacity = dispatch_lib.expert_capacity(tokens * shards, slots, num_experts,
                                                 capacity_factor)
   local_capacity = min(local_capacity, shards * capacity)
-  out, local_dropped = dispatch_lib.DISPATCHES[dispatch](
+  out, local_dropped = dispatch(
       rows, jnp.minimum(row_expert, local_count - 1), row_valid.astype(x.dtype), row_valid,
       local_experts, local_capacity)
   returned = exchange(out.reshape(shards, capacity, d_model)).reshape(shards * capacity, d_model)
@@ -64,7 +65,7 @@ def exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
 def ragged_exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
                             gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"],
                             local_experts: dispatch_lib.Experts, *, axis: str, shards: int,
-                            num_experts: int, dispatch: str,
+                            num_experts: int, dispatch: Callable,
                             collective: Optional[Callable] = None) -> dispatch_lib.Output:
   """Dropless expert parallelism with `jax.lax.ragged_all_to_all` (GPU and TPU).
 
@@ -92,7 +93,7 @@ def ragged_exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"
       s.group_start, s.group_sizes, landing[me], sizes[:, me], axis_name=axis)
   received, received_expert = send(send_rows, 0), send(send_expert, local_count)
   row_valid = (received_expert < local_count)[:, None]
-  out, _ = dispatch_lib.DISPATCHES[dispatch](
+  out, _ = dispatch(
       received, jnp.minimum(received_expert, local_count - 1)[:, None],
       row_valid.astype(x.dtype), row_valid, local_experts, received_rows)
   returned = collective(out, jnp.zeros((assignments, d_model), out.dtype), landing[:, me],

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sigma_moe_jax import attention, platform
+
 
 def normal_param(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
@@ -35,14 +37,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return rotated.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """Causal mask that also keeps attention inside one packed document: [batch, 1, q, k]."""
-  seq = segment_ids.shape[1]
-  causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-  same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same_doc)[:, None]
-
-
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   """Position of each token inside its document: restarts at 0 where the segment id changes."""
   seq = segment_ids.shape[1]
@@ -59,9 +53,9 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                qk_norm: bool, rope_theta: float, norm_eps: float, init_std: float,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, implementation: str = "auto"):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.rope_theta, self.dtype = rope_theta, dtype
+    self.rope_theta, self.dtype, self.implementation = rope_theta, dtype, implementation
     self.wq = normal_param(rngs, (d_model, num_heads, head_dim), init_std)
     self.wk = normal_param(rngs, (d_model, num_kv_heads, head_dim), init_std)
     self.wv = normal_param(rngs, (d_model, num_kv_heads, head_dim), init_std)
@@ -69,12 +63,12 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
     self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [batch, seq, d_model], positions [batch, seq], mask [batch, 1, seq, seq]."""
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """x [batch, seq, d_model]; positions, segment_ids [batch, seq] (packed documents)."""
     with jax.named_scope("attention"):
-      return self._attend(x, positions, mask)
+      return self._attend(x, positions, segment_ids)
 
-  def _attend(self, x, positions, mask):
+  def _attend(self, x, positions, segment_ids):
     cast = lambda p: p[...].astype(self.dtype)
     q = jnp.einsum("bsd,dnh->bsnh", x, cast(self.wq))
     k = jnp.einsum("bsd,dkh->bskh", x, cast(self.wk))
@@ -83,5 +77,7 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # handles GQA head groups
+    impl = attention.resolve(self.implementation, platform.current(), self.dtype, x.shape[1],
+                             self.head_dim)
+    out = attention.attend(q, k, v, segment_ids, impl)
     return jnp.einsum("bsnh,nhd->bsd", out, cast(self.wo))

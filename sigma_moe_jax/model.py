@@ -12,8 +12,7 @@ from flax import nnx
 
 from sigma_moe_jax import sharding
 from sigma_moe_jax.config import ModelConfig
-from sigma_moe_jax.layers import (Attention, RMSNorm, attention_mask, normal_param,
-                                  positions_from_segments)
+from sigma_moe_jax.layers import Attention, RMSNorm, normal_param, positions_from_segments
 from sigma_moe_jax.balancing import MoEStats
 from sigma_moe_jax.moe import MoE
 
@@ -32,17 +31,18 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                           qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
-                          init_std=cfg.init_std, dtype=dtype, rngs=rngs)
+                          init_std=cfg.init_std, dtype=dtype, rngs=rngs,
+                          implementation=cfg.attention)
     self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, gate_fn=cfg.gate_fn,
                    renormalize=cfg.renormalize, dispatch=cfg.dispatch,
                    capacity_factor=cfg.capacity_factor, init_std=cfg.init_std, dtype=dtype,
                    rngs=rngs, lbl_mode=cfg.lbl_mode, top1_lbl_tau=cfg.top1_lbl_tau,
-                   expert_exchange=cfg.expert_exchange)
+                   expert_exchange=cfg.expert_exchange, grouped_matmul=cfg.grouped_matmul)
 
-  def __call__(self, x, positions, mask, token_mask, top_k, max_top_k: int, selection_bias=None,
-               count_offset=None):
-    x = x + self.attn(self.attn_norm(x), positions, mask)
+  def __call__(self, x, positions, segment_ids, token_mask, top_k, max_top_k: int,
+               selection_bias=None, count_offset=None):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     y, stats = self.moe(self.moe_norm(x), top_k, max_top_k, token_mask, selection_bias, count_offset)
     return x + y, stats
 
@@ -119,7 +119,6 @@ class Transformer(nnx.Module):
     max_top_k = np.asarray(cfg.max_top_k_per_layer, np.int32)
     top_k = jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if top_k is None else top_k
     top_k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, max_top_k)
-    mask = attention_mask(segment_ids)
     token_mask = segment_ids > 0
     dtype = jnp.dtype(cfg.dtype)
 
@@ -130,8 +129,8 @@ class Transformer(nnx.Module):
       def layer(x, xs, group_max_top_k=group_max_top_k):
         layer_state, layer_top_k, bias, offset = xs
         block = nnx.merge(graphdef, layer_state)
-        x, stats = block(x, positions, mask, token_mask, layer_top_k, group_max_top_k, bias,
-                         offset)
+        x, stats = block(x, positions, segment_ids, token_mask, layer_top_k, group_max_top_k,
+                         bias, offset)
         return sharding.constrain_batch(x), stats
       if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])

@@ -37,11 +37,11 @@ def test_exchange_matches_dense_oracle_and_gradients(exchange):
       if exchange == "all_to_all":
         y, _ = expert_parallel.exchange_and_run(
             x, ids, weights, valid, experts, axis="expert", shards=4, num_experts=E,
-            dispatch="padded", capacity_factor=None)
+            dispatch=dispatch.padded, capacity_factor=None)
       else:
         y, _ = expert_parallel.ragged_exchange_and_run(
             x, ids, weights, valid, experts, axis="expert", shards=4, num_experts=E,
-            dispatch="padded", collective=expert_parallel.emulated_ragged_all_to_all)
+            dispatch=dispatch.padded, collective=expert_parallel.emulated_ragged_all_to_all)
       return y
     batch = P(("data", "expert"))
     y = jax.shard_map(body, mesh=mesh, in_specs=(batch, batch, batch, batch, P("expert")),
@@ -66,7 +66,7 @@ def test_overflowing_destination_buffers_are_dropped_and_counted():
   def body(x, ids, weights, valid, experts):
     y, dropped = expert_parallel.exchange_and_run(
         x, ids, weights, valid, experts, axis="expert", shards=4, num_experts=E,
-        dispatch="padded", capacity_factor=1.0)
+        dispatch=dispatch.padded, capacity_factor=1.0)
     return y, jax.lax.psum(dropped, ("data", "expert"))
 
   batch = P(("data", "expert"))
