@@ -4,12 +4,19 @@
       --devices=64 --hbm_gb=95 --config.mesh.fsdp=8 --config.mesh.expert=8
   python -m experiments.memory_plan --config=experiments/configs/sigma_moe_tiny.py --table
 
+  python -m experiments.memory_plan --config=experiments/configs/sigma_moe_tiny.py \
+      --topology=v5p:4x4x4
+
 Parameters are float32 master weights; AdamW keeps two float32 moments; gradients are float32.
 Activations are an estimate: with remat, each layer's input is kept and one layer's working set
-is live at a time; without remat every layer's working set is kept. Attention scores assume the
-XLA implementation ([heads, seq, seq] per sequence); fused attention kernels need far less.
+is live at a time; without remat every layer's working set is kept. Attention scores
+([heads, seq, seq] per sequence) are counted where the platform runs XLA attention; the fused
+kernels (splash on TPU, cuDNN on Hopper) keep O(seq) per head. With --topology the estimate is
+printed beside XLA's own per-device figures for the compiled train step (experiments.compile_check;
+needs libtpu).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -20,28 +27,35 @@ from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
 from experiments import cli as cli_lib
-from experiments.settings import model_and_schedule
-from sigma_moe_jax import sharding
+from experiments.settings import from_config, model_and_schedule, step_plan
+from sigma_moe_jax import aot, attention, platform, sharding
 from sigma_moe_jax.params import abstract_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Number of devices of the mesh.")
 _HBM = flags.DEFINE_float("hbm_gb", 80.0, "Memory per device, GB.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the plan for a set of common topologies.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU topology (e.g. v5p:4x4x4): compile "
+                                "the step for it and print XLA's memory beside the estimate.")
 flags.mark_flag_as_required("config")
 
-# (name, devices, GB per device, mesh sizes, global batch in sequences)
+# (name, devices, GB per device, mesh sizes, global batch in sequences, target)
 TOPOLOGIES = [
-    ("64 x TPU v5p", 64, 95.0, dict(data=1, fsdp=8, expert=8, tensor=1), 256),
-    ("8 x H100 80GB", 8, 80.0, dict(data=1, fsdp=1, expert=8, tensor=1), 8),
-    ("2 x 8 x H100 80GB", 16, 80.0, dict(data=1, fsdp=2, expert=8, tensor=1), 16),
-    ("1 x H100 80GB", 1, 80.0, dict(data=1, fsdp=1, expert=1, tensor=1), 1),
+    ("64 x TPU v5p", 64, 95.0, dict(data=1, fsdp=8, expert=8, tensor=1), 256,
+     platform.Target("tpu")),
+    ("8 x H100 80GB", 8, 80.0, dict(data=1, fsdp=1, expert=8, tensor=1), 8,
+     platform.Target("gpu", platform.HOPPER)),
+    ("2 x 8 x H100 80GB", 16, 80.0, dict(data=1, fsdp=2, expert=8, tensor=1), 16,
+     platform.Target("gpu", platform.HOPPER)),
+    ("1 x H100 80GB", 1, 80.0, dict(data=1, fsdp=1, expert=1, tensor=1), 1,
+     platform.Target("gpu", platform.HOPPER)),
 ]
 
 GB = 1e9
 
 
-def plan(config, devices: int, mesh_sizes: dict, batch_size: int) -> dict:
+def plan(config, devices: int, mesh_sizes: dict, batch_size: int,
+         target: platform.Target = platform.Target("tpu")) -> dict:
   cfg, _ = model_and_schedule(config)
   sizes = dict(mesh_sizes)
   free = [k for k, v in sizes.items() if v == -1]
@@ -65,8 +79,10 @@ def plan(config, devices: int, mesh_sizes: dict, batch_size: int) -> dict:
   d, f, layers = cfg.d_model, cfg.d_ff, cfg.num_layers
   attn_width = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.resolved_head_dim
   max_top_k = max(cfg.max_top_k_per_layer)
-  layer_working = (tokens * (2 * d + attn_width + max_top_k * (2 * d + 3 * f)) * act
-                   + sequences * cfg.num_heads * seq * seq * act)
+  fused = attention.resolve(cfg.attention, target, cfg.dtype, seq,
+                            cfg.resolved_head_dim) != "xla"
+  scores = 0 if fused else sequences * cfg.num_heads * seq * seq * act
+  layer_working = tokens * (2 * d + attn_width + max_top_k * (2 * d + 3 * f)) * act + scores
   logits = tokens * cfg.vocab_size * 4 / sizes["tensor"]
   if cfg.remat == "none":
     activations = layers * layer_working + logits
@@ -94,10 +110,32 @@ def main(argv):
   print("| topology | mesh | sequences per device | params | AdamW | grads | activations | "
         "total | verdict |")
   print("|---|---|---|---|---|---|---|---|---|")
+  if _TOPOLOGY.value:
+    compare_with_xla(config, _TOPOLOGY.value)
+    return
   rows = TOPOLOGIES if _TABLE.value else [
-      ("this config", _DEVICES.value, _HBM.value, dict(config.mesh), config.train.batch_size)]
-  for name, devices, hbm, mesh, batch in rows:
-    print(describe(name, hbm, plan(config, devices, mesh, batch)))
+      ("this config", _DEVICES.value, _HBM.value, dict(config.mesh), config.train.batch_size,
+       platform.Target("tpu"))]
+  for name, devices, hbm, mesh, batch, target in rows:
+    print(describe(name, hbm, plan(config, devices, mesh, batch, target)))
+
+
+def compare_with_xla(config, topology: str) -> None:
+  """The estimate beside XLA's per-device figures for the same config on a TPU topology."""
+  settings = from_config(config)
+  devices = aot.tpu_devices(topology)
+  mesh = sharding.make_mesh(**dataclasses.asdict(settings.mesh), devices=devices)
+  hbm = aot.HBM_BYTES.get(devices[0].device_kind, _HBM.value * GB) / GB
+  estimate = plan(config, len(devices), dict(mesh.shape), config.train.batch_size)
+  print(describe(f"{topology} (estimate)", hbm, estimate))
+  report = aot.compile_train_step(step_plan(settings), mesh)
+  m = report.memory
+  print(f"XLA, per device (GB): arguments (state and batch) {m['arguments'] / GB:.1f} against "
+        f"an estimated {(estimate['params'] + estimate['optimizer']) / GB:.1f} for parameters "
+        f"and AdamW; temporaries {m['temporaries'] / GB:.1f} against an estimated "
+        f"{(estimate['grads'] + estimate['activations']) / GB:.1f} for gradients and "
+        f"activations; total {m['total'] / GB:.1f} against {estimate['total'] / GB:.1f} "
+        f"(compiled in {report.compile_seconds:.0f} s)")
 
 
 def cli():

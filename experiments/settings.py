@@ -13,7 +13,8 @@ import re
 from typing import Any, NamedTuple, Optional, Tuple
 
 from experiments.cli import project_path
-from sigma_moe_jax import ModelConfig, TopKSchedule
+from sigma_moe_jax import ModelConfig, TopKSchedule, aot
+from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.schedule import parse_phases
 from sigma_moe_jax.train import LR_SCHEDULES, BalanceSettings
 
@@ -107,6 +108,24 @@ def from_config(config: Any) -> Settings:
     return Settings(model, schedule, TrainSettings(**config.train),
                     data_settings(config.data), BalanceSettings(**config.balance),
                     MeshSettings(**config.mesh))
+
+
+def lr_and_optimizer(t: TrainSettings):
+  """(learning-rate schedule, optax optimizer) of the train settings."""
+  lr = train_lib.learning_rate_schedule(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps,
+                                        kind=t.lr_schedule, min_lr_ratio=t.min_lr_ratio,
+                                        decay_fraction=t.decay_fraction)
+  optimizer = train_lib.make_optimizer(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                                       grad_clip=t.grad_clip)
+  return lr, optimizer
+
+
+def step_plan(settings: Settings) -> aot.StepPlan:
+  """What the train step of these settings is built from, for ahead-of-time compilation."""
+  t = settings.train
+  lr, optimizer = lr_and_optimizer(t)
+  return aot.StepPlan(settings.model, settings.schedule, settings.balance, optimizer, lr,
+                      t.batch_size, t.seq_len, t.grad_accum)
 
 
 def data_settings(data) -> DataSettings:

@@ -9,10 +9,10 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from experiments.configs.base import make_config
-from experiments.settings import Settings, TrainSettings, from_config
+from experiments.settings import Settings, TrainSettings, from_config, lr_and_optimizer
 from sigma_moe_jax import ModelConfig, TopKSchedule, sharding
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
@@ -134,11 +134,7 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
   eval_sets.update(parse_eval_sets(data.eval_sets))
   if data.chunk_chars:
     train_docs = chunk_documents(train_docs, data.chunk_chars)
-  lr = train_lib.learning_rate_schedule(
-      lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps, kind=t.lr_schedule,
-      min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
-  optimizer = train_lib.make_optimizer(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                                       grad_clip=t.grad_clip)
+  lr, optimizer = lr_and_optimizer(t)
   for name, docs in eval_sets.items():
     if len(docs) < jax.process_count():
       where = f"data.eval_sets {name!r}" if name else "data.val_fraction"
@@ -210,11 +206,10 @@ def run(config, workdir: str):
   optimizer, lr = built.optimizer, built.lr
   local_batch = t.batch_size // jax.process_count()
   pipeline = lambda docs, **kw: make_pipeline(
-      docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=built.settings.data.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), **kw)
+      docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+      seed=built.settings.data.seed, process_index=jax.process_index(), process_count=jax.process_count(), **kw)
   train_iter = pipeline(built.train_docs)
 
-  replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
   graphdef, state, shardings = train_lib.init_sharded_state(model_cfg, t.seed, optimizer, mesh)
 
@@ -230,10 +225,8 @@ def run(config, workdir: str):
   elif t.init_from:
     state = restore_initial(config, t, state, shardings, train_iter)
 
-  train_step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, model_cfg, balance,
-                                                 schedule=schedule, grad_accum=t.grad_accum),
-                       in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, replicated), donate_argnums=0)
+  train_step = train_lib.jit_train_step(graphdef, optimizer, lr, model_cfg, balance, shardings,
+                                        mesh, schedule=schedule, grad_accum=t.grad_accum)
   eval_step = jax.jit(train_lib.make_eval_step(graphdef, model_cfg, schedule))
   to_global = lambda batch: {k: jax.make_array_from_process_local_data(batch_sharding, v)
                              for k, v in batch.items()}

@@ -134,20 +134,20 @@ def document_lengths_and_offsets(segment_ids: Int[Array, "B S"], max_documents: 
 def _cudnn(q, k, v, segment_ids):
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
   lengths, offsets = document_lengths_and_offsets(segment_ids, cudnn_max_documents(q.shape[1]))
-  with _checks_for_export(cudnn):
-    return cudnn.dot_product_attention(
-        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
-        scale=1 / math.sqrt(q.shape[-1]), mask_type=cudnn.MaskType.CAUSAL, qkv_layout="BTNH")
+  return cudnn.dot_product_attention(
+      q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+      scale=1 / math.sqrt(q.shape[-1]), mask_type=cudnn.MaskType.CAUSAL, qkv_layout="BTNH")
 
 
 @contextlib.contextmanager
-def _checks_for_export(cudnn):
-  """cuDNN attention checks the local cuDNN version and GPU while tracing. Exporting for a GPU
-  from a host without one (`platform.exporting_for`), those checks are answered for the target
-  (cuDNN 9.8 on a Hopper); on a GPU nothing changes."""
+def cudnn_checks_answered_for_export():
+  """cuDNN attention checks the local cuDNN version and GPU while tracing (forward and backward).
+  To export for a Hopper GPU from a host without one, those checks are answered for the target
+  (cuDNN 9.8 on a Hopper) while this context is open; on a GPU nothing changes."""
   if jax.local_devices()[0].platform == "gpu":
     yield
     return
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
   names = ("check_cudnn_version", "check_compute_capability", "is_cuda_compute_capability_equal")
   saved = {name: getattr(cudnn, name) for name in names}
   cudnn.check_cudnn_version = lambda: 90800

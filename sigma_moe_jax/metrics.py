@@ -18,7 +18,8 @@ from sigma_moe_jax.params import count_params
 # Dense bf16 peak per chip, for MFU on accelerators. Unknown kinds are measured like the CPU.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-              "NVIDIA A100": 312e12}
+              "NVIDIA A100": 312e12, "NVIDIA B200": 2250e12,
+              "TPU v5": 459e12}  # v5p reports "TPU v5"; prefixes are tried in this order
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, top_k: Optional[Sequence[int]] = None) -> float:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sigma_moe_jax import sharding
 from sigma_moe_jax.balancing import MoEStats, routing_metrics, update_selection_bias
@@ -101,15 +102,33 @@ def init_state(params, optimizer, cfg: ModelConfig) -> TrainState:
                     jnp.zeros((), jnp.int32))
 
 
+def abstract_sharded_state(cfg: ModelConfig, optimizer, mesh, seed: int = 0):
+  """(graphdef, abstract state, state shardings): shapes and placements, nothing allocated."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))))
+  abstract = jax.eval_shape(lambda: init_state(init_model(cfg, seed)[1], optimizer, cfg))
+  shardings = sharding.state_shardings(
+      abstract, sharding.param_shardings(abstract.params, mesh), mesh)
+  return graphdef, abstract, shardings
+
+
 def init_sharded_state(cfg: ModelConfig, seed: int, optimizer, mesh):
   """(graphdef, state, state shardings) with the state created directly in its shardings: the
   20B model never exists whole on one device."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))))
+  graphdef, _, shardings = abstract_sharded_state(cfg, optimizer, mesh, seed)
   make = lambda: init_state(init_model(cfg, seed)[1], optimizer, cfg)
-  abstract = jax.eval_shape(make)
-  shardings = sharding.state_shardings(
-      abstract, sharding.param_shardings(abstract.params, mesh), mesh)
   return graphdef, jax.jit(make, out_shardings=shardings)(), shardings
+
+
+def jit_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
+                   balance: "BalanceSettings", state_shardings, mesh, *,
+                   schedule: Optional[TopKSchedule] = None, grad_accum: int = 1):
+  """`make_train_step` jitted for a mesh: state in its shardings (donated), the batch split over
+  the batch axes, metrics replicated."""
+  batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
+  step = make_train_step(graphdef, optimizer, lr_schedule, cfg, balance, schedule=schedule,
+                         grad_accum=grad_accum)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
 def lm_loss_terms(logits, tokens, segment_ids):

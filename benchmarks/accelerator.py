@@ -1,0 +1,99 @@
+"""On a GPU or TPU: one MoE layer per dispatch and kernel against a dense SwiGLU FFN of the same
+activated size, and the gpu_small train step's tokens/s and MFU against the chip's peak; one table,
+every figure measured side by side in one run.
+
+  python -m benchmarks.accelerator                 # on the accelerator
+  python -m benchmarks.accelerator --small         # the same program at toy sizes (CPU check)
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.common import random_batch, time_interleaved, train_step_call
+from sigma_moe_jax import ModelConfig, platform
+from sigma_moe_jax.metrics import PEAK_FLOPS, flops_per_token, measure_matmul_flops
+from sigma_moe_jax.moe import MoE
+
+
+def moe_layer_rows(tokens, experts, d, f, dtype, repeats):
+  """[(name, seconds)] for the dense FFN and each MoE variant, forward + backward."""
+  x = jax.random.normal(jax.random.key(0), (1, tokens, d), dtype)
+  token_mask = jnp.ones((1, tokens), bool)
+  keys = jax.random.split(jax.random.key(1), 3)
+  ffn = tuple((0.02 * jax.random.normal(k, s)).astype(dtype)
+              for k, s in zip(keys, [(d, f), (d, f), (f, d)]))
+
+  @jax.jit
+  def ffn_step(weights, x):
+    def loss(weights, x):
+      w_gate, w_up, w_down = weights
+      return jnp.sum(((jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))(weights, x)
+
+  def moe_call(dispatch, grouped_matmul, capacity_factor):
+    moe = MoE(d, f, experts, gate_fn="softmax", renormalize=False, dispatch=dispatch,
+              capacity_factor=capacity_factor, init_std=0.02, dtype=dtype, rngs=nnx.Rngs(0),
+              grouped_matmul=grouped_matmul)
+    graphdef, params = nnx.split(moe)
+
+    @jax.jit
+    def moe_step(params, x):
+      def loss(params, x):
+        y, stats = nnx.merge(graphdef, params)(x, jnp.int32(1), 1, token_mask)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(stats.gate_prob_mean)
+      return jax.grad(loss, argnums=(0, 1))(params, x)
+    return lambda: moe_step(params, x)
+
+  target = platform.current()
+  variants = [("ragged, auto kernel", ("ragged", "auto", None)),
+              ("padded, capacity 1.25", ("padded", "auto", 1.25))]
+  seconds = time_interleaved([lambda: ffn_step(ffn, x)]
+                             + [moe_call(*args) for _, args in variants], repeats=repeats)
+  rows = [("dense FFN (activated size)", seconds[0])]
+  rows += [(name, s) for (name, _), s in zip(variants, seconds[1:])]
+  # XLA's ragged_dot lowers densely on GPUs: slow, so timed on its own, fewer repeats.
+  if target.platform != "cpu":
+    rows.append(("ragged, XLA ragged_dot", time_interleaved(
+        [moe_call("ragged", "xla", None)], repeats=3, warmup=1)[0]))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--small", action="store_true", help="toy sizes, for a CPU check")
+  parser.add_argument("--repeats", type=int, default=10)
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  dtype = jnp.float32 if args.small else jnp.bfloat16
+  if args.small:
+    tokens, experts, d, f = 1024, 8, 128, 128
+    cfg, batch, seq = ModelConfig.cpu_tiny(), 4, 128
+  else:
+    tokens, experts, d, f = 16384, 96, 1024, 512
+    cfg, batch, seq = ModelConfig.gpu_small(dtype="bfloat16", dispatch="ragged"), 8, 2048
+
+  print(f"{device.device_kind} ({device.platform}), {jnp.dtype(dtype).name}")
+  rows = moe_layer_rows(tokens, experts, d, f, dtype, args.repeats)
+  baseline = rows[0][1]
+  print(f"\nMoE layer, forward + backward: {tokens} tokens, {experts} experts, top-1, "
+        f"d_model {d}, d_ff {f}")
+  print("| variant | time | ratio to dense FFN |\n|---|---|---|")
+  for name, seconds in rows:
+    print(f"| {name} | {seconds * 1e3:.2f} ms | {seconds / baseline:.2f}x |")
+
+  (step_seconds,) = time_interleaved(
+      [train_step_call(cfg, random_batch(batch, seq, cfg.vocab_size))], repeats=args.repeats)
+  peak = next((flops for name, flops in PEAK_FLOPS.items()
+               if device.device_kind.startswith(name)), None) or measure_matmul_flops()
+  tokens_per_sec = batch * seq / step_seconds
+  mfu = tokens_per_sec * flops_per_token(cfg, seq) / peak
+  print(f"\ntrain step ({'cpu_tiny' if args.small else 'gpu_small'}, {batch} x {seq} tokens): "
+        f"{step_seconds * 1e3:.1f} ms, {tokens_per_sec:,.0f} tokens/s, MFU {mfu:.1%} of "
+        f"{peak / 1e12:.0f} TFLOP/s")
+
+
+if __name__ == "__main__":
+  main()

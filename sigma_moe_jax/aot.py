@@ -1,0 +1,144 @@
+"""The train step compiled ahead of time for hardware this host does not have.
+
+TPU: with libtpu installed, `tpu_devices("v5p:4x4x4")` describes a real topology on any host, and
+`compile_train_step` runs the real XLA:TPU compiler over a mesh of those devices (kernels,
+shardings and all); the result's memory and cost analyses are per device. GPU: `export_train_step`
+lowers the same step with `jax.export` for CUDA, as it would be built on a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sigma_moe_jax import attention, platform, sharding
+from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.config import ModelConfig
+from sigma_moe_jax.schedule import TopKSchedule
+
+# High-bandwidth memory per chip, bytes, by `device_kind`.
+HBM_BYTES = {"TPU v4": 32e9, "TPU v5 lite": 16e9, "TPU v5": 95e9, "TPU v6 lite": 32e9,
+             "TPU7x": 192e9}
+
+
+def tpu_devices(topology: str) -> Sequence:
+  """Device descriptions of a TPU topology such as "v5p:2x2x1" (needs libtpu, not a TPU)."""
+  try:
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as e:  # libtpu missing, or a topology name it does not know
+    raise ValueError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); install libtpu with "
+                     f"`pip install -r requirements-tpu.txt`") from None
+
+
+@dataclasses.dataclass
+class StepPlan:
+  """Everything a train step is built from (what `experiments.settings` describes)."""
+
+  model: ModelConfig
+  schedule: Optional[TopKSchedule]
+  balance: train_lib.BalanceSettings
+  optimizer: object
+  lr: object
+  batch_size: int
+  seq_len: int
+  grad_accum: int = 1
+
+
+def _abstract_inputs(plan: StepPlan, mesh):
+  """(jitted step, abstract state, abstract batch): shapes and shardings, nothing allocated."""
+  graphdef, abstract, shardings = train_lib.abstract_sharded_state(plan.model, plan.optimizer,
+                                                                   mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, shardings)
+  batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
+  batch = {name: jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32,
+                                      sharding=batch_sharding)
+           for name in ("tokens", "segment_ids", "positions")}
+  step = train_lib.jit_train_step(graphdef, plan.optimizer, plan.lr, plan.model, plan.balance,
+                                  shardings, mesh, schedule=plan.schedule,
+                                  grad_accum=plan.grad_accum)
+  return step, state, batch
+
+
+@dataclasses.dataclass
+class CompileReport:
+  target: str
+  devices: int
+  device_kind: str
+  lower_seconds: float
+  compile_seconds: float
+  memory: Dict[str, float]  # per device, bytes
+  hbm_bytes: Optional[float]
+  flops_per_device: Optional[float]
+  kernels: List[str]
+
+
+def compile_train_step(plan: StepPlan, mesh) -> CompileReport:
+  """Lowers and compiles the train step for the mesh's devices (e.g. a TPU topology)."""
+  with jax.set_mesh(mesh):
+    step, state, batch = _abstract_inputs(plan, mesh)
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+  stats = compiled.memory_analysis()
+  memory = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+            "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+            "code": stats.generated_code_size_in_bytes}
+  # Donated state is aliased to the outputs: count it once.
+  memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                     + memory["temporaries"] + memory["code"])
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  device = mesh.devices.flat[0]
+  return CompileReport(
+      target=device.platform, devices=mesh.devices.size, device_kind=device.device_kind,
+      lower_seconds=lowered_at - start, compile_seconds=done - lowered_at, memory=memory,
+      hbm_bytes=HBM_BYTES.get(device.device_kind),
+      flops_per_device=cost.get("flops") if cost else None,
+      kernels=tpu_kernels(compiled.as_text()))
+
+
+def tpu_kernels(hlo_text: str) -> List[str]:
+  """Pallas kernels in a compiled TPU program, by instruction name (gmm, tgmm, splash_mha_...)."""
+  names = set()
+  for line in hlo_text.splitlines():
+    if 'custom_call_target="tpu_custom_call"' in line:
+      name = line.split("=")[0].strip().lstrip("%")
+      names.add(re.sub(r"\.\d+$", "", name))
+  return sorted(names)
+
+
+@dataclasses.dataclass
+class ExportReport:
+  target: str
+  export_seconds: float
+  kernels: List[str]  # custom-call targets of the exported module
+  dense_ragged_dot: bool  # a ragged_dot left for XLA, which lowers it densely on GPUs
+
+
+def export_train_step(plan: StepPlan, compute_capability: str = platform.HOPPER) -> ExportReport:
+  """`jax.export` of the train step for CUDA on one GPU of the given compute capability."""
+  mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+  accept = [jax.export.DisabledSafetyCheck.custom_call(name)
+            for name in attention.cudnn_custom_calls()]
+  target = platform.Target("gpu", compute_capability)
+  with (jax.set_mesh(mesh), platform.exporting_for(target),
+        attention.cudnn_checks_answered_for_export()):
+    step, state, batch = _abstract_inputs(plan, mesh)
+    start = time.perf_counter()
+    exported = jax.export.export(step, platforms=("cuda",), disabled_checks=accept)(state, batch)
+    seconds = time.perf_counter() - start
+  text = exported.mlir_module()
+  calls = sorted(set(re.findall(r'stablehlo\.custom_call @"?([\w$.]+)', text)))
+  return ExportReport(f"cuda (compute capability {compute_capability})", seconds, calls,
+                      "chlo.ragged_dot" in text)
