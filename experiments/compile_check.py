@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from experiments import cli as cli_lib
 from experiments.settings import flag_names, from_config, step_plan
 from sigma_moe_jax import aot, sharding
+from sigma_moe_jax.metrics import flops_per_token
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -45,10 +46,17 @@ def check_tpu(settings, topology: str) -> bool:
         f" (aliased {m['aliased'] / GB:.2f}), temporaries {m['temporaries'] / GB:.2f}, code "
         f"{m['code'] / GB:.3f}; total {m['total'] / GB:.2f}"
         + (f" of {report.hbm_bytes / GB:.0f}" if report.hbm_bytes else ""))
+  t = settings.train
+  top_k = None if settings.schedule is None else settings.schedule.per_layer[0]
+  model_flops = flops_per_token(settings.model, t.seq_len, top_k) * t.batch_size * t.seq_len
+  print(f"model FLOPs per step (6 x activated parameters + attention, first schedule phase): "
+        f"{model_flops:.3e}")
   if report.flops_per_device:
-    print(f"FLOPs per step (XLA, excluding Pallas kernels without a cost estimate such as "
-          f"splash): {report.flops_per_device:.3e} per device, "
-          f"{report.flops_per_device * report.devices:.3e} in all")
+    # XLA counts a loop body once: the gradient-accumulation scan runs grad_accum times.
+    print(f"XLA's count: {report.flops_per_device * report.devices:.3e} in all "
+          f"({report.flops_per_device:.3e} per device), with the gradient-accumulation loop "
+          f"counted once (x{t.grad_accum}) and Pallas kernels without a cost estimate (splash) "
+          f"left out")
   print(f"kernels: {', '.join(report.kernels) or 'none'}")
   ok = report.hbm_bytes is None or m["total"] <= report.hbm_bytes
   if not ok:

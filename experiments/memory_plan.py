@@ -41,7 +41,7 @@ flags.mark_flag_as_required("config")
 
 # (name, devices, GB per device, mesh sizes, global batch in sequences, target)
 TOPOLOGIES = [
-    ("64 x TPU v5p", 64, 95.0, dict(data=1, fsdp=8, expert=8, tensor=1), 256,
+    ("64 x TPU v5p", 64, 95.0, dict(data=1, fsdp=8, expert=8, tensor=1), 1024,
      platform.Target("tpu")),
     ("8 x H100 80GB", 8, 80.0, dict(data=1, fsdp=1, expert=8, tensor=1), 8,
      platform.Target("gpu", platform.HOPPER)),
@@ -83,7 +83,8 @@ def plan(config, devices: int, mesh_sizes: dict, batch_size: int,
                             cfg.resolved_head_dim) != "xla"
   scores = 0 if fused else sequences * cfg.num_heads * seq * seq * act
   layer_working = tokens * (2 * d + attn_width + max_top_k * (2 * d + 3 * f)) * act + scores
-  logits = tokens * cfg.vocab_size * 4 / sizes["tensor"]
+  # float32 logits and their gradient, both [tokens, vocab] (XLA keeps the two live at once).
+  logits = 2 * tokens * cfg.vocab_size * 4 / sizes["tensor"]
   if cfg.remat == "none":
     activations = layers * layer_working + logits
   else:

@@ -3,6 +3,9 @@ XLA:TPU compiler for a v5p topology (libtpu, no TPU needed) and exported for a H
 the accelerator kernels inside."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import optax
 import pytest
@@ -57,3 +60,16 @@ def test_train_step_exports_for_hopper_with_mosaic_gpu_and_cudnn():
   # The check can tell: XLA's ragged_dot, which lowers densely on GPUs, is seen when chosen.
   xla = aot.export_train_step(plan(batch_size=2, model=CFG.replace(grouped_matmul="xla")))
   assert xla.dense_ragged_dot and not any(k.startswith("mosaic_gpu") for k in xla.kernels)
+
+
+def test_compile_check_refuses_an_unknown_topology_in_one_line():
+  pytest.importorskip("libtpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.compile_check",
+       "--config=experiments/configs/cpu_tiny.py", "--topology=v5p:3x3x3x3"],
+      cwd=root, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: cannot describe TPU topology 'v5p:3x3x3x3'"), result.stderr[-2000:]
