@@ -8,6 +8,7 @@ work wherever they are started.
 
 from __future__ import annotations
 
+import difflib
 import glob
 import os
 import sys
@@ -31,9 +32,34 @@ def project_path(path: str) -> str:
 
 
 def run(main: Callable) -> None:
-  """absl's app.run with `--config=<file>[:args]` resolved by `project_path`."""
+  """absl's app.run with `--config=<file>[:args]` resolved by `project_path`, and a bad config
+  file or `--config.<key>` refused in one line before any parsing (ml_collections would raise
+  from deep inside absl)."""
   for i, arg in enumerate(sys.argv):
     if arg.startswith("--config="):
       file, sep, rest = arg[len("--config="):].partition(":")
-      sys.argv[i] = f"--config={project_path(file)}{sep}{rest}"
-  app.run(main)
+      file = project_path(file)
+      if not os.path.isfile(file):
+        sys.exit(f"error: config file {file!r} not found")
+      sys.argv[i] = f"--config={file}{sep}{rest}"
+    elif arg.startswith("--config."):
+      error = unknown_key_error(arg[len("--config."):].split("=")[0])
+      if error:
+        sys.exit(f"error: {error}")
+  try:
+    app.run(main)
+  except KeyboardInterrupt:
+    sys.exit("error: interrupted")
+
+
+def unknown_key_error(key: str) -> str:
+  """'' when `key` (e.g. "train.steps") is a config key, else a message naming the closest ones."""
+  from experiments.configs.base import make_config  # configs import this module
+  from sigma_moe_jax import ModelConfig
+  reference = make_config(ModelConfig())
+  known = [f"{section}.{name}" for section in reference for name in reference[section]]
+  if key in known:
+    return ""
+  close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+  hint = f"; did you mean {close[0]}?" if close else f"; sections: {sorted(reference)}"
+  return f"unknown config key {key!r}{hint}"

@@ -46,6 +46,9 @@ class TrainSettings:
   peak_flops: float = 0.0  # per-device peak for MFU; 0: the known chip table, else measured
   init_from: str = ""  # another run's workdir to start from when this one has no checkpoint
   init_step: int = -1  # its checkpoint to start from; -1: the latest
+  # Steps whose loss or gradient norm is not finite are never applied (the update is skipped);
+  # the run stops at the first one past this many in a row, exits non-zero, and saves nothing.
+  max_bad_steps: int = 0
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
@@ -57,6 +60,16 @@ class TrainSettings:
            f"must be one of {LR_SCHEDULES}")
     _check(self, "train", "warmup_steps", 0 <= self.warmup_steps < self.steps,
            f"must lie in [0, train.steps={self.steps})")
+    _check(self, "train", "lr", self.lr > 0, "must be positive")
+    for name in ("b1", "b2"):
+      _check(self, "train", name, 0 <= getattr(self, name) < 1, "must lie in [0, 1)")
+    _check(self, "train", "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must lie in [0, 1]")
+    _check(self, "train", "decay_fraction", 0 < self.decay_fraction <= 1, "must lie in (0, 1]")
+    _check(self, "train", "weight_decay", self.weight_decay >= 0, "must be >= 0")
+    _check(self, "train", "grad_clip", self.grad_clip > 0, "must be positive")
+    _check(self, "train", "peak_flops", self.peak_flops >= 0, "must be >= 0 (0: known or measured)")
+    _check(self, "train", "max_bad_steps", self.max_bad_steps >= 0, "must be >= 0")
+    _check(self, "train", "init_step", self.init_step >= -1, "must be a step >= 0, or -1 (latest)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +82,12 @@ class DataSettings:
   seed: int = 0  # document split and shuffling
   chunk_chars: int = 0  # > 0: cut training documents into pieces of at most this many chars
   eval_sets: str = ""  # "name=paths;name=paths": extra validation sets, logged <name>_val_*
+
+  def __post_init__(self):
+    _check(self, "data", "val_fraction", 0 <= self.val_fraction < 1, "must lie in [0, 1)")
+    _check(self, "data", "chunk_chars", self.chunk_chars >= 0, "must be >= 0 (0: whole documents)")
+    for name in ("path", "tokenizer"):
+      _check(self, "data", name, bool(getattr(self, name).strip()), "must name a file")
 
 
 @dataclasses.dataclass(frozen=True)

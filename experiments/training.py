@@ -12,6 +12,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from experiments.configs.base import make_config
+from experiments.resilience import (Divergence, Preemption, RunStopped, fingerprint,
+                                    restore_latest_intact, resume_differences, truncate_metrics)
 from experiments.settings import Settings, TrainSettings, from_config, lr_and_optimizer
 from sigma_moe_jax import ModelConfig, TopKSchedule, sharding
 from sigma_moe_jax import train as train_lib
@@ -64,13 +66,15 @@ def model_differences(saved: dict, current: dict) -> list:
 
 
 def check_compatible(saved: dict, current: dict):
-  """The model (and the tokenizer that defines its vocabulary) must match the checkpoint's."""
+  """The model, the schedule, the data stream (paths, split, tokenizer content) and the batch
+  geometry must match the checkpoint's."""
   diffs = model_differences(saved, current)
   # Checkpoints written before the key was named top_k hold it as "topk".
   saved_top_k = saved["schedule"].get("top_k", saved["schedule"].get("topk"))
   if saved_top_k != current["schedule"]["top_k"]:
     diffs.append(f"schedule.top_k: checkpoint {saved_top_k!r}, config "
                  f"{current['schedule']['top_k']!r}")
+  diffs += resume_differences(saved, current)
   if diffs:
     raise ValueError("the workdir holds a checkpoint from an incompatible config ("
                      + "; ".join(diffs) + "); use another --workdir")
@@ -213,15 +217,31 @@ def run(config, workdir: str):
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
   graphdef, state, shardings = train_lib.init_sharded_state(model_cfg, t.seed, optimizer, mesh)
 
-  config_json = config.to_dict()
-  checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                              save_every=t.checkpoint_every, keep=t.keep_checkpoints,
-                              async_save=t.async_checkpointing)
-  latest = checkpointer.latest_step()
+  config_json = {**config.to_dict(), "fingerprint": fingerprint(built.settings.data.tokenizer)}
+  checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  new_checkpointer = lambda: Checkpointer(checkpoint_dir, save_every=t.checkpoint_every,
+                                          keep=t.keep_checkpoints,
+                                          async_save=t.async_checkpointing)
+
+  def check(saved):
+    check_compatible(saved, config_json)
+
+  def restore(checkpointer, step):
+    iterator = pipeline(built.train_docs)  # a fresh iterator per attempt: a failed one may be
+    restored = checkpointer.restore(step, abstract_like(state, shardings), iterator)  # half set
+    return restored, iterator
+
+  def completed_step():
+    steps = sorted(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
+    return steps[-1] if steps else "none"
+
+  checkpointer, latest, restored = restore_latest_intact(new_checkpointer,
+                                                         os.path.abspath(workdir), restore, check)
   if latest is not None:
-    check_compatible(checkpointer.saved_config(latest), config_json)
-    state = checkpointer.restore(latest, abstract_like(state, shardings), train_iter)
+    state, train_iter = restored
     print(f"resumed from step {latest} in {workdir}", flush=True)
+    if jax.process_index() == 0:
+      truncate_metrics(workdir, latest)
   elif t.init_from:
     state = restore_initial(config, t, state, shardings, train_iter)
 
@@ -250,37 +270,84 @@ def run(config, workdir: str):
   step = int(state.step)
   if step >= t.steps:
     print(f"already trained to step {step} (train.steps={t.steps}); nothing to do")
-  start_step, start_time = step, time.perf_counter()
-  interval_time, interval_step = start_time, step
-  while step < t.steps:
-    batch = to_global(next(train_iter))
-    with jax.set_mesh(mesh):
-      state, metrics = train_step(state, batch)
-    step += 1
-    checkpointer.save(step, state, train_iter, config_json)
-    logged = {}
-    if step % t.log_every == 0 or step == t.steps:
-      metrics = jax.device_get(metrics)
-      now = time.perf_counter()
-      tokens_per_sec = (step - interval_step) * tokens_per_step / (now - interval_time)
-      mfu = tokens_per_sec * flops_per_token(model_cfg, t.seq_len, metrics["top_k"]) / peak
-      eta = (t.steps - step) * (now - start_time) / (step - start_step)
-      interval_time, interval_step = now, step
-      logged = {**metrics, "tokens_per_sec": tokens_per_sec, "mfu": mfu}
-      line = (f"step {step}/{t.steps} | loss {metrics['loss']:.4f} | lm {metrics['lm_loss']:.4f}"
-              f" | lbl {metrics['lbl']:.4f} | lr {metrics['lr']:.2e} | gnorm "
-              f"{metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | MFU {mfu:.1%} | "
-              f"max load L0 {metrics['load_max_dev'][0]:+.2f} | ETA {format_duration(eta)}")
-    else:
+  preemption, divergence = Preemption(), Divergence(t.max_bad_steps)
+  start_step, last_saved = step, step
+
+  def save(step, force=False, wait=False):
+    """A checkpoint, or RunStopped naming the last complete one when writing fails (a full
+    disk): Orbax writes into a temporary directory, so earlier checkpoints stay intact."""
+    nonlocal last_saved
+    try:
+      if step != last_saved:
+        checkpointer.save(step, state, train_iter, config_json, force=force)
+        last_saved = step
+      if wait:
+        checkpointer.wait()
+    except Exception as e:  # noqa: BLE001 -- whatever the storage raised, stop with one line
+      raise RunStopped(f"saving checkpoint {step} failed ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}); the last complete "
+                       f"checkpoint is {completed_step()}") from None
+  # Rates and the ETA count from the end of the first step, which includes the compilation.
+  steady_step, steady_time, interval_step, interval_time = None, None, step, None
+  try:
+    while step < t.steps:
+      batch = to_global(next(train_iter))
+      with jax.set_mesh(mesh):
+        state, metrics = train_step(state, batch)
+      step += 1
+      divergence.observe(step, metrics)
+      if steady_step is None:
+        jax.block_until_ready(metrics)
+        steady_step, steady_time = step, time.perf_counter()
+        interval_step, interval_time = step, steady_time
+      if step % t.checkpoint_every == 0:
+        divergence.flush()  # never save a step whose check is pending
+        save(step)
+      logged = {}
       line = None
-    if built.eval_sets and (step % t.eval_every == 0 or step == t.steps):
-      val, text = evaluate_all(state, step)
-      logged.update(val)
-      line = (line + " | " if line else f"step {step}/{t.steps} | ") + text
-    if logged:
-      writer.write(step, logged, line)
-  if step > start_step and checkpointer.latest_step() != step:
-    checkpointer.save(step, state, train_iter, config_json, force=True)
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+      if step % t.log_every == 0 or step == t.steps:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        rate_steps, rate_time = ((step - interval_step, now - interval_time)
+                                 if step > interval_step else (1, now - interval_time))
+        tokens_per_sec = rate_steps * tokens_per_step / max(rate_time, 1e-9)
+        mfu = tokens_per_sec * flops_per_token(model_cfg, t.seq_len, metrics["top_k"]) / peak
+        eta = ((t.steps - step) * (now - steady_time) / (step - steady_step)
+               if step > steady_step else None)
+        interval_step, interval_time = step, now
+        logged = {**metrics, "tokens_per_sec": tokens_per_sec, "mfu": mfu}
+        line = (f"step {step}/{t.steps} | loss {metrics['loss']:.4f} | lm "
+                f"{metrics['lm_loss']:.4f} | lbl {metrics['lbl']:.4f} | lr {metrics['lr']:.2e} | "
+                f"gnorm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | MFU {mfu:.1%} | "
+                f"max load L0 {metrics['load_max_dev'][0]:+.2f} | ETA "
+                f"{format_duration(eta) if eta is not None else '-'}")
+      if built.eval_sets and (step % t.eval_every == 0 or step == t.steps):
+        val, text = evaluate_all(state, step)
+        logged.update(val)
+        line = (line + " | " if line else f"step {step}/{t.steps} | ") + text
+      if logged:
+        writer.write(step, logged, line)
+      if step < t.steps and preemption.requested():
+        divergence.flush()
+        save(step, force=True, wait=True)
+        raise RunStopped(f"stopped by {preemption.signal_name} at step {step}; checkpoint "
+                         f"{step} saved, run the same command to resume")
+    divergence.flush()
+    if step > start_step:
+      save(step, force=True)
+    save_error = None
+    try:
+      checkpointer.wait()
+    except Exception as e:  # noqa: BLE001
+      save_error = e
+    if save_error is not None:
+      raise RunStopped(f"saving the last checkpoint failed ({type(save_error).__name__}); the "
+                       f"last complete checkpoint is {completed_step()}")
+  finally:
+    preemption.restore()
+    try:
+      checkpointer.close()
+    except Exception:  # noqa: BLE001 -- a failed async save surfaces here too; already reported
+      pass
+    writer.close()
+

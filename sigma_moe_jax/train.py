@@ -201,17 +201,26 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
     (grads, _), (objective, ce_sum, stats) = jax.lax.scan(
         accumulate, (zero_grads, zero_counts), micro_batches)
     stats = _combine_stats(stats)
+    loss, grad_norm = jnp.sum(objective), optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     selection_bias = state.selection_bias
     if balance.loss_free:
       selection_bias = update_selection_bias(selection_bias, stats.tokens_per_expert,
                                              balance.bias_rate)
+    # A step with a non-finite loss or gradient is not applied: parameters, optimizer state and
+    # bias stay as they were (the step counter and the data move on), so no NaN is ever stored.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_if_bad(params, state.params)
+    opt_state = keep_if_bad(opt_state, state.opt_state)
+    selection_bias = keep_if_bad(selection_bias, state.selection_bias)
     metrics = {
-        "loss": jnp.sum(objective),
+        "loss": loss,
+        "finite": finite,
         "lm_loss": jnp.sum(ce_sum) / total_targets,
         "lr": lr_schedule(state.step),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "targets": total_targets,
         "top_k": top_k,
         "bias_abs_mean": jnp.mean(jnp.abs(selection_bias), axis=-1),
