@@ -191,10 +191,12 @@ FALLBACK_CAPACITY_FACTOR = 2.0
 
 
 class Resolved(NamedTuple):
-  """What a layer runs on the target: the dispatch function and its capacity factor."""
+  """What a layer runs on the target: the dispatch function, its capacity factor, and whether a
+  Pallas kernel is inside (shard_map's varying-axes check cannot see through those)."""
 
   run: Callable
   capacity_factor: Optional[float]
+  pallas: bool = False
 
 
 def resolve(dispatch: str, grouped_matmul: str, target, dtype, d_model: int, d_ff: int,
@@ -207,7 +209,8 @@ def resolve(dispatch: str, grouped_matmul: str, target, dtype, d_model: int, d_f
   backend = grouped_matmul_lib.resolve(grouped_matmul, target, dtype, d_model, d_ff)
   if backend is None:
     return Resolved(padded, capacity_factor or FALLBACK_CAPACITY_FACTOR)
-  return Resolved(functools.partial(ragged, backend=backend), capacity_factor)
+  return Resolved(functools.partial(ragged, backend=backend), capacity_factor,
+                  pallas=backend in ("megablox", "mosaic_gpu"))
 
 
 def slot_buckets(max_top_k: int) -> Tuple[int, ...]:
