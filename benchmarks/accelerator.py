@@ -92,7 +92,7 @@ def main():
   mfu = tokens_per_sec * flops_per_token(cfg, seq) / peak
   print(f"\ntrain step ({'cpu_tiny' if args.small else 'gpu_small'}, {batch} x {seq} tokens): "
         f"{step_seconds * 1e3:.1f} ms, {tokens_per_sec:,.0f} tokens/s, MFU {mfu:.1%} of "
-        f"{peak / 1e12:.0f} TFLOP/s")
+        f"{peak / 1e12:.3g} TFLOP/s")
 
 
 if __name__ == "__main__":
