@@ -48,6 +48,12 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointRestore(iterator)))
     return TrainState(**restored["state"])
 
+  def restore_state(self, step: int, abstract_state: TrainState) -> TrainState:
+    """The train state alone (inference, evaluation): no data iterator is involved."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state._asdict())))
+    return TrainState(**restored["state"])
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -66,18 +66,23 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """x [batch, seq, d_model]; positions, segment_ids [batch, seq] (packed documents)."""
     with jax.named_scope("attention"):
-      return self._attend(x, positions, segment_ids)
+      q, k, v = self.project(x, positions)
+      impl = attention.resolve(self.implementation, platform.current(), self.dtype, x.shape[1],
+                               self.head_dim)
+      return self.output(attention.attend(q, k, v, segment_ids, impl))
 
-  def _attend(self, x, positions, segment_ids):
+  def project(self, x: jax.Array, positions: jax.Array):
+    """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim], normalised and
+    rotated: what attention (or a KV cache) takes."""
     cast = lambda p: p[...].astype(self.dtype)
     q = jnp.einsum("bsd,dnh->bsnh", x, cast(self.wq))
     k = jnp.einsum("bsd,dkh->bskh", x, cast(self.wk))
     v = jnp.einsum("bsd,dkh->bskh", x, cast(self.wv))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, positions, self.rope_theta)
-    k = apply_rope(k, positions, self.rope_theta)
-    impl = attention.resolve(self.implementation, platform.current(), self.dtype, x.shape[1],
-                             self.head_dim)
-    out = attention.attend(q, k, v, segment_ids, impl)
-    return jnp.einsum("bsnh,nhd->bsd", out, cast(self.wo))
+    return (apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta),
+            v)
+
+  def output(self, out: jax.Array) -> jax.Array:
+    """Attention output [batch, seq, heads, head_dim] -> [batch, seq, d_model]."""
+    return jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(self.dtype))

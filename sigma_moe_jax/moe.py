@@ -121,6 +121,26 @@ class MoE(nnx.Module):
     )(x, self.router[...], top_k, token_mask, bias, offset, weights)
 
 
+def gathered_experts(moe: MoE, x: jax.Array, top_k: jax.Array, max_top_k: int,
+                     selection_bias: Optional[jax.Array] = None) -> jax.Array:
+  """x [tokens, d_model] -> [tokens, d_model] through the same router and experts as `MoE`, with
+  each token's chosen experts' weights gathered for it: dropless and without buffers, so a few
+  tokens (a decode step) cost only their own experts. Run outside any shard_map."""
+  with jax.named_scope("router"):
+    logits = jnp.matmul(x.astype(jnp.float32), moe.router[...].astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    routing = route(logits, top_k, max_top_k, gate_fn=moe.gate_fn, renormalize=moe.renormalize,
+                    selection_bias=selection_bias)
+  with jax.named_scope("experts"):
+    ids = routing.expert_ids  # [tokens, slots]
+    w_gate, w_up, w_down = (getattr(moe, name)[...][ids].astype(moe.dtype)
+                            for name in ("w_gate", "w_up", "w_down"))
+    x = x.astype(moe.dtype)
+    h = jax.nn.silu(jnp.einsum("td,tsdf->tsf", x, w_gate)) * jnp.einsum("td,tsdf->tsf", x, w_up)
+    out = jnp.einsum("tsf,tsfd->tsd", h, w_down)
+    return jnp.einsum("tsd,ts->td", out, routing.gate_weights.astype(out.dtype))
+
+
 def run_experts(x, expert_ids, gate_weights, valid, experts: dispatch_lib.Experts, top_k, *,
                 dispatch: Callable, capacity_factor: Optional[float],
                 expert_axis: Optional[str] = None, expert_shards: int = 1,

@@ -1,0 +1,87 @@
+"""A trained run, loaded for inference: its config, tokenizer and a checkpoint's parameters.
+
+Shared by `experiments.generate` and `experiments.evaluate`. The model is rebuilt dropless
+(`generate.inference_config`); the per-layer top-k defaults to the last phase of the run's
+schedule.
+"""
+
+import os
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments.settings import Settings, from_config, lr_and_optimizer
+from sigma_moe_jax import generate, sharding
+from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
+from sigma_moe_jax.data import check_vocab
+from sigma_moe_jax.schedule import parse_per_layer
+from sigma_moe_jax.tokenizer import Tokenizer, load_tokenizer
+
+
+class LoadedRun(NamedTuple):
+  settings: Settings
+  graphdef: Any
+  params: Any
+  selection_bias: Optional[jax.Array]  # loss-free balancing bias, when the run used it
+  tokenizer: Tokenizer
+  step: int  # the checkpoint's step; 0 for an untrained model
+  top_k: jax.Array  # int32 [layers]
+  context: int  # the training sequence length
+
+
+def load_run(workdir: str, *, step: int = -1, top_k: str = "", untrained: bool = False,
+             seed: int = 0) -> LoadedRun:
+  """The run in `workdir` at checkpoint `step` (-1: the latest), or its model freshly
+  initialised with `untrained` (a chance-level baseline)."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"no checkpoints in {workdir!r}: train a run there first")
+  checkpointer = Checkpointer(directory, save_every=1, keep=1, async_save=False)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise ValueError(f"no checkpoints in {workdir!r}: train a run there first")
+    chosen = steps[-1] if step < 0 else step
+    if chosen not in steps:
+      raise ValueError(f"{workdir!r} has no checkpoint at step {step} (it has {steps})")
+    saved = checkpointer.saved_config(chosen)
+    saved.pop("fingerprint", None)
+    settings = from_config(ml_collections.ConfigDict(saved))
+    model_cfg = generate.inference_config(settings.model)
+    tokenizer = load_tokenizer(settings.data.tokenizer)
+    check_vocab(tokenizer, model_cfg.vocab_size)
+    _, optimizer = lr_and_optimizer(settings.train)
+    mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    graphdef, abstract, shardings = train_lib.abstract_sharded_state(model_cfg, optimizer, mesh)
+    if untrained:
+      params = train_lib.init_model(model_cfg, seed)[1]
+      bias, chosen = None, 0
+    else:
+      state = checkpointer.restore_state(chosen, abstract_like(abstract, shardings))
+      params = state.params
+      bias = state.selection_bias if settings.balance.loss_free else None
+  finally:
+    checkpointer.close()
+  layers = model_cfg.num_layers
+  if top_k:
+    per_layer = parse_per_layer(top_k)
+    if len(per_layer) != layers or not all(1 <= k <= m for k, m in
+                                           zip(per_layer, model_cfg.max_top_k_per_layer)):
+      raise ValueError(f"--moe_top_k {top_k!r}: needs {layers} entries, each between 1 and the "
+                       f"layer's maximum {list(model_cfg.max_top_k_per_layer)}")
+  elif settings.schedule is not None:
+    per_layer = list(settings.schedule.final)
+  else:
+    per_layer = [model_cfg.top_k] * layers
+  return LoadedRun(settings._replace(model=model_cfg), graphdef, params, bias, tokenizer,
+                   chosen, jnp.asarray(per_layer, jnp.int32), settings.train.seq_len)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+  """UTF-8 bytes of each token on its own (for bits per byte)."""
+  return np.asarray([len(tokenizer.decode([i]).encode("utf-8"))
+                     for i in range(tokenizer.vocab_size)], np.int64)
