@@ -25,7 +25,13 @@ from jax.experimental import multihost_utils
 
 
 class RunStopped(Exception):
-  """The run stopped before train.steps; the message says why and what was kept."""
+  """The run stopped before train.steps; the message says why and what was kept.
+  `storage_failed`: a background save failed, and the process should exit without waiting for
+  the storage layer's other background work (whose teardown would only print noise)."""
+
+  def __init__(self, message: str, storage_failed: bool = False):
+    super().__init__(message)
+    self.storage_failed = storage_failed
 
 
 class Preemption:

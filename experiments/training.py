@@ -2,6 +2,7 @@
 command-line entry point."""
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -176,6 +177,18 @@ def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
   return state
 
 
+def short_reason(error: Exception) -> str:
+  """A storage error in a few words: the OS's reason when there is one (storage layers wrap it
+  in long messages). The failed background writes are not logged again when the process ends."""
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  text = " ".join(str(error).split())
+  for reason in ("No space left on device", "Permission denied", "Read-only file system",
+                 "Disk quota exceeded"):
+    if reason in text:
+      return reason
+  return f"{type(error).__name__}: {text[:160]}"
+
+
 def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batches: int):
   """Loss and routing load of up to `max_batches` batches: val_loss, val_ppl, val_targets,
   val_tokens_per_expert [layers, E] and the `load_statistics` of the summed counts and mean gate
@@ -284,9 +297,9 @@ def run(config, workdir: str):
       if wait:
         checkpointer.wait()
     except Exception as e:  # noqa: BLE001 -- whatever the storage raised, stop with one line
-      raise RunStopped(f"saving checkpoint {step} failed ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}); the last complete "
-                       f"checkpoint is {completed_step()}") from None
+      # With asynchronous saves the failure may be an earlier save's, reported here.
+      raise RunStopped(f"a checkpoint save failed by step {step} ({short_reason(e)}); the last "
+                       f"complete checkpoint is {completed_step()}", storage_failed=True) from None
   # Rates and the ETA count from the end of the first step, which includes the compilation.
   steady_step, steady_time, interval_step, interval_time = None, None, step, None
   try:
@@ -341,13 +354,17 @@ def run(config, workdir: str):
     except Exception as e:  # noqa: BLE001
       save_error = e
     if save_error is not None:
-      raise RunStopped(f"saving the last checkpoint failed ({type(save_error).__name__}); the "
-                       f"last complete checkpoint is {completed_step()}")
+      raise RunStopped(f"saving the last checkpoint failed ({short_reason(save_error)}); the "
+                       f"last complete checkpoint is {completed_step()}", storage_failed=True)
+  except RunStopped as stopped:
+    # After a failed save, closing the checkpointer would wait on the storage layer's pending
+    # writes, whose callbacks then fail noisily; the process exits instead (see train.py).
+    if not stopped.storage_failed:
+      checkpointer.close()
+    raise
+  else:
+    checkpointer.close()
   finally:
     preemption.restore()
-    try:
-      checkpointer.close()
-    except Exception:  # noqa: BLE001 -- a failed async save surfaces here too; already reported
-      pass
     writer.close()
 
