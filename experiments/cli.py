@@ -12,9 +12,10 @@ import difflib
 import glob
 import os
 import sys
+import threading
 from typing import Callable
 
-from absl import app
+from absl import app, flags, logging
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +30,23 @@ def project_path(path: str) -> str:
     rooted = os.path.join(PROJECT_ROOT, part)
     return rooted if glob.glob(rooted) else part
   return ",".join(one(p) for p in path.split(",")) if path else path
+
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Keep the libraries' INFO logging (Orbax's "
+                             "lines at every save and restore).")
+
+
+def quiet_libraries() -> None:
+  """Orbax and grain log every save and restore at INFO, and a failed background save once more
+  with its traceback before the next save raises it (where the launcher reports it in one line);
+  after such a failure the storage layer's callbacks reach a closed asyncio loop and print a
+  traceback each. Only those are silenced; other errors print as usual."""
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
+  closed = lambda error: isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+  default_unraisable, default_thread = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda info: None if closed(info.exc_value) else default_unraisable(info)
+  threading.excepthook = lambda args: None if closed(args.exc_value) else default_thread(args)
 
 
 def run(main: Callable) -> None:
@@ -46,8 +64,12 @@ def run(main: Callable) -> None:
       error = unknown_key_error(arg[len("--config."):].split("=")[0])
       if error:
         sys.exit(f"error: {error}")
+  def quiet_main(argv):
+    if not _VERBOSE.value:
+      quiet_libraries()
+    return main(argv)
   try:
-    app.run(main)
+    app.run(quiet_main)
   except KeyboardInterrupt:
     sys.exit("error: interrupted")
 
