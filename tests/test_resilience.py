@@ -117,7 +117,7 @@ def largest_file(directory):
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no_metadata"])
+@pytest.mark.parametrize("damage", ["truncated", "no_metadata", "no_data_position"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, straight, damage):
   workdir = tmp_path / "run"
   code, _, err = launch(workdir, "--config.train.steps=6")
@@ -127,8 +127,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, straight
     victim = largest_file(state_dir)
     with open(victim, "r+b") as f:
       f.truncate(os.path.getsize(victim) // 2)
-  else:
+  elif damage == "no_metadata":
     os.remove(state_dir / "_METADATA")
+  else:  # the data iterator's saved position
+    for name in os.listdir(workdir / "checkpoints" / "6" / "data"):
+      os.remove(workdir / "checkpoints" / "6" / "data" / name)
   code, out, err = launch(workdir, f"--config.train.steps={STEPS}")
   assert code == 0, err[-2000:]
   assert "checkpoint 6 is damaged (" in out and "resuming from 3" in out, out[-2000:]
