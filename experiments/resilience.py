@@ -35,7 +35,9 @@ class RunStopped(Exception):
 
 
 class Preemption:
-  """Turns SIGTERM and SIGINT into a flag the training loop polls once per step."""
+  """Turns SIGTERM and SIGINT into a flag the training loop polls once per step; a second
+  signal interrupts at once (e.g. during a long compilation), losing the steps since the last
+  checkpoint."""
 
   def __init__(self):
     self.signal_name: Optional[str] = None
@@ -45,6 +47,8 @@ class Preemption:
 
   def _handle(self, signum, frame):
     del frame
+    if self.signal_name is not None:  # a second signal: stop now, without saving
+      raise KeyboardInterrupt
     self.signal_name = signal.Signals(signum).name
 
   def requested(self) -> bool:
@@ -153,7 +157,10 @@ def restore_latest_intact(checkpointer_factory: Callable, workdir: str, restore:
     reason = _one_line(error)
     damaged.append(f"checkpoint {step} is damaged ({reason})")
     checkpointer.close()
-    _move_aside(workdir, step)
+    if jax.process_index() == 0:  # the workdir is shared: one process moves, all wait for it
+      _move_aside(workdir, step)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"damaged checkpoint {step} moved")
     checkpointer = checkpointer_factory()
     older = checkpointer.all_steps()
     print(f"checkpoint {step} is damaged ({reason}); "

@@ -224,7 +224,8 @@ def run(config, workdir: str):
   local_batch = t.batch_size // jax.process_count()
   pipeline = lambda docs, **kw: make_pipeline(
       docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch,
-      seed=built.settings.data.seed, process_index=jax.process_index(), process_count=jax.process_count(), **kw)
+      seed=built.settings.data.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), **kw)
   train_iter = pipeline(built.train_docs)
 
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
@@ -240,9 +241,9 @@ def run(config, workdir: str):
     check_compatible(saved, config_json)
 
   def restore(checkpointer, step):
-    iterator = pipeline(built.train_docs)  # a fresh iterator per attempt: a failed one may be
-    restored = checkpointer.restore(step, abstract_like(state, shardings), iterator)  # half set
-    return restored, iterator
+    # A fresh iterator per attempt: a failed restore may have set part of one.
+    iterator = pipeline(built.train_docs)
+    return checkpointer.restore(step, abstract_like(state, shardings), iterator), iterator
 
   def completed_step():
     steps = sorted(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
