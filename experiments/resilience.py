@@ -59,6 +59,9 @@ class Preemption:
       return local
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
+  def reason(self) -> str:
+    return self.signal_name or "a signal to another process of the run"
+
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)

@@ -344,7 +344,7 @@ def run(config, workdir: str):
       if step < t.steps and preemption.requested():
         divergence.flush()
         save(step, force=True, wait=True)
-        raise RunStopped(f"stopped by {preemption.signal_name} at step {step}; checkpoint "
+        raise RunStopped(f"stopped by {preemption.reason()} at step {step}; checkpoint "
                          f"{step} saved, run the same command to resume")
     divergence.flush()
     if step > start_step:

@@ -3,9 +3,11 @@ with 8 devices, read distinct documents, and save and resume checkpoints togethe
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -34,7 +36,7 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch_two(workdir, steps):
+def launch_two(workdir, steps, wait=True):
   port = free_port()
   flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.steps": steps}.items()]
   procs = []
@@ -47,6 +49,8 @@ def launch_two(workdir, steps):
         [sys.executable, "-m", "experiments.train", "--config=experiments/configs/cpu_tiny.py",
          f"--workdir={workdir}", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True))
+  if not wait:
+    return procs
   outputs = [p.communicate(timeout=400) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -94,3 +98,22 @@ def test_two_processes_train_like_one_and_resume_together(tmp_path):
   np.testing.assert_allclose([by_step[s] for s in range(1, 7)], want, rtol=1e-5)
   # The two processes read different documents.
   assert all(a != b for a, b in first_docs)
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """Preemption of one host: every process stops at the same step, after saving it together."""
+  workdir = tmp_path / "run"
+  procs = launch_two(workdir, steps=200, wait=False)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    assert all(p.poll() is None for p in procs) and time.time() < deadline
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in procs]
+  lasts = [err.strip().splitlines()[-1] for _, err in outputs]
+  assert all(p.returncode != 0 for p in procs), lasts
+  assert lasts[1].startswith("error: stopped by SIGTERM at step "), lasts
+  assert lasts[0].startswith("error: stopped by a signal to another process of the run at step")
+  steps = {int(line.split("at step ")[1].split(";")[0]) for line in lasts}
+  assert len(steps) == 1 and (workdir / "checkpoints" / str(steps.pop())).is_dir()
