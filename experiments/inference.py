@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments.resilience import fingerprint
 from experiments.settings import Settings, from_config, lr_and_optimizer
 from sigma_moe_jax import generate, sharding
 from sigma_moe_jax import train as train_lib
@@ -49,11 +50,16 @@ def load_run(workdir: str, *, step: int = -1, top_k: str = "", untrained: bool =
     if chosen not in steps:
       raise ValueError(f"{workdir!r} has no checkpoint at step {step} (it has {steps})")
     saved = checkpointer.saved_config(chosen)
-    saved.pop("fingerprint", None)
+    trained_with = saved.pop("fingerprint", {}).get("tokenizer_sha256")
     settings = from_config(ml_collections.ConfigDict(saved))
     model_cfg = generate.inference_config(settings.model)
     tokenizer = load_tokenizer(settings.data.tokenizer)
     check_vocab(tokenizer, model_cfg.vocab_size)
+    now = fingerprint(settings.data.tokenizer)["tokenizer_sha256"]
+    if trained_with and now != trained_with:
+      raise ValueError(f"the tokenizer file {settings.data.tokenizer!r} has changed since the "
+                       f"run was trained (sha256 {now[:12]}..., trained with "
+                       f"{trained_with[:12]}...): its ids would not match the model's")
     _, optimizer = lr_and_optimizer(settings.train)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
     graphdef, abstract, shardings = train_lib.abstract_sharded_state(model_cfg, optimizer, mesh)

@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -132,12 +133,23 @@ def test_evaluate_launcher_multiple_choice_and_corpus(trained, tmp_path):
   assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
 
 
-@pytest.mark.parametrize("case", ["no_checkpoint", "long_prompt", "bad_line", "bad_label"])
+@pytest.mark.parametrize("case", ["no_checkpoint", "long_prompt", "bad_line", "bad_label",
+                                  "tokenizer_changed"])
 def test_bad_input_is_one_line(trained, tmp_path, case):
   task = tmp_path / "task.jsonl"
   if case == "no_checkpoint":
     args = ("experiments.generate", f"--workdir={tmp_path / 'empty'}", "--prompt=hi")
     message = "no checkpoints in"
+  elif case == "tokenizer_changed":
+    tokenizer = tmp_path / "tokenizer.json"
+    shutil.copy(os.path.join(ROOT, "data", "shakespeare_bpe4096.json"), tokenizer)
+    code, _, err = launch(tmp_path / "run", "--config.train.steps=3",
+                          f"--config.data.tokenizer={tokenizer}")
+    assert code == 0, err[-2000:]
+    with open(tokenizer, "a") as f:
+      f.write("\n")
+    args = ("experiments.generate", f"--workdir={tmp_path / 'run'}", "--prompt=hi")
+    message = "has changed since the run was trained"
   elif case == "long_prompt":
     args = ("experiments.generate", f"--workdir={trained}", "--prompt=" + "word " * 40)
     message = "exceeds the model's context of 32"
