@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from experiments import cli as cli_lib
 from experiments import studies
+from experiments.resilience import RunStopped
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", cli_lib.project_path("experiments/configs/reproduce.py"),
@@ -49,7 +50,7 @@ def main(argv):
         json.dump({"study": study.title, **results}, f, indent=1)
       print(f"=== {name}: {study.title}\n{json.dumps(results, indent=1)}\nfigures: "
             f"{', '.join(figures)}", flush=True)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, RunStopped) as e:
     sys.exit(f"error: {e}")
 
 
