@@ -21,7 +21,7 @@ from sigma_moe_jax import dispatch as dispatch_lib
 from sigma_moe_jax import expert_parallel, platform, sharding
 from sigma_moe_jax.balancing import layer_statistics
 from sigma_moe_jax.layers import normal_param
-from sigma_moe_jax.routing import route
+from sigma_moe_jax.routing import route, router_logits
 
 _EXPERT_AXES = {"w_gate": ("expert", "embed", "mlp"), "w_up": ("expert", "embed", "mlp"),
                 "w_down": ("expert", "mlp", "embed")}
@@ -47,9 +47,9 @@ class MoE(nnx.Module):
   def __call__(self, x: jax.Array, top_k: jax.Array, max_top_k: int, token_mask: jax.Array,
                selection_bias: Optional[jax.Array] = None,
                count_offset: Optional[jax.Array] = None):
-    """x [batch, seq, d_model]; top_k traced int32 scalar <= max_top_k (static); token_mask [batch, seq];
-    selection_bias [E] (loss-free balancing); count_offset [E] (counts carried from earlier
-    micro-batches of the same optimizer step).
+    """x [batch, seq, d_model]; top_k traced int32 scalar <= max_top_k (static); token_mask
+    [batch, seq]; selection_bias [E] (loss-free balancing); count_offset [E] (counts carried from
+    earlier micro-batches of the same optimizer step).
 
     Returns (y [batch, seq, d_model], MoEStats).
     """
@@ -77,10 +77,7 @@ class MoE(nnx.Module):
     def moe_shard(x, router, top_k, token_mask, bias, offset, weights):
       b, s, d_model = x.shape
       with jax.named_scope("router"):
-        # The router runs in float32 whatever the compute dtype: top-1 choices among 96 experts
-        # are decided by small logit differences.
-        logits = jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST)  # [b, s, E]
+        logits = router_logits(x, router)  # [b, s, E] float32
         routing = route(logits.reshape(b * s, num_experts), top_k, max_top_k,
                         gate_fn=self.gate_fn, renormalize=self.renormalize,
                         token_mask=token_mask.reshape(-1),
@@ -127,8 +124,7 @@ def gathered_experts(moe: MoE, x: jax.Array, top_k: jax.Array, max_top_k: int,
   each token's chosen experts' weights gathered for it: dropless and without buffers, so a few
   tokens (a decode step) cost only their own experts. Run outside any shard_map."""
   with jax.named_scope("router"):
-    logits = jnp.matmul(x.astype(jnp.float32), moe.router[...].astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)
+    logits = router_logits(x, moe.router[...])
     routing = route(logits, top_k, max_top_k, gate_fn=moe.gate_fn, renormalize=moe.renormalize,
                     selection_bias=selection_bias)
   with jax.named_scope("experts"):

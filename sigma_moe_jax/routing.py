@@ -24,6 +24,13 @@ class Routing(NamedTuple):
   logits: jax.Array
 
 
+def router_logits(x: jax.Array, router: jax.Array) -> jax.Array:
+  """x [..., d_model] @ router [d_model, experts] in float32 at full precision, whatever the
+  compute dtype: top-1 choices among 96 experts are decided by small logit differences."""
+  return jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 def route(logits: jax.Array, top_k: jax.Array, max_top_k: int, *, gate_fn: str, renormalize: bool,
           token_mask: Optional[jax.Array] = None,
           selection_bias: Optional[jax.Array] = None) -> Routing:
