@@ -22,9 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sigma_moe_jax import attention, platform
 from sigma_moe_jax.config import ModelConfig
-from sigma_moe_jax.layers import positions_from_segments
 from sigma_moe_jax.model import scan_groups
 from sigma_moe_jax.moe import gathered_experts
 
@@ -86,35 +84,15 @@ def prefill(model, tokens: jax.Array, lengths: jax.Array, top_k: jax.Array, max_
             selection_bias: Optional[jax.Array] = None) -> Tuple[jax.Array, Cache]:
   """Runs the prompts (tokens [B, P], row b valid up to lengths[b]) and returns the logits of the
   next token after each prompt [B, V] and the cache, with room for max_len positions."""
-  cfg = model.cfg
   batch, prompt_len = tokens.shape
   segment_ids = (jnp.arange(prompt_len)[None] < lengths[:, None]).astype(jnp.int32)
-  positions = positions_from_segments(segment_ids)
-  token_mask = segment_ids > 0
-  dtype = jnp.dtype(cfg.dtype)
-  x = jnp.take(model.embed[...], tokens, axis=0).astype(dtype)
-  graphdef, stacked, rows = _layers(model)
-  impl = attention.resolve(cfg.attention, platform.current(), dtype, prompt_len,
-                           cfg.resolved_head_dim)
-  keys, values = [], []
-  for start, stop, group_max_top_k in scan_groups(cfg.max_top_k_per_layer):
-    def layer(x, xs, group_max_top_k=group_max_top_k):
-      layer_state, layer_top_k, bias = xs
-      block = nnx.merge(graphdef, layer_state)
-      q, k, v = block.attn.project(block.attn_norm(x), positions)
-      x = x + block.attn.output(attention.attend(q, k, v, segment_ids, impl))
-      y, _ = block.moe(block.moe_norm(x), layer_top_k, group_max_top_k, token_mask, bias)
-      return x + y, (k, v)
-    bias = None if selection_bias is None else selection_bias[start:stop]
-    x, (k, v) = jax.lax.scan(layer, x, (rows(stacked, start, stop), top_k[start:stop], bias))
-    keys.append(k)
-    values.append(v)
+  x, _, (keys, values) = model.hidden_states(tokens, segment_ids, top_k=top_k,
+                                             selection_bias=selection_bias, return_kv=True)
   pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0), (0, 0))
-  cache = Cache(jnp.pad(jnp.concatenate(keys), pad), jnp.pad(jnp.concatenate(values), pad))
-  last = model.final_norm(x)[jnp.arange(batch), lengths - 1]
-  logits = jnp.einsum("bd,dv->bv", last, model.lm_head[...].astype(dtype),
+  last = x[jnp.arange(batch), lengths - 1]
+  logits = jnp.einsum("bd,dv->bv", last, model.lm_head[...].astype(x.dtype),
                       preferred_element_type=jnp.float32)
-  return logits, cache
+  return logits, Cache(jnp.pad(keys, pad), jnp.pad(values, pad))
 
 
 def decode_step(model, tokens: jax.Array, positions: jax.Array, cache: Cache, top_k: jax.Array,

@@ -63,13 +63,14 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
     self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """x [batch, seq, d_model]; positions, segment_ids [batch, seq] (packed documents)."""
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array):
+    """x [batch, seq, d_model]; positions, segment_ids [batch, seq] (packed documents).
+    Returns the output [batch, seq, d_model] and the keys and values (what a KV cache holds)."""
     with jax.named_scope("attention"):
       q, k, v = self.project(x, positions)
       impl = attention.resolve(self.implementation, platform.current(), self.dtype, x.shape[1],
                                self.head_dim)
-      return self.output(attention.attend(q, k, v, segment_ids, impl))
+      return self.output(attention.attend(q, k, v, segment_ids, impl)), (k, v)
 
   def project(self, x: jax.Array, positions: jax.Array):
     """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim], normalised and

@@ -42,9 +42,12 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, token_mask, top_k, max_top_k: int,
                selection_bias=None, count_offset=None):
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-    y, stats = self.moe(self.moe_norm(x), top_k, max_top_k, token_mask, selection_bias, count_offset)
-    return x + y, stats
+    """(x, MoEStats, (keys, values) of the attention)."""
+    attended, kv = self.attn(self.attn_norm(x), positions, segment_ids)
+    x = x + attended
+    y, stats = self.moe(self.moe_norm(x), top_k, max_top_k, token_mask, selection_bias,
+                        count_offset)
+    return x + y, stats, kv
 
 
 def scan_groups(max_top_k_per_layer) -> List[Tuple[int, int, int]]:
@@ -106,10 +109,11 @@ class Transformer(nnx.Module):
   def hidden_states(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None,
                     positions: Optional[jax.Array] = None, top_k: Optional[jax.Array] = None,
                     selection_bias: Optional[jax.Array] = None,
-                    count_offset: Optional[jax.Array] = None):
+                    count_offset: Optional[jax.Array] = None, return_kv: bool = False):
     """The final-norm output [batch, seq, d_model] (compute dtype) and the MoEStats; arguments
     as in `__call__`. The residual stream is split over the mesh's batch axes at every block
-    boundary."""
+    boundary. With `return_kv`, also every layer's attention keys and values, each
+    [layers, batch, seq, kv_heads, head_dim] (prefilling a KV cache)."""
     cfg = self.cfg
     check_tokens(tokens, cfg.vocab_size)
     if segment_ids is None:
@@ -124,19 +128,22 @@ class Transformer(nnx.Module):
 
     x = sharding.constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(dtype))
     graphdef, stacked = nnx.split(self.blocks)
-    all_stats = []
+    all_outputs = []
     for start, stop, group_max_top_k in scan_groups(cfg.max_top_k_per_layer):
       def layer(x, xs, group_max_top_k=group_max_top_k):
         layer_state, layer_top_k, bias, offset = xs
         block = nnx.merge(graphdef, layer_state)
-        x, stats = block(x, positions, segment_ids, token_mask, layer_top_k, group_max_top_k,
-                         bias, offset)
-        return sharding.constrain_batch(x), stats
+        x, stats, kv = block(x, positions, segment_ids, token_mask, layer_top_k,
+                             group_max_top_k, bias, offset)
+        return sharding.constrain_batch(x), (stats, kv) if return_kv else stats
       if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
       rows = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
       group = (rows(stacked), top_k[start:stop], rows(selection_bias), rows(count_offset))
-      x, stats = jax.lax.scan(layer, x, group)
-      all_stats.append(stats)
-    stats = jax.tree.map(lambda *s: jnp.concatenate(s), *all_stats)
-    return self.final_norm(x), MoEStats(*stats)
+      x, outputs = jax.lax.scan(layer, x, group)
+      all_outputs.append(outputs)
+    outputs = jax.tree.map(lambda *s: jnp.concatenate(s), *all_outputs)
+    if return_kv:
+      stats, kv = outputs
+      return self.final_norm(x), MoEStats(*stats), kv
+    return self.final_norm(x), MoEStats(*outputs)
