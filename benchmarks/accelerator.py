@@ -10,47 +10,24 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from benchmarks.common import random_batch, time_interleaved, train_step_call
+from benchmarks.common import (dense_ffn_call, moe_layer_call, random_batch, time_interleaved,
+                               train_step_call)
 from sigma_moe_jax import ModelConfig, platform
 from sigma_moe_jax.metrics import PEAK_FLOPS, flops_per_token, measure_matmul_flops
-from sigma_moe_jax.moe import MoE
 
 
 def moe_layer_rows(tokens, experts, d, f, dtype, repeats):
   """[(name, seconds)] for the dense FFN and each MoE variant, forward + backward."""
   x = jax.random.normal(jax.random.key(0), (1, tokens, d), dtype)
-  token_mask = jnp.ones((1, tokens), bool)
-  keys = jax.random.split(jax.random.key(1), 3)
-  ffn = tuple((0.02 * jax.random.normal(k, s)).astype(dtype)
-              for k, s in zip(keys, [(d, f), (d, f), (f, d)]))
-
-  @jax.jit
-  def ffn_step(weights, x):
-    def loss(weights, x):
-      w_gate, w_up, w_down = weights
-      return jnp.sum(((jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down).astype(jnp.float32))
-    return jax.grad(loss, argnums=(0, 1))(weights, x)
-
-  def moe_call(dispatch, grouped_matmul, capacity_factor):
-    moe = MoE(d, f, experts, gate_fn="softmax", renormalize=False, dispatch=dispatch,
-              capacity_factor=capacity_factor, init_std=0.02, dtype=dtype, rngs=nnx.Rngs(0),
-              grouped_matmul=grouped_matmul)
-    graphdef, params = nnx.split(moe)
-
-    @jax.jit
-    def moe_step(params, x):
-      def loss(params, x):
-        y, stats = nnx.merge(graphdef, params)(x, jnp.int32(1), 1, token_mask)
-        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(stats.gate_prob_mean)
-      return jax.grad(loss, argnums=(0, 1))(params, x)
-    return lambda: moe_step(params, x)
+  moe_call = lambda dispatch, grouped_matmul, capacity_factor: moe_layer_call(
+      x, f, experts, 1, dispatch=dispatch, grouped_matmul=grouped_matmul,
+      capacity_factor=capacity_factor)
 
   target = platform.current()
   variants = [("ragged, auto kernel", ("ragged", "auto", None)),
               ("padded, capacity 1.25", ("padded", "auto", 1.25))]
-  seconds = time_interleaved([lambda: ffn_step(ffn, x)]
+  seconds = time_interleaved([dense_ffn_call(x, f)]
                              + [moe_call(*args) for _, args in variants], repeats=repeats)
   rows = [("dense FFN (activated size)", seconds[0])]
   rows += [(name, s) for (name, _), s in zip(variants, seconds[1:])]

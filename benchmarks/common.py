@@ -4,9 +4,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.layers import positions_from_segments
+from sigma_moe_jax.moe import MoE
 
 
 def time_interleaved(calls, repeats: int = 10, warmup: int = 2):
@@ -42,3 +44,37 @@ def train_step_call(cfg, batch, *, schedule=None):
   step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, cfg,
                                            train_lib.BalanceSettings(), schedule=schedule))
   return lambda: step(state, batch)
+
+
+def dense_ffn_call(x, d_ff: int):
+  """A zero-argument call: forward + backward of a dense SwiGLU FFN of width d_ff on x
+  [1, tokens, d_model] (the baseline an MoE layer of the same activated size is held to)."""
+  d = x.shape[-1]
+  keys = jax.random.split(jax.random.key(1), 3)
+  weights = tuple((0.02 * jax.random.normal(k, s)).astype(x.dtype)
+                  for k, s in zip(keys, [(d, d_ff), (d, d_ff), (d_ff, d)]))
+
+  @jax.jit
+  def step(weights, x):
+    def loss(weights, x):
+      w_gate, w_up, w_down = weights
+      return jnp.sum(((jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))(weights, x)
+  return lambda: step(weights, x)
+
+
+def moe_layer_call(x, d_ff: int, experts: int, top_k: int, **moe_settings):
+  """A zero-argument call: forward + backward of one MoE layer on x [1, tokens, d_model];
+  `moe_settings` are MoE arguments (dispatch, capacity_factor, grouped_matmul, ...)."""
+  token_mask = jnp.ones(x.shape[:2], bool)
+  moe = MoE(x.shape[-1], d_ff, experts, gate_fn="softmax", renormalize=False, init_std=0.02,
+            dtype=x.dtype, rngs=nnx.Rngs(0), **moe_settings)
+  graphdef, params = nnx.split(moe)
+
+  @jax.jit
+  def step(params, x):
+    def loss(params, x):
+      y, stats = nnx.merge(graphdef, params)(x, jnp.int32(top_k), top_k, token_mask)
+      return jnp.sum(y.astype(jnp.float32)) + jnp.sum(stats.gate_prob_mean)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+  return lambda: step(params, x)

@@ -8,10 +8,8 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from benchmarks.common import time_interleaved
-from sigma_moe_jax.moe import MoE
+from benchmarks.common import dense_ffn_call, moe_layer_call, time_interleaved
 
 
 def main():
@@ -28,34 +26,11 @@ def main():
 
   d, f, t = args.d_model, args.d_ff, args.tokens
   x = jax.random.normal(jax.random.key(0), (1, t, d), jnp.float32)
-  token_mask = jnp.ones((1, t), bool)
-
-  # The dense baseline: one SwiGLU FFN with the activated expert's size.
-  keys = jax.random.split(jax.random.key(1), 3)
-  ffn = (0.02 * jax.random.normal(keys[0], (d, f)), 0.02 * jax.random.normal(keys[1], (d, f)),
-         0.02 * jax.random.normal(keys[2], (f, d)))
-
-  @jax.jit
-  def ffn_step(weights, x):
-    def loss(weights, x):
-      w_gate, w_up, w_down = weights
-      return jnp.sum((jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down)
-    return jax.grad(loss, argnums=(0, 1))(weights, x)
 
   def moe_call(strategy):
     capacity = args.capacity_factor if strategy == "padded" else None
-    moe = MoE(d, f, args.experts, gate_fn="softmax", renormalize=False, dispatch=strategy,
-              capacity_factor=capacity, init_std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(moe)
-
-    @jax.jit
-    def moe_step(params, x):
-      def loss(params, x):
-        y, stats = nnx.merge(graphdef, params)(x, jnp.int32(args.top_k), args.top_k, token_mask)
-        return jnp.sum(y) + jnp.sum(stats.gate_prob_mean)
-      return jax.grad(loss, argnums=(0, 1))(params, x)
-
-    return lambda: moe_step(params, x)
+    return moe_layer_call(x, f, args.experts, args.top_k, dispatch=strategy,
+                          capacity_factor=capacity)
 
   strategies = args.strategies.split(",")
   fast = [s for s in strategies if s == "padded"]
@@ -64,7 +39,7 @@ def main():
   # dense) take seconds and disturb whatever runs after them, so they are timed on their own
   # and compared with the same baseline.
   baseline, *fast_seconds = time_interleaved(
-      [lambda: ffn_step(ffn, x)] + [moe_call(s) for s in fast], repeats=args.repeats)
+      [dense_ffn_call(x, f)] + [moe_call(s) for s in fast], repeats=args.repeats)
   slow_seconds = [time_interleaved([moe_call(s)], repeats=3, warmup=1)[0] for s in slow]
   print(f"{t} tokens, {args.experts} experts, top-{args.top_k}, d_model {d}, d_ff {f}, "
         f"capacity factor {args.capacity_factor} (padded), {jax.devices()[0].platform}")
