@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from benchmarks.common import (dense_ffn_call, moe_layer_call, random_batch, time_interleaved,
                                train_step_call)
 from sigma_moe_jax import ModelConfig, platform
-from sigma_moe_jax.metrics import PEAK_FLOPS, flops_per_token, measure_matmul_flops
+from sigma_moe_jax.metrics import flops_per_token, peak_flops_per_device
 
 
 def moe_layer_rows(tokens, experts, d, f, dtype, repeats):
@@ -63,8 +63,7 @@ def main():
 
   (step_seconds,) = time_interleaved(
       [train_step_call(cfg, random_batch(batch, seq, cfg.vocab_size))], repeats=args.repeats)
-  peak = next((flops for name, flops in PEAK_FLOPS.items()
-               if device.device_kind.startswith(name)), None) or measure_matmul_flops()
+  peak = peak_flops_per_device()
   tokens_per_sec = batch * seq / step_seconds
   mfu = tokens_per_sec * flops_per_token(cfg, seq) / peak
   print(f"\ntrain step ({'cpu_tiny' if args.small else 'gpu_small'}, {batch} x {seq} tokens): "
