@@ -179,8 +179,7 @@ def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
 
 def short_reason(error: Exception) -> str:
   """A storage error in a few words: the OS's reason when there is one (storage layers wrap it
-  in long messages). The failed background writes are not logged again when the process ends."""
-  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  in long messages)."""
   text = " ".join(str(error).split())
   for reason in ("No space left on device", "Permission denied", "Read-only file system",
                  "Disk quota exceeded"):
@@ -285,7 +284,7 @@ def run(config, workdir: str):
   if step >= t.steps:
     print(f"already trained to step {step} (train.steps={t.steps}); nothing to do")
   preemption, divergence = Preemption(), Divergence(t.max_bad_steps)
-  start_step, last_saved = step, step
+  last_saved = step
 
   def save(step, force=False, wait=False):
     """A checkpoint, or RunStopped naming the last complete one when writing fails (a full
@@ -298,6 +297,8 @@ def run(config, workdir: str):
       if wait:
         checkpointer.wait()
     except Exception as e:  # noqa: BLE001 -- whatever the storage raised, stop with one line
+      # The failed background writes are not logged again when their tasks are collected.
+      logging.getLogger("asyncio").setLevel(logging.CRITICAL)
       # With asynchronous saves the failure may be an earlier save's, reported here.
       raise RunStopped(f"a checkpoint save failed by step {step} ({short_reason(e)}); the last "
                        f"complete checkpoint is {completed_step()}", storage_failed=True) from None
@@ -347,16 +348,7 @@ def run(config, workdir: str):
         raise RunStopped(f"stopped by {preemption.reason()} at step {step}; checkpoint "
                          f"{step} saved, run the same command to resume")
     divergence.flush()
-    if step > start_step:
-      save(step, force=True)
-    save_error = None
-    try:
-      checkpointer.wait()
-    except Exception as e:  # noqa: BLE001
-      save_error = e
-    if save_error is not None:
-      raise RunStopped(f"saving the last checkpoint failed ({short_reason(save_error)}); the "
-                       f"last complete checkpoint is {completed_step()}", storage_failed=True)
+    save(step, force=True, wait=True)  # the final step, unless saved already; then wait
   except RunStopped as stopped:
     # After a failed save, closing the checkpointer would wait on the storage layer's pending
     # writes, whose callbacks then fail noisily; the process exits instead (see train.py).
