@@ -12,7 +12,6 @@ speaker names or stage directions; the distractors differ from the true line.
 """
 
 import json
-import os
 import random
 import sys
 
@@ -20,6 +19,7 @@ from absl import flags
 
 from experiments import cli as cli_lib
 from sigma_moe_jax.data import load_documents, split_documents
+from sigma_moe_jax import storage
 
 _EXAMPLES = flags.DEFINE_integer("examples", 400, "Number of examples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -65,10 +65,8 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   records = build(_EXAMPLES.value, _SEED.value)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
+  storage.makedirs(storage.parent(storage.resolve(_OUT.value)))
+  storage.write_text(_OUT.value, "".join(json.dumps(record) + "\n" for record in records))
   print(f"{len(records)} examples written to {_OUT.value}")
 
 

@@ -9,13 +9,14 @@ work wherever they are started.
 from __future__ import annotations
 
 import difflib
-import glob
 import os
 import sys
 import threading
 from typing import Callable
 
 from absl import app, flags, logging
+
+from sigma_moe_jax import storage
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,10 +26,10 @@ def project_path(path: str) -> str:
   (globs and comma-separated lists are resolved part by part)."""
   def one(part: str) -> str:
     part = part.strip()
-    if not part or os.path.isabs(part) or "://" in part or glob.glob(part):
+    if not part or os.path.isabs(part) or storage.is_remote(part) or storage.glob(part):
       return part
     rooted = os.path.join(PROJECT_ROOT, part)
-    return rooted if glob.glob(rooted) else part
+    return rooted if storage.glob(rooted) else part
   return ",".join(one(p) for p in path.split(",")) if path else path
 
 
@@ -57,7 +58,7 @@ def run(main: Callable) -> None:
     if arg.startswith("--config="):
       file, sep, rest = arg[len("--config="):].partition(":")
       file = project_path(file)
-      if not os.path.isfile(file):
+      if not storage.isfile(file):
         sys.exit(f"error: config file {file!r} not found")
       sys.argv[i] = f"--config={file}{sep}{rest}"
     elif arg.startswith("--config."):

@@ -13,7 +13,6 @@ is a corpus: perplexity and bits per byte. The result goes to --out (default
 """
 
 import json
-import os
 import sys
 from typing import List, Tuple
 
@@ -24,7 +23,7 @@ from flax import nnx
 
 from experiments import cli as cli_lib
 from experiments.inference import load_run, token_byte_lengths
-from sigma_moe_jax import generate, scoring
+from sigma_moe_jax import generate, scoring, storage
 from sigma_moe_jax.data import load_documents
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
@@ -41,7 +40,7 @@ flags.mark_flags_as_required(["workdir", "task"])
 def read_choice_task(path: str) -> List[Tuple[str, List[str], int]]:
   """(context, choices, label) per line; one error naming the line for anything malformed."""
   examples = []
-  with open(path) as f:
+  with storage.open_file(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -67,7 +66,7 @@ def read_choice_task(path: str) -> List[Tuple[str, List[str], int]]:
 def is_choice_task(path: str) -> bool:
   if not path.endswith(".jsonl"):
     return False
-  with open(path) as f:
+  with storage.open_file(path) as f:
     first = next((line for line in f if line.strip()), "")
   try:
     return "choices" in json.loads(first)
@@ -80,11 +79,11 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   task = cli_lib.project_path(_TASK.value)
   try:
-    if not os.path.exists(task) and "*" not in task:
+    if not storage.exists(task) and "*" not in task:
       raise ValueError(f"task file {task!r} not found")
     if _BATCH.value < 1:
       raise ValueError("--batch_size must be >= 1")
-    choice_task = os.path.isfile(task) and is_choice_task(task)
+    choice_task = storage.isfile(task) and is_choice_task(task)
     examples = read_choice_task(task) if choice_task else None
     documents = None if choice_task else load_documents(task)
     run = load_run(_WORKDIR.value, step=_STEP.value, top_k=_MOE_TOP_K.value,
@@ -113,12 +112,11 @@ def main(argv):
                                        width=width, batch_size=_BATCH.value)
   result = {"task": _TASK.value, "workdir": _WORKDIR.value, "step": run.step,
             "untrained": _UNTRAINED.value, "top_k": [int(k) for k in run.top_k], **result}
-  out = _OUT.value or os.path.join(
-      _WORKDIR.value, "eval", os.path.basename(task).split(".")[0]
-      + ("_untrained" if _UNTRAINED.value else f"_step{run.step}") + ".json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
+  out = storage.resolve(_OUT.value or storage.join(
+      _WORKDIR.value, "eval", storage.basename(task).split(".")[0]
+      + ("_untrained" if _UNTRAINED.value else f"_step{run.step}") + ".json"))
+  storage.makedirs(storage.parent(out))
+  storage.write_text(out, json.dumps(result, indent=1))
   print(json.dumps(result, indent=1))
 
 

@@ -18,7 +18,7 @@ from absl import flags
 
 from experiments import cli as cli_lib
 from experiments.inference import load_run
-from sigma_moe_jax import generate
+from sigma_moe_jax import generate, storage
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _PROMPT = flags.DEFINE_string("prompt", None, "A prompt.")
@@ -41,8 +41,8 @@ def read_prompts():
   if _PROMPT.value is not None:
     return [_PROMPT.value]
   try:
-    with open(_PROMPTS_FILE.value) as f:
-      prompts = [line.rstrip("\n") for line in f if line.strip()]
+    text = storage.read_text(_PROMPTS_FILE.value)
+    prompts = [line for line in text.splitlines() if line.strip()]
   except OSError as e:
     raise ValueError(f"cannot read --prompts_file: {e}") from None
   if not prompts:
@@ -97,9 +97,7 @@ def main(argv):
         f"({len(prompts)} prompts, {int(lengths.sum())} tokens) | decode "
         f"{int(generated.sum()) / decode_seconds:,.0f} tokens/s ({int(generated.sum())} tokens)")
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      for record in records:
-        f.write(json.dumps(record) + "\n")
+    storage.write_text(_OUT.value, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def cli():

@@ -5,7 +5,6 @@ Shared by `experiments.generate` and `experiments.evaluate`. The model is rebuil
 schedule.
 """
 
-import os
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 
 from experiments.resilience import fingerprint
 from experiments.settings import Settings, from_config, lr_and_optimizer
-from sigma_moe_jax import generate, sharding
+from sigma_moe_jax import generate, sharding, storage
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.data import check_vocab
@@ -38,8 +37,8 @@ def load_run(workdir: str, *, step: int = -1, top_k: str = "", untrained: bool =
              seed: int = 0) -> LoadedRun:
   """The run in `workdir` at checkpoint `step` (-1: the latest), or its model freshly
   initialised with `untrained` (a chance-level baseline)."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
+  directory = storage.join(storage.resolve(workdir), "checkpoints")
+  if not storage.isdir(directory):
     raise ValueError(f"no checkpoints in {workdir!r}: train a run there first")
   checkpointer = Checkpointer(directory, save_every=1, keep=1, async_save=False)
   try:

@@ -12,7 +12,6 @@ made with another config is refused.
 """
 
 import json
-import os
 import sys
 
 from absl import flags
@@ -21,6 +20,7 @@ from ml_collections import config_flags
 from experiments import cli as cli_lib
 from experiments import studies
 from experiments.resilience import RunStopped
+from sigma_moe_jax import storage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", cli_lib.project_path("experiments/configs/reproduce.py"),
@@ -34,20 +34,20 @@ flags.mark_flags_as_required(["study", "workdir"])
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
-  workdir = os.path.abspath(_WORKDIR.value)
+  workdir = storage.resolve(_WORKDIR.value)
   try:
     names = studies.selected_studies(_STUDY.value)
     base = _CONFIG.value
     configs = {v: studies.train_variant(base, v, workdir) for v in studies.variant_order(names)}
     for name in names:
       study = studies.STUDIES[name]
-      runs = {v: studies.read_run(v, configs[v], os.path.join(workdir, "runs", v))
+      runs = {v: studies.read_run(v, configs[v], storage.join(workdir, "runs", v))
               for v in study.variants}
-      out = os.path.join(workdir, name)
-      os.makedirs(out, exist_ok=True)
+      out = storage.join(workdir, name)
+      storage.makedirs(out)
       results, figures = study.analyze(runs, out)
-      with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"study": study.title, **results}, f, indent=1)
+      storage.write_text(storage.join(out, "results.json"),
+                         json.dumps({"study": study.title, **results}, indent=1))
       print(f"=== {name}: {study.title}\n{json.dumps(results, indent=1)}\nfigures: "
             f"{', '.join(figures)}", flush=True)
   except (ValueError, FileNotFoundError, RunStopped) as e:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import signal
 from typing import Callable, Optional, Tuple
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from sigma_moe_jax import storage
 
 
 class RunStopped(Exception):
@@ -103,8 +103,7 @@ class Divergence:
 
 
 def fingerprint(tokenizer_path: str) -> dict:
-  with open(tokenizer_path, "rb") as f:
-    return {"tokenizer_sha256": hashlib.sha256(f.read()).hexdigest()}
+  return {"tokenizer_sha256": hashlib.sha256(storage.read_bytes(tokenizer_path)).hexdigest()}
 
 
 # Config keys besides the model that a resumed run must share with its checkpoint: they define
@@ -144,7 +143,7 @@ def restore_latest_intact(checkpointer_factory: Callable, workdir: str, restore:
       if damaged:
         checkpointer.close()
         raise RunStopped(f"no intact checkpoint: {'; '.join(damaged)}; the damaged ones are in "
-                         f"{os.path.join(workdir, 'damaged_checkpoints')}")
+                         f"{storage.join(workdir, 'damaged_checkpoints')}")
       return checkpointer, None, None
     step = steps[-1]
     try:
@@ -177,23 +176,22 @@ def _one_line(error: Exception) -> str:
 
 
 def _move_aside(workdir: str, step: int) -> None:
-  source = os.path.join(workdir, "checkpoints", str(step))
-  target_dir = os.path.join(workdir, "damaged_checkpoints")
-  os.makedirs(target_dir, exist_ok=True)
-  target = os.path.join(target_dir, str(step))
+  source = storage.join(workdir, "checkpoints", str(step))
+  target_dir = storage.join(workdir, "damaged_checkpoints")
+  storage.makedirs(target_dir)
+  target = storage.join(target_dir, str(step))
   suffix = 1
-  while os.path.exists(target):
-    target, suffix = os.path.join(target_dir, f"{step}.{suffix}"), suffix + 1
-  shutil.move(source, target)
+  while storage.exists(target):
+    target, suffix = storage.join(target_dir, f"{step}.{suffix}"), suffix + 1
+  storage.move(source, target)
 
 
 def truncate_metrics(workdir: str, step: int) -> None:
   """Drops metrics.jsonl records after `step`, which a resumed run writes again."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = storage.read_text(path).splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -202,7 +200,4 @@ def truncate_metrics(workdir: str, step: int) -> None:
     except (ValueError, KeyError):  # a line cut short by the interruption
       continue
   if len(kept) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    storage.write_text(path, "".join(kept))

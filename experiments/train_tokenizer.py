@@ -7,12 +7,11 @@ The validation documents (same `--val_fraction` and `--split_seed` as training) 
 so validation text stays unseen by the tokenizer as well as by the model.
 """
 
-import os
 
 from absl import flags
 
 from experiments import cli as cli_lib
-from sigma_moe_jax import data, tokenizer
+from sigma_moe_jax import data, storage, tokenizer
 
 _DATA = flags.DEFINE_string("data", None, "Path, comma-separated paths or glob of documents.",
                             required=True)
@@ -25,7 +24,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 
 def main(argv):
   del argv
-  if os.path.exists(_OUT.value) and not _OVERWRITE.value:
+  if storage.exists(_OUT.value) and not _OVERWRITE.value:
     raise SystemExit(f"{_OUT.value} exists; pass --overwrite to replace it")
   docs = data.load_documents(_DATA.value)
   train_docs, val_docs = data.split_documents(docs, _VAL_FRACTION.value, _SPLIT_SEED.value)

@@ -16,7 +16,7 @@ from experiments.configs.base import make_config
 from experiments.resilience import (Divergence, Preemption, RunStopped, fingerprint,
                                     restore_latest_intact, resume_differences, truncate_metrics)
 from experiments.settings import Settings, TrainSettings, from_config, lr_and_optimizer
-from sigma_moe_jax import ModelConfig, TopKSchedule, sharding
+from sigma_moe_jax import ModelConfig, TopKSchedule, sharding, storage
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
@@ -145,7 +145,7 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
       where = f"data.eval_sets {name!r}" if name else "data.val_fraction"
       raise ValueError(f"{len(docs)} validation documents for {jax.process_count()} "
                        f"processes: give {where} more documents (or set it empty/0)")
-  if t.init_from and os.path.abspath(t.init_from) == os.path.abspath(workdir or ""):
+  if t.init_from and storage.resolve(t.init_from) == storage.resolve(workdir or ""):
     raise ValueError("train.init_from names the run's own workdir; a run resumes from its own "
                      "checkpoints without it")
   return Training(settings, model_cfg, schedule, balance, mesh, tokenizer, train_docs, eval_sets,
@@ -156,8 +156,8 @@ def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
   """train.init_from: starts a new run from another run's checkpoint (train state and data
   position), e.g. to continue a run under a different top-k schedule. The model must match; the
   step carries on, so step-keyed schedules continue where the other run stood."""
-  directory = os.path.join(os.path.abspath(t.init_from), "checkpoints")
-  if not os.path.isdir(directory):
+  directory = storage.join(storage.resolve(t.init_from), "checkpoints")
+  if not storage.isdir(directory):
     raise ValueError(f"train.init_from: no checkpoints directory in {t.init_from!r}")
   source = Checkpointer(directory, save_every=1, keep=1, async_save=False)
   try:
@@ -216,7 +216,11 @@ def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batche
 
 def run(config, workdir: str):
   maybe_initialize_distributed()
+  workdir = storage.resolve(workdir)
   built = build_training(config, workdir)
+  problem = storage.check_writable(workdir)
+  if problem:
+    raise ValueError(f"cannot write to the workdir {workdir} ({problem}); nothing was started")
   t = built.settings.train
   model_cfg, schedule, balance, mesh = built.model_cfg, built.schedule, built.balance, built.mesh
   optimizer, lr = built.optimizer, built.lr
@@ -231,7 +235,7 @@ def run(config, workdir: str):
   graphdef, state, shardings = train_lib.init_sharded_state(model_cfg, t.seed, optimizer, mesh)
 
   config_json = {**config.to_dict(), "fingerprint": fingerprint(built.settings.data.tokenizer)}
-  checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  checkpoint_dir = storage.join(workdir, "checkpoints")
   new_checkpointer = lambda: Checkpointer(checkpoint_dir, save_every=t.checkpoint_every,
                                           keep=t.keep_checkpoints,
                                           async_save=t.async_checkpointing)
@@ -245,11 +249,11 @@ def run(config, workdir: str):
     return checkpointer.restore(step, abstract_like(state, shardings), iterator), iterator
 
   def completed_step():
-    steps = sorted(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
+    steps = sorted(int(d) for d in storage.listdir(checkpoint_dir) if d.isdigit())
     return steps[-1] if steps else "none"
 
-  checkpointer, latest, restored = restore_latest_intact(new_checkpointer,
-                                                         os.path.abspath(workdir), restore, check)
+  checkpointer, latest, restored = restore_latest_intact(new_checkpointer, workdir, restore,
+                                                         check)
   if latest is not None:
     state, train_iter = restored
     print(f"resumed from step {latest} in {workdir}", flush=True)
@@ -290,6 +294,7 @@ def run(config, workdir: str):
     """A checkpoint, or RunStopped naming the last complete one when writing fails (a full
     disk): Orbax writes into a temporary directory, so earlier checkpoints stay intact."""
     nonlocal last_saved
+    writer.flush()  # metrics reach storage no later than the checkpoint that covers them
     try:
       if step != last_saved:
         checkpointer.save(step, state, train_iter, config_json, force=force)
@@ -315,9 +320,6 @@ def run(config, workdir: str):
         jax.block_until_ready(metrics)
         steady_step, steady_time = step, time.perf_counter()
         interval_step, interval_time = step, steady_time
-      if step % t.checkpoint_every == 0:
-        divergence.flush()  # never save a step whose check is pending
-        save(step)
       logged = {}
       line = None
       if step % t.log_every == 0 or step == t.steps:
@@ -342,6 +344,9 @@ def run(config, workdir: str):
         line = (line + " | " if line else f"step {step}/{t.steps} | ") + text
       if logged:
         writer.write(step, logged, line)
+      if step % t.checkpoint_every == 0:
+        divergence.flush()  # never save a step whose check is pending
+        save(step)
       if step < t.steps and preemption.requested():
         divergence.flush()
         save(step, force=True, wait=True)

@@ -8,15 +8,13 @@ packer, so no token is dropped and a long document continues in the next row.
 
 from __future__ import annotations
 
-import glob
-import gzip
 import json
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import grain
 import numpy as np
 
+from sigma_moe_jax import storage
 from sigma_moe_jax.tokenizer import Tokenizer
 
 _TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -27,39 +25,44 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 Batch = Dict[str, np.ndarray]
 
 
+def data_files(pattern: str) -> List[str]:
+  """The files a path, a comma-separated list of paths, or globs (local or `gs://`) name, sorted
+  and without duplicates. Only names are listed; nothing is read."""
+  files = set()
+  for part in (p.strip() for p in pattern.split(",")):
+    if not part:
+      continue
+    matches = storage.glob(part)
+    if not matches:
+      raise ValueError(f"no data file matches {part!r}")
+    files.update(matches)
+  if not files:
+    raise ValueError(f"no data file matches {pattern!r}")
+  for path in files:
+    if not path.endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES):
+      raise ValueError(f"unsupported data file {path!r}: expected one of "
+                       f"{_TEXT_SUFFIXES + _JSONL_SUFFIXES}")
+  return sorted(files)
+
+
 def load_documents(pattern: str) -> List[str]:
   """Reads documents from a path, a comma-separated list of paths, or globs.
 
   `.txt`/`.txt.gz` files are one document each; `.jsonl`/`.jsonl.gz` files give one document
   per line from its "text" field. Files are read in sorted order and blank documents dropped.
   """
-  files = set()
-  for part in (p.strip() for p in pattern.split(",")):
-    if not part:
-      continue
-    is_glob = any(c in part for c in "*?[")
-    matches = [m for m in (glob.glob(part) if is_glob else [part]) if os.path.isfile(m)]
-    if not matches:
-      raise ValueError(f"no data file matches {part!r}")
-    files.update(matches)
-  if not files:
-    raise ValueError(f"no data file matches {pattern!r}")
   docs = []
-  for path in sorted(files):
-    docs.extend(_read_file(path))
-  docs = [d for d in docs if d.strip()]
+  for path in data_files(pattern):
+    docs.extend(read_documents(path))
   if not docs:
     raise ValueError(f"no non-empty documents in {pattern!r}")
   return docs
 
 
-def _read_file(path: str) -> List[str]:
-  if not path.endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES):
-    raise ValueError(f"unsupported data file {path!r}: expected one of "
-                     f"{_TEXT_SUFFIXES + _JSONL_SUFFIXES}")
-  opener = gzip.open if path.endswith(".gz") else open
+def read_documents(path: str) -> List[str]:
+  """The non-blank documents of one data file."""
   try:
-    with opener(path, "rt", encoding="utf-8") as f:
+    with storage.open_file(path, "rt") as f:
       content = f.read()
   except (OSError, UnicodeDecodeError, EOFError) as e:
     raise ValueError(f"cannot read data file {path!r}: {e}") from e
@@ -79,7 +82,7 @@ def _read_file(path: str) -> List[str]:
     if not isinstance(text, str):
       raise ValueError(f"{path}:{lineno}: line has no string 'text' field")
     docs.append(text)
-  return docs
+  return [d for d in docs if d.strip()]
 
 
 def split_documents(docs: Sequence[str], val_fraction: float,
@@ -153,6 +156,44 @@ def make_pipeline(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, ba
   `get_state()` is JSON-serialisable and `set_state()` of a fresh iterator built with the
   same arguments resumes with exactly the same batches.
   """
+  _check_geometry(seq_len, batch_size, process_index, process_count, tokenizer, max_vocab)
+  shard = list(docs)[process_index::process_count]
+  if not shard:
+    raise ValueError(f"process {process_index} of {process_count} gets no documents "
+                     f"({len(docs)} in total); use fewer processes or more documents")
+  ds = grain.MapDataset.source(shard)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat()  # reseeds the shuffle each epoch
+  return _pack(ds.to_iter_dataset(_READ_OPTIONS), tokenizer, seq_len, batch_size)
+
+
+def make_file_pipeline(files: Sequence[str], tokenizer: Tokenizer, *, seq_len: int,
+                       batch_size: int, seed: int, process_index: int = 0,
+                       process_count: int = 1, chunk_chars: int = 0,
+                       max_vocab: Optional[int] = None) -> grain.DatasetIterator:
+  """`make_pipeline` for corpora too large to hold on every host: each process takes every
+  `process_count`-th file and reads one file at a time, when the stream reaches it.
+
+  Files are shuffled by `seed` (anew each epoch) and their documents read in order, cut by
+  `chunk_chars` when it is set. The stream repeats; its state is the position in the file order
+  and within the current file, so a restored iterator reads that one file again and goes on.
+  """
+  _check_geometry(seq_len, batch_size, process_index, process_count, tokenizer, max_vocab)
+  shard = list(files)[process_index::process_count]
+  if not shard:
+    raise ValueError(f"process {process_index} of {process_count} gets no data file "
+                     f"({len(files)} in total); with data.shard_files every process needs "
+                     f"at least one file")
+  read = lambda path: (chunk_documents(read_documents(path), chunk_chars) if chunk_chars
+                       else read_documents(path))
+  files_ds = grain.MapDataset.source(shard).shuffle(seed=seed).repeat()
+  docs = grain.experimental.FlatMapIterDataset(files_ds.to_iter_dataset(), _ReadFile(read))
+  return _pack(docs, tokenizer, seq_len, batch_size)
+
+
+def _check_geometry(seq_len, batch_size, process_index, process_count, tokenizer, max_vocab):
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
                       ("process_count", process_count)):
     if not isinstance(value, (int, np.integer)) or value < 1:
@@ -161,20 +202,23 @@ def make_pipeline(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, ba
     raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
   if max_vocab is not None:
     check_vocab(tokenizer, max_vocab)
-  shard = list(docs)[process_index::process_count]
-  if not shard:
-    raise ValueError(f"process {process_index} of {process_count} gets no documents "
-                     f"({len(docs)} in total); use fewer processes or more documents")
 
-  ds = grain.MapDataset.source(shard)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if repeat:
-    ds = ds.repeat()  # reseeds the shuffle each epoch
+
+class _ReadFile(grain.experimental.FlatMapTransform):
+  def __init__(self, read):
+    self.read = read
+
+  def flat_map(self, path):
+    return self.read(path)
+
+
+def _pack(docs: grain.IterDataset, tokenizer: Tokenizer, seq_len: int,
+          batch_size: int) -> grain.DatasetIterator:
+  """Documents -> tokens ended by end-of-text -> packed rows -> batches."""
   eos_id = tokenizer.eos_id
-  ds = ds.map(lambda text: {"tokens": np.asarray(tokenizer.encode(text) + [eos_id], np.int32)})
-  packed = grain.experimental.ConcatThenSplitIterDataset(
-      ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len})
+  tokens = docs.map(lambda text: {"tokens": np.asarray(tokenizer.encode(text) + [eos_id],
+                                                       np.int32)})
+  packed = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct={"tokens": seq_len})
   batched = packed.batch(batch_size, drop_remainder=False)
   return _JsonStateDataset(batched.map(lambda b: _to_batch(b, batch_size))).__iter__()
 

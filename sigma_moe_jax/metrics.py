@@ -4,7 +4,6 @@ line per interval, JSON lines, TensorBoard)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Dict, Optional, Sequence
 
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sigma_moe_jax import storage
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.params import count_params
 
@@ -57,23 +57,45 @@ def _to_json(value):
   return value.item() if value.ndim == 0 else value.tolist()
 
 
-class MetricsWriter:
-  """Writes on the first process only: stdout line, `metrics.jsonl`, TensorBoard events."""
+class _BucketEventFiles:
+  """tensorboardX's writer factory for gs:// log directories, through `storage.Appender` (its
+  own needs the google-cloud-storage client)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, min_interval: float):
+    self.min_interval, self.opened = min_interval, []
+
+  def open(self, path):
+    self.opened.append(storage.Appender(path, self.min_interval, binary=True))
+    return self.opened[-1]
+
+  def directory_check(self, path):
+    del path  # a bucket has no directories to create
+
+
+class MetricsWriter:
+  """Writes on the first process only: stdout line, `metrics.jsonl`, TensorBoard events.
+
+  In a bucket both files are rewritten at most every `min_interval` seconds, and at `flush`
+  (before each checkpoint save) and `close`."""
+
+  def __init__(self, workdir: str, enabled: bool = True, min_interval: float = 30.0):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tensorboard = None
+    self.path = storage.join(workdir, "metrics.jsonl")
+    self.tensorboard = self.lines = None
     if enabled:
-      from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
-      self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # Imported lazily: only the writing process needs it.
+      from tensorboardX import SummaryWriter, record_writer
+      self._event_files = _BucketEventFiles(min_interval)
+      record_writer.register_writer_factory("gs", self._event_files)
+      storage.makedirs(workdir)
+      self.lines = storage.Appender(self.path, min_interval)
+      self.tensorboard = SummaryWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: Dict, line: Optional[str] = None):
     if not self.enabled:
       return
     record = {"step": step, **{k: _to_json(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    self.lines.write(json.dumps(record) + "\n")
     for name, value in record.items():
       if name == "step":
         continue
@@ -87,8 +109,17 @@ class MetricsWriter:
     if line:
       print(line, flush=True)
 
+  def flush(self):
+    """Everything written so far reaches storage (in a bucket: now, not at the next interval)."""
+    if self.enabled:
+      self.tensorboard.flush()
+      self.lines.flush(force=True)
+      for events in self._event_files.opened:
+        events.flush(force=True)
+
   def close(self):
-    if self.tensorboard is not None:
+    if self.enabled:
+      self.flush()
       self.tensorboard.close()
 
 

@@ -8,14 +8,15 @@ token by both formats.
 
 from __future__ import annotations
 
-import hashlib
-import os
+import base64
+import binascii
 from typing import Iterable, List, Sequence
 
 import tiktoken
-import tiktoken.load
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from sigma_moe_jax import storage
 
 EOS_TOKEN = "<|endoftext|>"
 # End-of-text names tried, in order, when a tokenizer.json does not use EOS_TOKEN.
@@ -80,7 +81,7 @@ class _TiktokenTokenizer(Tokenizer):
 
 def load_tokenizer(path: str) -> Tokenizer:
   """Loads `*.json` (Hugging Face `tokenizers`) or `*.tiktoken` (base64 token, rank per line)."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ValueError(f"tokenizer file {path!r} does not exist")
   if path.endswith(".json"):
     return _load_hf(path)
@@ -92,20 +93,23 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def _load_hf(path: str) -> Tokenizer:
   try:
-    tok = tokenizers.Tokenizer.from_file(path)
+    tok = tokenizers.Tokenizer.from_str(storage.read_text(path))
   except Exception as e:  # the Rust side raises a bare Exception
     raise ValueError(f"cannot parse Hugging Face tokenizer {path!r}: {e}") from e
   return _HFTokenizer(tok, path)
 
 
 def _load_tiktoken(path: str) -> Tokenizer:
-  with open(path, "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
-  try:
-    # tiktoken caches files by path; the hash makes it re-read a file changed in place.
-    ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=digest)
-  except ValueError as e:
-    raise ValueError(f"cannot parse tiktoken ranks file {path!r}: {e}") from e
+  ranks = {}
+  for lineno, line in enumerate(storage.read_bytes(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      token, rank = line.split()
+      ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except (ValueError, binascii.Error) as e:
+      raise ValueError(f"cannot parse tiktoken ranks file {path!r}: line {lineno} is not "
+                       f"'<base64 token> <rank>' ({e})") from e
   if not ranks:
     raise ValueError(f"tiktoken ranks file {path!r} is empty")
   if sorted(ranks.values()) != list(range(len(ranks))):
@@ -115,7 +119,7 @@ def _load_tiktoken(path: str) -> Tokenizer:
     raise ValueError(f"tiktoken ranks file {path!r} lacks {len(missing)} of the 256 single "
                      "bytes, so some texts could not be encoded")
   encoding = tiktoken.Encoding(
-      name=os.path.basename(path), pat_str=_SPLIT_PATTERN, mergeable_ranks=ranks,
+      name=storage.basename(path), pat_str=_SPLIT_PATTERN, mergeable_ranks=ranks,
       special_tokens={EOS_TOKEN: len(ranks)})
   return _TiktokenTokenizer(encoding)
 
@@ -136,8 +140,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str) -> Tokenizer
       vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(texts, trainer=trainer)
-  out_dir = os.path.dirname(out_path)
-  if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-  tok.save(out_path)
+  if storage.parent(out_path):
+    storage.makedirs(storage.parent(out_path))
+  storage.write_text(out_path, tok.to_str(pretty=True))
   return _HFTokenizer(tok, out_path)

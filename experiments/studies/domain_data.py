@@ -16,6 +16,7 @@ import sysconfig
 from typing import Dict, List
 
 from sigma_moe_jax.data import load_documents, split_documents
+from sigma_moe_jax import storage
 
 DOMAINS = ("english", "python")
 SPLITS = ("train", "val")
@@ -43,15 +44,14 @@ def python_stdlib_documents(target_chars: int, seed: int) -> List[str]:
 
 
 def _write_jsonl(path: str, docs: List[str]):
-  with gzip.open(path, "wt", encoding="utf-8") as f:
-    for doc in docs:
-      f.write(json.dumps({"text": doc}) + "\n")
+  storage.write_bytes(path, gzip.compress("".join(json.dumps({"text": doc}) + "\n"
+                                                  for doc in docs).encode("utf-8"), mtime=0))
 
 
 def domain_paths(workdir: str) -> Dict[str, Dict[str, str]]:
   """{domain: {"train": path, "val": path}} under workdir; writes nothing."""
-  directory = os.path.join(workdir, "data")
-  return {name: {split: os.path.join(directory, f"{name}_{split}.jsonl.gz") for split in SPLITS}
+  directory = storage.join(workdir, "data")
+  return {name: {split: storage.join(directory, f"{name}_{split}.jsonl.gz") for split in SPLITS}
           for name in DOMAINS}
 
 
@@ -60,14 +60,13 @@ def prepare_domains(config, workdir: str) -> Dict[str, Dict[str, str]]:
   the documents of `config.data.path` and as many characters of Python source, each split by
   `config.data.val_fraction` and `config.data.seed`."""
   paths = domain_paths(workdir)
-  os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+  storage.makedirs(storage.join(workdir, "data"))
   english = load_documents(config.data.path)
   python = python_stdlib_documents(sum(map(len, english)), config.data.seed)
   for name, docs in (("english", english), ("python", python)):
     train, val = split_documents(docs, config.data.val_fraction, config.data.seed)
     for split, part in (("train", train), ("val", val)):
       path = paths[name][split]
-      if not os.path.exists(path):
-        _write_jsonl(path + ".tmp", part)
-        os.replace(path + ".tmp", path)
+      if not storage.exists(path):
+        _write_jsonl(path, part)
   return paths

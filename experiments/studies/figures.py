@@ -4,13 +4,14 @@ writes PNGs there and returns their paths. matplotlib (Agg) is imported here onl
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 
 from experiments.studies.analyses import domain_information
 from experiments.studies.runs import joined
 from experiments.studies.variants import DOMAIN_MODES
+from sigma_moe_jax import storage
 
 
 def _plt():
@@ -21,9 +22,11 @@ def _plt():
 
 
 def _save(fig, out: str, name: str) -> str:
-  path = os.path.join(out, name)
+  path = storage.join(out, name)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  image = io.BytesIO()
+  fig.savefig(image, dpi=110, format=name.rsplit(".", 1)[-1])
+  storage.write_bytes(path, image.getvalue())
   _plt().close(fig)
   return path
 

@@ -4,13 +4,13 @@ for experiments/reproduce.py: preparing data, then training each variant once.""
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, Dict, NamedTuple, Optional
 
 from experiments import training
 from experiments.studies import analyses, figures
 from experiments.studies.domain_data import prepare_domains
 from experiments.studies.variants import DOMAIN_VARIANTS, VARIANTS, variant_config
+from sigma_moe_jax import storage
 
 
 class Study(NamedTuple):
@@ -76,22 +76,20 @@ def train_variant(base, name: str, workdir: str):
   config."""
   prepare_data(base, name, workdir)
   config = variant_config(base, name, workdir)
-  run_dir = os.path.join(workdir, "runs", name)
-  stamp = os.path.join(run_dir, "run_config.json")
+  run_dir = storage.join(workdir, "runs", name)
+  stamp = storage.join(run_dir, "run_config.json")
   wanted = json.loads(config.to_json())
-  if os.path.exists(stamp):
-    with open(stamp) as f:
-      if json.load(f) != wanted:
-        raise ValueError(f"{run_dir} holds a run made with another config; remove it or use "
-                         f"another --workdir")
+  if storage.exists(stamp):
+    if json.loads(storage.read_text(stamp)) != wanted:
+      raise ValueError(f"{run_dir} holds a run made with another config; remove it or use "
+                       f"another --workdir")
   else:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(stamp, "w") as f:
-      json.dump(wanted, f, indent=1)
-  metrics, finished = os.path.join(run_dir, "metrics.jsonl"), False
-  if os.path.exists(metrics):
-    with open(metrics) as f:
-      finished = any(json.loads(line)["step"] == config.train.steps for line in f)
+    storage.makedirs(run_dir)
+    storage.write_text(stamp, json.dumps(wanted, indent=1))
+  metrics, finished = storage.join(run_dir, "metrics.jsonl"), False
+  if storage.exists(metrics):
+    finished = any(json.loads(line)["step"] == config.train.steps
+                   for line in storage.read_text(metrics).splitlines())
   if not finished:
     print(f"=== training {name} in {run_dir}", flush=True)
     training.run(config, run_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Dict, NamedTuple
 
 import ml_collections
@@ -11,6 +10,7 @@ import numpy as np
 
 from experiments.settings import model_and_schedule
 from sigma_moe_jax import ModelConfig
+from sigma_moe_jax import storage
 from sigma_moe_jax.params import count_params
 
 
@@ -45,10 +45,9 @@ class Run(NamedTuple):
 
 def read_run(name: str, config, run_dir: str) -> Run:
   records = {}
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      records.setdefault(record["step"], {}).update(record)
+  for line in storage.read_text(storage.join(run_dir, "metrics.jsonl")).splitlines():
+    record = json.loads(line)
+    records.setdefault(record["step"], {}).update(record)
   return Run(name, config, records)
 
 

@@ -5,12 +5,12 @@ files a variant reads are written by `registry.prepare_data`.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict
 
 import ml_collections
 
 from experiments.studies.domain_data import domain_paths
+from sigma_moe_jax import storage
 
 SWITCH_FRACTION = 0.9
 DOMAIN_MESH_DATA = 4  # batch shards of the domain study: micro-batch LBL differs from global
@@ -55,7 +55,7 @@ def _phase1(c, workdir):
 def _progressive(c, workdir):
   c.schedule.top_k = (f"0:{phase1_top_k(c.model.num_layers)}; "
                      f"{SWITCH_FRACTION}:[1]*{c.model.num_layers}")
-  c.train.init_from = os.path.join(workdir, "runs", "phase1")
+  c.train.init_from = storage.join(workdir, "runs", "phase1")
   c.train.init_step = branch_step(c)
 
 
