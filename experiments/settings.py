@@ -82,6 +82,9 @@ class DataSettings:
   seed: int = 0  # document split and shuffling
   chunk_chars: int = 0  # > 0: cut training documents into pieces of at most this many chars
   eval_sets: str = ""  # "name=paths;name=paths": extra validation sets, logged <name>_val_*
+  # Corpora too large for every host: list the files only, each process reads its own share one
+  # file at a time (local or gs://); validation holds out whole files by val_fraction.
+  shard_files: bool = False
 
   def __post_init__(self):
     _check(self, "data", "val_fraction", 0 <= self.val_fraction < 1, "must lie in [0, 1)")

@@ -20,7 +20,8 @@ from sigma_moe_jax import ModelConfig, TopKSchedule, sharding, storage
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
-from sigma_moe_jax.data import (check_vocab, chunk_documents, load_documents, make_pipeline,
+from sigma_moe_jax.data import (check_vocab, chunk_documents, data_files, load_documents,
+                                make_file_pipeline, make_pipeline, read_documents,
                                 split_documents)
 from sigma_moe_jax.metrics import (MetricsWriter, flops_per_token, format_duration,
                                    peak_flops_per_device)
@@ -99,7 +100,8 @@ class Training(NamedTuple):
   balance: train_lib.BalanceSettings
   mesh: Any
   tokenizer: Any
-  train_docs: list
+  train_docs: Optional[list]  # None with data.shard_files
+  train_files: Optional[list]  # the files read lazily with data.shard_files, else None
   eval_sets: dict  # name -> documents; "" is the split held out from data.path
   lr: Any
   optimizer: Any
@@ -133,12 +135,20 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
   check_batch_split(t, math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh)))
   tokenizer = load_tokenizer(data.tokenizer)
   check_vocab(tokenizer, model_cfg.vocab_size)
-  train_docs, val_docs = split_documents(load_documents(data.path), data.val_fraction,
-                                         data.seed)
+  train_files = None
+  if data.shard_files:
+    train_files, val_files = split_documents(data_files(data.path), data.val_fraction, data.seed)
+    if len(train_files) < jax.process_count():
+      raise ValueError(f"data.shard_files: {len(train_files)} training files for "
+                       f"{jax.process_count()} processes; every process needs at least one")
+    train_docs, val_docs = None, [doc for f in val_files for doc in read_documents(f)]
+  else:
+    train_docs, val_docs = split_documents(load_documents(data.path), data.val_fraction,
+                                           data.seed)
+    if data.chunk_chars:
+      train_docs = chunk_documents(train_docs, data.chunk_chars)
   eval_sets = {"": val_docs} if val_docs else {}
   eval_sets.update(parse_eval_sets(data.eval_sets))
-  if data.chunk_chars:
-    train_docs = chunk_documents(train_docs, data.chunk_chars)
   lr, optimizer = lr_and_optimizer(t)
   for name, docs in eval_sets.items():
     if len(docs) < jax.process_count():
@@ -148,8 +158,8 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
   if t.init_from and storage.resolve(t.init_from) == storage.resolve(workdir or ""):
     raise ValueError("train.init_from names the run's own workdir; a run resumes from its own "
                      "checkpoints without it")
-  return Training(settings, model_cfg, schedule, balance, mesh, tokenizer, train_docs, eval_sets,
-                  lr, optimizer)
+  return Training(settings, model_cfg, schedule, balance, mesh, tokenizer, train_docs,
+                  train_files, eval_sets, lr, optimizer)
 
 
 def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
@@ -229,7 +239,14 @@ def run(config, workdir: str):
       docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch,
       seed=built.settings.data.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), **kw)
-  train_iter = pipeline(built.train_docs)
+  if built.train_files is None:
+    train_pipeline = lambda: pipeline(built.train_docs)
+  else:
+    train_pipeline = lambda: make_file_pipeline(
+        built.train_files, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+        seed=built.settings.data.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), chunk_chars=built.settings.data.chunk_chars)
+  train_iter = train_pipeline()
 
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
   graphdef, state, shardings = train_lib.init_sharded_state(model_cfg, t.seed, optimizer, mesh)
@@ -245,7 +262,7 @@ def run(config, workdir: str):
 
   def restore(checkpointer, step):
     # A fresh iterator per attempt: a failed restore may have set part of one.
-    iterator = pipeline(built.train_docs)
+    iterator = train_pipeline()
     return checkpointer.restore(step, abstract_like(state, shardings), iterator), iterator
 
   def completed_step():

@@ -109,6 +109,66 @@ def test_state_round_trip(byte_tok, docs, steps):
       np.testing.assert_array_equal(got[key], want[key])
 
 
+def _write_shards(directory, num_files=5, per_file=3):
+  """DOCS spread over jsonl(.gz) shards; returns {file path: its documents}."""
+  shards = {}
+  for f in range(num_files):
+    docs = [DOCS[(f * per_file + i) % len(DOCS)] + f" (file {f}, line {i})"
+            for i in range(per_file)]
+    path = directory / (f"shard-{f:02d}.jsonl" + (".gz" if f % 2 else ""))
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    if f % 2:
+      with gzip.open(path, "wt", encoding="utf-8") as out:
+        out.write(lines)
+    else:
+      path.write_text(lines)
+    shards[str(path)] = docs
+  return shards
+
+
+def test_file_pipeline_reads_each_process_its_own_files(tmp_path, byte_tok):
+  """data.shard_files: process i reads files i, i+n, ... and, over one epoch, exactly their
+  documents, in file order within a file."""
+  shards = _write_shards(tmp_path)
+  files = data.data_files(str(tmp_path / "shard-*.jsonl*"))
+  assert files == sorted(shards)
+  for index in range(2):
+    mine = files[index::2]
+    expected = [d for f in mine for d in shards[f]]
+    it = data.make_file_pipeline(files, byte_tok, seq_len=16, batch_size=2, seed=0,
+                                 process_index=index, process_count=2)
+    tokens_needed = len(_oracle(expected, byte_tok))
+    text = byte_tok.decode(_real_tokens(_take(it, tokens_needed // 32 + 1)))
+    read = text.split("<|endoftext|>")[:len(expected)]
+    assert sorted(read) == sorted(expected)
+    for f in mine:  # a file's documents stay together and in order
+      start = read.index(shards[f][0])
+      assert read[start:start + len(shards[f])] == shards[f]
+
+
+@pytest.mark.parametrize("steps", [0, 3, 11])
+def test_file_pipeline_state_round_trip(tmp_path, byte_tok, steps):
+  files = sorted(_write_shards(tmp_path))
+  make = lambda: data.make_file_pipeline(files, byte_tok, seq_len=20, batch_size=2, seed=1,
+                                         chunk_chars=30)
+  it = make()
+  _take(it, steps)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 4)
+  restored = make()
+  restored.set_state(state)
+  for got, want in zip(_take(restored, 4), expected):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_file_pipeline_needs_a_file_per_process(tmp_path, byte_tok):
+  files = sorted(_write_shards(tmp_path, num_files=2))
+  with pytest.raises(ValueError, match="process 2 of 3 gets no data file"):
+    data.make_file_pipeline(files, byte_tok, seq_len=8, batch_size=1, seed=0, process_index=2,
+                            process_count=3)
+
+
 def test_shuffle_changes_order_per_epoch(byte_tok):
   it = data.make_pipeline(DOCS, byte_tok, seq_len=64, batch_size=1, seed=0)
   text = byte_tok.decode(_real_tokens(_take(it, 100)))
