@@ -66,7 +66,8 @@ def load_run(workdir: str, *, step: int = -1, top_k: str = "", untrained: bool =
       params = train_lib.init_model(model_cfg, seed)[1]
       bias, chosen = None, 0
     else:
-      state = checkpointer.restore_state(chosen, abstract_like(abstract, shardings))
+      state = checkpointer.restore_state(chosen, abstract_like(abstract, shardings),
+                                         params_only=True)
       params = state.params
       bias = state.selection_bias if settings.balance.loss_free else None
   finally:

@@ -180,7 +180,10 @@ def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
     if diffs:
       raise ValueError(f"train.init_from {t.init_from!r} holds a different model ("
                        + "; ".join(diffs) + ")")
-    state = source.restore(step, abstract_like(state, shardings), train_iter)
+    if source.has_data_position(step):
+      state = source.restore(step, abstract_like(state, shardings), train_iter)
+    else:  # an imported model: its state, and the data stream from its start
+      state = source.restore_state(step, abstract_like(state, shardings))
   finally:
     source.close()
   print(f"initialized from step {step} of {t.init_from}", flush=True)

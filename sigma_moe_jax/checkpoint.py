@@ -34,13 +34,17 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored["config"]
 
-  def save(self, step: int, state: TrainState, iterator, config: Dict[str, Any],
+  def save(self, step: int, state: TrainState, iterator: Optional[Any], config: Dict[str, Any],
            force: bool = False) -> bool:
     """Saves when `step` is on the save interval (or `force`); returns whether it did."""
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state._asdict()),
-        data=grain.checkpoint.CheckpointSave(iterator),
-        config=ocp.args.JsonSave(json.loads(json.dumps(config)))))
+    items = dict(state=ocp.args.StandardSave(state._asdict()),
+                 config=ocp.args.JsonSave(json.loads(json.dumps(config))))
+    if iterator is not None:  # None: a model with no data position (an imported one)
+      items["data"] = grain.checkpoint.CheckpointSave(iterator)
+    return self.manager.save(step, force=force, args=ocp.args.Composite(**items))
+
+  def has_data_position(self, step: int) -> bool:
+    return storage.isdir(storage.join(str(self.manager.directory), str(step), "data"))
 
   def restore(self, step: int, abstract_state: TrainState, iterator) -> TrainState:
     """Restores the state onto the shardings in `abstract_state` and the iterator in place."""
@@ -49,11 +53,20 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointRestore(iterator)))
     return TrainState(**restored["state"])
 
-  def restore_state(self, step: int, abstract_state: TrainState) -> TrainState:
-    """The train state alone (inference, evaluation): no data iterator is involved."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state._asdict())))
-    return TrainState(**restored["state"])
+  def restore_state(self, step: int, abstract_state: TrainState,
+                    params_only: bool = False) -> TrainState:
+    """The train state alone: no data iterator is involved. With `params_only` (inference,
+    export) the optimizer state is not read, and comes back as None."""
+    target = abstract_state._asdict()
+    if not params_only:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+      return TrainState(**restored["state"])
+    del target["opt_state"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return TrainState(opt_state=None, **restored["state"])
 
   def wait(self):
     self.manager.wait_until_finished()
