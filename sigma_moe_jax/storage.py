@@ -21,9 +21,15 @@ import time
 import uuid
 from typing import IO, List, Optional
 
+import fsspec
 from etils import epath
 
 REMOTE_SCHEMES = ("gs://",)
+
+# gcsfs caches directory listings for the life of a process; files that Orbax writes through
+# tensorstore (another client) would then stay invisible to listings here. Set before the first
+# gs:// filesystem is made; explicit settings (FSSPEC_GCS_* variables) win.
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(path: str) -> bool:
@@ -127,15 +133,11 @@ def remove(path: str) -> None:
 
 
 def move(source: str, target: str) -> None:
-  """Moves a file or directory (in a bucket: copy, then delete)."""
+  """Moves a file or directory (in a bucket: copied, then deleted)."""
   if is_remote(source) or is_remote(target):
-    src = epath.Path(source)
-    if src.is_dir():
-      src.copytree(epath.Path(target))
-      src.rmtree()
-    else:
-      src.copy(epath.Path(target))
-      src.unlink()
+    # The filesystem instance epath uses for gs:// (fsspec caches instances by their
+    # arguments), so that its cached listings see the move.
+    fsspec.filesystem("gcs", finalize_on_close=True).mv(source, target, recursive=True)
     return
   os.replace(source, target)
 
