@@ -22,7 +22,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(storage.Path(directory), options=options)
+    self.manager = ocp.CheckpointManager(storage.as_epath(directory), options=options)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

@@ -58,7 +58,7 @@ def parent(path: str) -> str:
   return os.path.dirname(path)
 
 
-def Path(path: str) -> epath.Path:  # noqa: N802 -- a constructor, as in pathlib
+def as_epath(path: str) -> epath.Path:
   """The `epath.Path` of `path`, the form Orbax and grain take."""
   return epath.Path(resolve(path))
 

@@ -117,11 +117,20 @@ def largest_file(directory):
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no_metadata", "no_data_position"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, straight, damage):
-  workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+  """A run stopped after 6 steps (checkpoints 3 and 6), copied by each test that damages it."""
+  workdir = tmp_path_factory.mktemp("six") / "run"
   code, _, err = launch(workdir, "--config.train.steps=6")
   assert code == 0, err[-2000:]
+  return workdir
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no_metadata", "no_data_position"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, straight, six_steps,
+                                                              damage):
+  workdir = tmp_path / "run"
+  shutil.copytree(six_steps, workdir)
   state_dir = workdir / "checkpoints" / "6" / "state"
   if damage == "truncated":
     victim = largest_file(state_dir)
