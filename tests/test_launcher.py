@@ -1,4 +1,4 @@
-"""The training launcher as a user runs it: bad input, another mesh, init_from, another cwd.
+"""The training launcher as a user runs it: bad input, another mesh, init_from, another cwd."""
 
 import json
 import os
