@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import safetensors.flax
+import safetensors.numpy
 from safetensors import safe_open
 
 from experiments.resilience import fingerprint
@@ -50,11 +50,12 @@ def export(run, out: str, *, dtype: str = "float32", max_shard_bytes: int = 4 * 
   storage.makedirs(out)
   pending, shard_index = {}, 0
   for _, tensors in hf.iter_groups(cfg, run.params):
-    for name, value in tensors.items():
-      pending[name] = jnp.asarray(value, target)
+    for name, value in tensors.items():  # host copies, so each tensor exists once here
+      pending[name] = np.asarray(jax.device_get(jnp.asarray(value, target)))
+    del tensors
     while shard_index < len(shards) and all(n in pending for n in shards[shard_index]):
       names = shards[shard_index]
-      blob = safetensors.flax.save({n: pending.pop(n) for n in names}, metadata={"format": "pt"})
+      blob = safetensors.numpy.save({n: pending.pop(n) for n in names}, metadata={"format": "pt"})
       storage.write_bytes(storage.join(out, files[shard_index]), blob)
       shard_index += 1
   assert shard_index == len(shards) and not pending, "every tensor is written once"

@@ -226,3 +226,22 @@ def test_20b_export_plan_on_abstract_shapes():
   shard_bytes = [sum(sizes[n] for n in shard) for shard in shards]
   assert max(shard_bytes) <= 4 * 10**9
   assert len(shards) == -(-sum(shard_bytes) // (4 * 10**9))  # no shard left half empty
+
+
+def test_bfloat16_export_is_the_float32_one_rounded(tmp_path):
+  run_dir = str(tmp_path / "run")
+  _write_run(run_dir, ModelConfig(**TINY, top_k=1))
+  run = load_run(run_dir)
+  full, half = str(tmp_path / "f32"), str(tmp_path / "bf16")
+  hf_interop.export(run, full)
+  hf_interop.export(run, half, dtype="bfloat16")
+  assert json.load(open(os.path.join(half, "config.json")))["torch_dtype"] == "bfloat16"
+  with safe_open(os.path.join(full, "model.safetensors"), framework="flax") as a, \
+       safe_open(os.path.join(half, "model.safetensors"), framework="flax") as b:
+    assert sorted(a.keys()) == sorted(b.keys())
+    for key in a.keys():
+      assert b.get_tensor(key).dtype == jnp.bfloat16
+      np.testing.assert_array_equal(np.asarray(b.get_tensor(key)),
+                                    np.asarray(a.get_tensor(key).astype(jnp.bfloat16)))
+  _, info = transformers.Qwen3MoeForCausalLM.from_pretrained(half, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
