@@ -97,14 +97,19 @@ _ONE_ROW_DOCS = [f"{i:02d}" + "x" * 17 for i in range(5)]
 @pytest.mark.parametrize("docs", [DOCS, _ONE_ROW_DOCS], ids=["long", "one_row"])
 @pytest.mark.parametrize("steps", [0, 1, 2, 7])
 def test_state_round_trip(byte_tok, docs, steps):
-  make = lambda: data.make_pipeline(docs, byte_tok, seq_len=20, batch_size=2, seed=3)
+  _assert_resumes_exactly(
+      lambda: data.make_pipeline(docs, byte_tok, seq_len=20, batch_size=2, seed=3), steps)
+
+
+def _assert_resumes_exactly(make, steps, then=4):
+  """A fresh iterator given the state after `steps` batches yields the same next batches."""
   it = make()
   _take(it, steps)
   state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
-  expected = _take(it, 3)
+  expected = _take(it, then)
   restored = make()
   restored.set_state(state)
-  for got, want in zip(_take(restored, 3), expected):
+  for got, want in zip(_take(restored, then), expected):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
 
@@ -149,17 +154,8 @@ def test_file_pipeline_reads_each_process_its_own_files(tmp_path, byte_tok):
 @pytest.mark.parametrize("steps", [0, 3, 11])
 def test_file_pipeline_state_round_trip(tmp_path, byte_tok, steps):
   files = sorted(_write_shards(tmp_path))
-  make = lambda: data.make_file_pipeline(files, byte_tok, seq_len=20, batch_size=2, seed=1,
-                                         chunk_chars=30)
-  it = make()
-  _take(it, steps)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = _take(it, 4)
-  restored = make()
-  restored.set_state(state)
-  for got, want in zip(_take(restored, 4), expected):
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
+  _assert_resumes_exactly(lambda: data.make_file_pipeline(
+      files, byte_tok, seq_len=20, batch_size=2, seed=1, chunk_chars=30), steps)
 
 
 def test_file_pipeline_needs_a_file_per_process(tmp_path, byte_tok):
