@@ -16,7 +16,7 @@ from experiments.configs.base import make_config
 from experiments.resilience import (Divergence, Preemption, RunStopped, fingerprint,
                                     restore_latest_intact, resume_differences, truncate_metrics)
 from experiments.settings import Settings, TrainSettings, from_config, lr_and_optimizer
-from sigma_moe_jax import ModelConfig, TopKSchedule, sharding, storage
+from sigma_moe_jax import ModelConfig, TopKSchedule, generate, sharding, storage
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
@@ -201,11 +201,19 @@ def short_reason(error: Exception) -> str:
   return f"{type(error).__name__}: {text[:160]}"
 
 
+def dropless_eval_step(model_cfg: ModelConfig, schedule):
+  """The evaluation step of the model without a capacity limit, whatever the training capacity:
+  every evaluated token reaches its experts, so validation losses compare across capacity
+  settings (the parameters are the same)."""
+  return train_lib.make_eval_step(
+      train_lib.model_graphdef(generate.inference_config(model_cfg)), model_cfg, schedule)
+
+
 def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batches: int):
   """Loss and routing load of up to `max_batches` batches: val_loss, val_ppl, val_targets,
   val_tokens_per_expert [layers, E] and the `load_statistics` of the summed counts and mean gate
   probabilities (val_f, val_p, val_load_max_dev, ...)."""
-  ce_sum, targets, counts, prob_sum, tokens = 0.0, 0, 0, 0, 0
+  ce_sum, targets, counts, prob_sum, tokens, dropped = 0.0, 0, 0, 0, 0, 0
   for i, batch in enumerate(batches):
     if i >= max_batches:
       break
@@ -216,6 +224,7 @@ def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batche
     counts = counts + routing["tokens_per_expert"].astype(np.int64)
     prob_sum = prob_sum + routing["gate_prob_sum"].astype(np.float64)
     tokens = tokens + routing["num_tokens"].astype(np.int64)
+    dropped = dropped + routing["dropped"].astype(np.int64)
   loss = ce_sum / max(targets, 1)
   result = {"val_loss": loss, "val_ppl": float(np.exp(loss)), "val_targets": targets}
   if targets:
@@ -224,6 +233,7 @@ def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batche
     result.update({f"val_{k}": np.asarray(v) for k, v in
                    load_statistics(counts, gate_prob_mean).items()})
     result["val_lbl"] = float(np.mean(result["val_lbl_per_layer"]))
+    result["val_drop_fraction"] = dropped / np.maximum(counts.sum(-1), 1)
   return result
 
 
@@ -284,7 +294,7 @@ def run(config, workdir: str):
 
   train_step = train_lib.jit_train_step(graphdef, optimizer, lr, model_cfg, balance, shardings,
                                         mesh, schedule=schedule, grad_accum=t.grad_accum)
-  eval_step = jax.jit(train_lib.make_eval_step(graphdef, model_cfg, schedule))
+  eval_step = jax.jit(dropless_eval_step(model_cfg, schedule))
   to_global = lambda batch: {k: jax.make_array_from_process_local_data(batch_sharding, v)
                              for k, v in batch.items()}
 
@@ -356,7 +366,8 @@ def run(config, workdir: str):
         line = (f"step {step}/{t.steps} | loss {metrics['loss']:.4f} | lm "
                 f"{metrics['lm_loss']:.4f} | lbl {metrics['lbl']:.4f} | lr {metrics['lr']:.2e} | "
                 f"gnorm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | MFU {mfu:.1%} | "
-                f"max load L0 {metrics['load_max_dev'][0]:+.2f} | ETA "
+                f"max load L0 {metrics['load_max_dev'][0]:+.2f} | dropped "
+                f"{np.max(metrics['drop_fraction']):.1%} (worst layer) | ETA "
                 f"{format_duration(eta) if eta is not None else '-'}")
       if built.eval_sets and (step % t.eval_every == 0 or step == t.steps):
         val, text = evaluate_all(state, step)

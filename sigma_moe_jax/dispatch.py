@@ -5,9 +5,10 @@ Every dispatch shares one signature:
            valid [tokens, slots], experts, capacity) -> (y [tokens, d_model], dropped int32)
 where `experts` = (w_gate [E, d, f], w_up [E, d, f], w_down [E, f, d]).
 
-`moe.run_experts` picks the number of slots from a small static set (`slot_buckets`) with
-`lax.switch`, so a layer built for max_top_k = 8 that runs at top_k = 1 sorts, buffers and
-multiplies one slot per token, not eight, and changing top_k at run time never recompiles.
+`moe.run_experts` picks the number of slots (`slot_buckets`: one branch per k up to max_top_k)
+with `lax.switch`, so a layer built for max_top_k = 8 that runs at top_k = 1 sorts, buffers and
+multiplies one slot per token, not eight, buffers are sized for exactly top_k slots, and changing
+top_k at run time never recompiles.
 """
 
 from __future__ import annotations
@@ -214,13 +215,10 @@ def resolve(dispatch: str, grouped_matmul: str, target, dtype, d_model: int, d_f
 
 
 def slot_buckets(max_top_k: int) -> Tuple[int, ...]:
-  """Static slot counts compiled for a layer: powers of two below max_top_k, and max_top_k."""
-  buckets = {max_top_k}
-  b = 1
-  while b < max_top_k:
-    buckets.add(b)
-    b *= 2
-  return tuple(sorted(buckets))
+  """Static slot counts compiled for a layer: every k from 1 to max_top_k. A branch shared by
+  several k (k = 3 run with 4 slots) would size its buffers for the larger k, and so drop fewer
+  assignments than the capacity factor says."""
+  return tuple(range(1, max_top_k + 1))
 
 
 def buffer_capacity(rows: int, groups: int, capacity_factor: Optional[float], limit: int) -> int:

@@ -104,7 +104,7 @@ def init_state(params, optimizer, cfg: ModelConfig) -> TrainState:
 
 def abstract_sharded_state(cfg: ModelConfig, optimizer, mesh, seed: int = 0):
   """(graphdef, abstract state, state shardings): shapes and placements, nothing allocated."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))))
+  graphdef = model_graphdef(cfg)
   abstract = jax.eval_shape(lambda: init_state(init_model(cfg, seed)[1], optimizer, cfg))
   shardings = sharding.state_shardings(
       abstract, sharding.param_shardings(abstract.params, mesh), mesh)
@@ -224,6 +224,8 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
         "targets": total_targets,
         "top_k": top_k,
         "bias_abs_mean": jnp.mean(jnp.abs(selection_bias), axis=-1),
+        # The spread across experts is what changes choices; a common shift changes none.
+        "bias_std": jnp.std(selection_bias, axis=-1),
         **routing_metrics(stats),
     }
     metrics["lbl"] = jnp.mean(metrics["lbl_per_layer"])
@@ -232,12 +234,18 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
   return train_step
 
 
+def model_graphdef(cfg: ModelConfig):
+  """The graphdef of the model `cfg` describes, nothing allocated."""
+  return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
 def make_eval_step(graphdef, cfg: ModelConfig, schedule: Optional[TopKSchedule] = None):
   """eval_step(params, batch, step, selection_bias=None) -> (summed cross-entropy, targets,
   routing): routing holds the batch's assignment counts per expert ("tokens_per_expert",
-  [layers, E]), summed gate probabilities ("gate_prob_sum", [layers, E]) and tokens
-  ("num_tokens", [layers]), which add up over batches into the load statistics of a whole
-  evaluation set."""
+  [layers, E]), summed gate probabilities ("gate_prob_sum", [layers, E]), tokens
+  ("num_tokens", [layers]) and assignments over capacity ("dropped", [layers]), which add up
+  over batches into the load statistics of a whole evaluation set. Pass the graphdef of a
+  dropless model (`generate.inference_config`) so that no evaluated token skips its experts."""
 
   def eval_step(params, batch, step, selection_bias=None):
     top_k = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
@@ -248,7 +256,7 @@ def make_eval_step(graphdef, cfg: ModelConfig, schedule: Optional[TopKSchedule] 
     ce_sum, targets = lm_loss_terms(logits, batch["tokens"], batch["segment_ids"])
     routing = {"tokens_per_expert": stats.tokens_per_expert,
                "gate_prob_sum": stats.gate_prob_mean * stats.num_tokens[:, None],
-               "num_tokens": stats.num_tokens}
+               "num_tokens": stats.num_tokens, "dropped": stats.dropped}
     return ce_sum, targets, routing
 
   return eval_step

@@ -107,23 +107,24 @@ def test_padded_drops_over_capacity_like_a_first_come_queue():
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
-def test_masked_slots_take_no_capacity_and_no_compute():
-  """At k = 1 under max_top_k = 4 the layer computes exactly what a max_top_k = 1 layer computes,
-  including which assignments overflow a tight capacity."""
+@pytest.mark.parametrize("k,max_top_k", [(1, 4), (3, 4), (6, 8)])
+def test_masked_slots_take_no_capacity_and_no_compute(k, max_top_k):
+  """At k under a larger max_top_k the layer computes exactly what a max_top_k = k layer
+  computes, including which assignments overflow a tight capacity (sized for k slots)."""
   x = jax.random.normal(jax.random.key(3), (B, S, D))
   params = moe_params(make_moe("dense"))
   run = jax.jit(run_moe, static_argnums=(0, 3, 4, 5))
-  y1, s1 = run("padded", params, x, 1, 1, 1.0)
-  y4, s4 = run("padded", params, x, 1, 4, 1.0)
-  np.testing.assert_allclose(y4, y1, rtol=1e-6)
-  assert int(s4.dropped) == int(s1.dropped)
-  np.testing.assert_array_equal(s4.tokens_per_expert, s1.tokens_per_expert)
+  y_k, s_k = run("padded", params, x, k, k, 1.0)
+  y_max, s_max = run("padded", params, x, k, max_top_k, 1.0)
+  assert int(s_k.dropped) > 0
+  np.testing.assert_allclose(y_max, y_k, rtol=1e-5, atol=1e-6)
+  assert int(s_max.dropped) == int(s_k.dropped)
+  np.testing.assert_array_equal(s_max.tokens_per_expert, s_k.tokens_per_expert)
 
 
 def test_slot_buckets_and_capacity():
   assert dispatch_lib.slot_buckets(1) == (1,)
-  assert dispatch_lib.slot_buckets(6) == (1, 2, 4, 6)
-  assert dispatch_lib.slot_buckets(8) == (1, 2, 4, 8)
+  assert dispatch_lib.slot_buckets(6) == (1, 2, 3, 4, 5, 6)
   assert dispatch_lib.expert_capacity(100, 1, 10, None) == 100
   assert dispatch_lib.expert_capacity(100, 2, 10, 1.25) == 25
 

@@ -132,3 +132,22 @@ def test_evaluation_routing_adds_up_to_the_whole_set():
   np.testing.assert_allclose(got["val_lbl"], lbl.mean(), rtol=1e-5)
   np.testing.assert_allclose(got["val_load_max_dev"], f.max(-1) * CFG.num_experts - 1,
                              rtol=1e-5)
+
+
+def test_evaluation_is_dropless_whatever_the_training_capacity():
+  """With a capacity that drops tokens in training, evaluation drops none and gives the loss of
+  the dense oracle (every token through its experts)."""
+  from experiments.training import dropless_eval_step, evaluate
+  from sigma_moe_jax.sharding import make_mesh
+  cfg = CFG.replace(capacity_factor=0.25)
+  graphdef, params = train_lib.init_model(cfg, 0)
+  batches = [make_batch(seed) for seed in (5, 6)]
+  whole = jax.tree.map(lambda *a: jnp.concatenate(a), *batches)
+  _, _, training_routing = jax.jit(train_lib.make_eval_step(graphdef, cfg))(params, whole, 0)
+  assert int(np.sum(training_routing["dropped"])) > 0  # the training capacity does drop here
+  got = evaluate(jax.jit(dropless_eval_step(cfg, None)), params, iter(batches), lambda b: b,
+                 make_mesh(devices=jax.devices()[:1]), 0, None, max_batches=2)
+  np.testing.assert_array_equal(got["val_drop_fraction"], [0.0, 0.0])
+  dense = train_lib.model_graphdef(cfg.replace(dispatch="dense", capacity_factor=None))
+  ce, n, _ = train_lib.make_eval_step(dense, cfg)(params, whole, 0)
+  np.testing.assert_allclose(got["val_loss"], float(ce) / int(n), rtol=1e-5)
