@@ -5,7 +5,8 @@ data files and globs, tokenizers, `init_from`, exports) goes through this module
 layer over `etils.epath`, the path type Orbax itself uses: local paths take the `os` backend,
 `gs://` paths take `gcsfs` through fsspec, authenticated by application default credentials
 (`gcloud auth application-default login`, or the VM's service account on a TPU VM).
-`STORAGE_EMULATOR_HOST` points it, and Orbax's array storage, at another GCS-API server.
+`STORAGE_EMULATOR_HOST` (gcsfs) and `TENSORSTORE_GCS_HTTP_URL` (Orbax's arrays) point both at
+another GCS-API server.
 
 Object stores have no append and no rename: `Appender` rewrites an object from a local copy on
 `flush` (local files are appended to as usual), and `move` copies then deletes.
