@@ -49,10 +49,9 @@ def export(run, out: str, *, dtype: str = "float32", max_shard_bytes: int = 4 * 
   weight_map = {name: file for file, names in zip(files, shards) for name in names}
   storage.makedirs(out)
   pending, shard_index = {}, 0
-  for _, tensors in hf.iter_groups(cfg, run.params):
-    for name, value in tensors.items():  # host copies, so each tensor exists once here
+  for _, group in hf.export_groups(cfg):
+    for name, value in group(run.params).items():  # host copies: each tensor exists once here
       pending[name] = np.asarray(jax.device_get(jnp.asarray(value, target)))
-    del tensors
     while shard_index < len(shards) and all(n in pending for n in shards[shard_index]):
       names = shards[shard_index]
       blob = safetensors.numpy.save({n: pending.pop(n) for n in names}, metadata={"format": "pt"})
@@ -71,7 +70,6 @@ def export(run, out: str, *, dtype: str = "float32", max_shard_bytes: int = 4 * 
       {"bos_token_id": eos, "eos_token_id": eos, "do_sample": False}, indent=2))
   write_tokenizer(run, out)
   return index
-
 
 
 def write_tokenizer(run, out: str) -> None:
@@ -135,7 +133,7 @@ def import_model(hf_dir: str, workdir: str, base) -> dict:
   """Writes the run; returns its config as a dict."""
   hf_config = json.loads(storage.read_text(storage.join(hf_dir, "config.json")))
   overrides = {k: base.model[k] for k in RUNTIME_FIELDS}
-  model_cfg, _ = hf.model_config_from_hf(hf_config, **overrides)
+  model_cfg = hf.model_config_from_hf(hf_config, **overrides)
   config = base.to_dict()
   config["model"] = {**config["model"], **{
       f: getattr(model_cfg, f) for f in ModelConfig.__dataclass_fields__ if f != "max_top_k"}}

@@ -25,10 +25,11 @@ Every function here works on NumPy arrays, jax arrays or `jax.ShapeDtypeStruct`s
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sigma_moe_jax.config import ModelConfig
 
@@ -88,8 +89,8 @@ _MUST_BE = {
 }
 
 
-def model_config_from_hf(hf: dict, **overrides) -> Tuple[ModelConfig, int]:
-  """(ModelConfig, top_k) of a Qwen3-MoE config.json; `overrides` set the fields config.json
+def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
+  """The ModelConfig of a Qwen3-MoE config.json; `overrides` set the fields config.json
   does not describe (dispatch, dtype, ...). Refuses, naming them, the features this model
   lacks."""
   kind = hf.get("model_type")
@@ -99,7 +100,7 @@ def model_config_from_hf(hf: dict, **overrides) -> Tuple[ModelConfig, int]:
   problems = []
   for key, (neutral, feature) in _MUST_BE.items():
     value = hf.get(key, neutral)
-    if value not in (neutral, None) and not (isinstance(neutral, list) and not value):
+    if value not in (neutral, None):
       problems.append(f"{key}={value!r} ({feature})")
   rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
   rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -123,7 +124,7 @@ def model_config_from_hf(hf: dict, **overrides) -> Tuple[ModelConfig, int]:
       renormalize=bool(hf.get("norm_topk_prob", False)), rope_theta=float(theta),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=True, gate_fn="softmax")
   fields.update(overrides)
-  return ModelConfig(**fields), top_k
+  return ModelConfig(**fields)
 
 
 def _linear_in(w):  # ours [in, ...] -> torch [out, in]
@@ -184,8 +185,6 @@ def params_from_hf(cfg: ModelConfig, tensors: Dict[str, object]) -> dict:
   """Our pure-dict parameters (float32 NumPy) from Hugging Face tensors (per-expert keys, or the
   fused `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` that transformers 5 also writes).
   Raises naming the first missing or misshapen tensor; unused tensors are reported too."""
-  import numpy as np  # noqa: PLC0415 -- host-side only
-
   used = set()
   d, heads, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
   E, f, V = cfg.num_experts, cfg.d_ff, cfg.vocab_size
@@ -259,9 +258,4 @@ def plan_shards(sizes: Dict[str, int], max_shard_bytes: int) -> List[List[str]]:
   if current:
     shards.append(current)
   return shards
-
-
-def iter_groups(cfg: ModelConfig, params: dict) -> Iterator[Tuple[str, Tensors]]:
-  for name, fn in export_groups(cfg):
-    yield name, fn(params)
 
