@@ -125,14 +125,6 @@ def write_bytes(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def remove(path: str) -> None:
-  p = epath.Path(path)
-  if p.is_dir():
-    p.rmtree()
-  elif p.exists():
-    p.unlink()
-
-
 def move(source: str, target: str) -> None:
   """Moves a file or directory (in a bucket: copied, then deleted)."""
   if is_remote(source) or is_remote(target):
