@@ -60,8 +60,9 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
   Modes (the scope over which f and p are measured):
     global: f from counts summed (psum) over `axes`, i.e. over every token of the step; p the
       mean over the same tokens. Equals the loss of the whole batch on one device.
-    micro_batch: each shard's own f and p; the loss is the mean over shards.
-    sequence: f and p per sequence; the loss is the mean over sequences (and shards).
+    micro_batch: each shard's own f and p; the loss is the mean over the shards that hold tokens.
+    sequence: f and p per sequence; the loss is the mean over all non-empty sequences of the
+      step, whichever shard holds them.
   count_offset [E]: counts added to this step's before f is formed (global and micro_batch),
   used to accumulate counts across gradient-accumulation micro-batches.
   """
@@ -99,11 +100,13 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
   p = sums["prob"] / tokens
   fhat = sums["fhat"] / tokens
   pbar = jnp.maximum(sums["pmax"] / tokens[:, 0], 1e-9)
-  group_mean = lambda v: jnp.sum(v * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+  # The mean over the groups that hold tokens (one in global mode; every shard's or every
+  # sequence's otherwise), taken over all shards: groups without tokens count in no mean.
+  group_axes = () if mode == "global" else tuple(axes)
+  group_mean = lambda v: (jax.lax.psum(jnp.sum(v * has_tokens), group_axes)
+                          / jnp.maximum(jax.lax.psum(jnp.sum(has_tokens), group_axes), 1.0))
   lbl = group_mean(load_balancing_loss(f, p))
   top1 = group_mean(top1_load_balancing_loss(fhat, pbar))
-  if mode != "global":
-    lbl, top1 = jax.lax.pmean(lbl, axes), jax.lax.pmean(top1, axes)
   # Monitoring statistics are always over the global batch.
   total = jax.tree.map(lambda a: jax.lax.psum(jnp.sum(a, axis=0), axes), sequence_sums)
   return MoEStats(

@@ -111,6 +111,51 @@ def test_sequence_lbl_is_the_mean_over_sequences():
   np.testing.assert_allclose(got, np.mean([numpy_lbl(s, 1) for s in logits]), rtol=1e-5)
 
 
+# Four shards of two rows: both rows hold tokens, one does, none does, both do.
+ROWS_WITH_TOKENS = np.array([1, 1, 1, 0, 0, 0, 1, 1], bool)
+
+
+@functools.lru_cache(maxsize=None)
+def masked_lbl(mode):
+  moe = MoE(D, F, E, gate_fn="softmax", renormalize=False, dispatch="padded",
+            capacity_factor=None, init_std=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0),
+            lbl_mode=mode, top1_lbl_tau=0.5)
+  graphdef, params = nnx.split(moe)
+  call = lambda x, mask: nnx.merge(graphdef, params)(x, jnp.int32(1), 1, mask)[1]
+  return params, jax.jit(call)
+
+
+def run_masked(mode, mesh):
+  params, call = masked_lbl(mode)
+  x, mask = inputs(), jnp.asarray(np.repeat(ROWS_WITH_TOKENS[:, None], SEQ, axis=1))
+  if mesh is None:
+    return call(x, mask), logits_of(params, x)
+  with jax.set_mesh(mesh):
+    spec = NamedSharding(mesh, P("data"))
+    return call(jax.device_put(x, spec), jax.device_put(mask, spec)), logits_of(params, x)
+
+
+@pytest.fixture(scope="module")
+def mesh4():
+  return Mesh(np.asarray(jax.devices()[:4]), ("data",))
+
+
+def test_sequence_lbl_on_a_mesh_is_the_mean_over_all_non_empty_sequences(mesh4):
+  one, logits = run_masked("sequence", None)
+  four, _ = run_masked("sequence", mesh4)
+  want = np.mean([numpy_lbl(logits[i], 1) for i in np.flatnonzero(ROWS_WITH_TOKENS)])
+  np.testing.assert_allclose(one.lbl, want, rtol=1e-5)
+  np.testing.assert_allclose(four.lbl, want, rtol=1e-5)
+  np.testing.assert_allclose(four.top1_lbl, one.top1_lbl, rtol=1e-5)
+
+
+def test_micro_batch_lbl_skips_shards_without_tokens(mesh4):
+  got, logits = run_masked("micro_batch", mesh4)
+  shards = [logits[2 * s: 2 * s + 2][ROWS_WITH_TOKENS[2 * s: 2 * s + 2]] for s in range(4)]
+  want = np.mean([numpy_lbl(rows.reshape(-1, E), 1) for rows in shards if rows.size])
+  np.testing.assert_allclose(got.lbl, want, rtol=1e-5)
+
+
 def test_top1_lbl_bounds_and_gradients():
   logits = jax.random.normal(jax.random.key(3), (64, E)) * 3.0
   for tau in (1.0, 0.1):
