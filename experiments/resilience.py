@@ -109,7 +109,8 @@ def fingerprint(tokenizer_path: str) -> dict:
 # Config keys besides the model that a resumed run must share with its checkpoint: they define
 # the data stream the saved iterator position refers to.
 RESUME_KEYS = (("data", "path"), ("data", "tokenizer"), ("data", "val_fraction"),
-               ("data", "seed"), ("data", "chunk_chars"), ("data", "shard_files"),
+               ("data", "seed"), ("data", "order_seed"), ("data", "chunk_chars"),
+               ("data", "shard_files"),
                ("train", "batch_size"),
                ("train", "seq_len"), ("train", "grad_accum"))
 

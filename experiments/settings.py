@@ -15,8 +15,8 @@ from typing import Any, NamedTuple, Optional, Tuple
 from experiments.cli import project_path
 from sigma_moe_jax import ModelConfig, TopKSchedule, aot
 from sigma_moe_jax import train as train_lib
-from sigma_moe_jax.schedule import parse_phases
-from sigma_moe_jax.train import LR_SCHEDULES, BalanceSettings
+from sigma_moe_jax.schedule import AdaptiveTopK, parse_per_layer, parse_phases
+from sigma_moe_jax.train import LR_SCHEDULES, BalanceSettings, Schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,7 @@ class DataSettings:
   tokenizer: str = "data/shakespeare_bpe4096.json"  # tokenizer.json or .tiktoken ranks
   val_fraction: float = 0.05  # documents held out for validation
   seed: int = 0  # document split and shuffling
+  order_seed: int = -1  # shuffling of the training documents alone; -1: `seed` (the split stays)
   chunk_chars: int = 0  # > 0: cut training documents into pieces of at most this many chars
   eval_sets: str = ""  # "name=paths;name=paths": extra validation sets, logged <name>_val_*
   # Corpora too large for every host: list the files only, each process reads its own share one
@@ -103,20 +104,60 @@ class MeshSettings:
   tensor: int = 1  # splits d_ff, heads and the vocabulary
 
 
-def model_and_schedule(config) -> Tuple[ModelConfig, Optional[TopKSchedule]]:
+SCHEDULE_KINDS = ("fixed", "adaptive")
+# The `schedule` section's keys and defaults (experiments/configs/base.py explains them).
+SCHEDULE_DEFAULTS = dict(kind="fixed", top_k="", target="", deadline=0.7, threshold=1.0,
+                         patience=50, smoothing=10, raise_above=3.0)
+
+
+def model_and_schedule(config) -> Tuple[ModelConfig, Optional[Schedule]]:
   """The model a config describes and its top-k schedule (None: model.top_k everywhere). The
-  model's static per-layer maximum top-k is the schedule's maximum over its phases."""
+  model's static per-layer maximum top-k is the schedule's maximum over its phases (adaptive:
+  its start)."""
+  s, layers = config.schedule, config.model.num_layers
+  kind = s.get("kind", "fixed")
+  if kind not in SCHEDULE_KINDS:
+    raise ValueError(f"schedule.kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
   schedule = None
-  if config.schedule.top_k.strip():
-    schedule = TopKSchedule.parse(parse_phases(config.schedule.top_k), config.model.num_layers,
-                                  config.train.steps, config.model.num_experts)
+  if kind == "adaptive":
+    schedule = adaptive_schedule(s, layers, config.model.top_k, config.train.steps)
+  elif s.top_k.strip():
+    schedule = TopKSchedule.parse(parse_phases(s.top_k), layers, config.train.steps,
+                                  config.model.num_experts)
   model = ModelConfig(**config.model, max_top_k=schedule.max_top_k if schedule else None)
   return model, schedule
 
 
+def adaptive_schedule(s, layers: int, top_k: int, steps: int) -> AdaptiveTopK:
+  """The `schedule` section of kind adaptive as an AdaptiveTopK; errors name the config key."""
+  def per_layer(key: str, text: str):
+    try:
+      values = parse_per_layer(text)
+    except ValueError as e:
+      raise ValueError(f"schedule.{key}: {e}") from None
+    if len(values) != layers:
+      raise ValueError(f"schedule.{key}: {len(values)} per-layer entries, expected "
+                       f"model.num_layers={layers}")
+    return tuple(values)
+  if not s.top_k.strip() or ":" in s.top_k:
+    raise ValueError(f"schedule.top_k: an adaptive schedule needs each layer's starting top-k "
+                     f"as one per-layer list (e.g. [2]*{layers}), got {s.top_k!r}")
+  start = per_layer("top_k", s.top_k)
+  target = per_layer("target", s.target) if s.target.strip() else (top_k,) * layers
+  if not 0 < s.deadline <= 1:
+    raise ValueError(f"schedule.deadline must be a fraction of train.steps in (0, 1], got "
+                     f"{s.deadline!r}")
+  try:
+    return AdaptiveTopK(start, target, deadline=max(1, int(round(s.deadline * steps))),
+                        threshold=s.threshold, patience=s.patience, smoothing=s.smoothing,
+                        raise_above=s.raise_above)
+  except ValueError as e:
+    raise ValueError(f"schedule: {e}") from None
+
+
 class Settings(NamedTuple):
   model: ModelConfig
-  schedule: Optional[TopKSchedule]
+  schedule: Optional[Schedule]
   train: TrainSettings
   data: DataSettings
   balance: BalanceSettings

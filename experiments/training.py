@@ -15,7 +15,8 @@ from jax.sharding import NamedSharding
 from experiments.configs.base import make_config
 from experiments.resilience import (Divergence, Preemption, RunStopped, fingerprint,
                                     restore_latest_intact, resume_differences, truncate_metrics)
-from experiments.settings import Settings, TrainSettings, from_config, lr_and_optimizer
+from experiments.settings import (SCHEDULE_DEFAULTS, Settings, TrainSettings, from_config,
+                                  lr_and_optimizer)
 from sigma_moe_jax import ModelConfig, TopKSchedule, generate, sharding, storage
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
@@ -71,11 +72,14 @@ def check_compatible(saved: dict, current: dict):
   """The model, the schedule, the data stream (paths, split, tokenizer content) and the batch
   geometry must match the checkpoint's."""
   diffs = model_differences(saved, current)
-  # Checkpoints written before the key was named top_k hold it as "topk".
-  saved_top_k = saved["schedule"].get("top_k", saved["schedule"].get("topk"))
-  if saved_top_k != current["schedule"]["top_k"]:
-    diffs.append(f"schedule.top_k: checkpoint {saved_top_k!r}, config "
-                 f"{current['schedule']['top_k']!r}")
+  # Checkpoints written before the key was named top_k hold it as "topk"; those written before
+  # the other keys existed had their defaults.
+  saved_schedule = dict(saved["schedule"])
+  if "topk" in saved_schedule:
+    saved_schedule["top_k"] = saved_schedule.pop("topk")
+  saved_schedule = {**SCHEDULE_DEFAULTS, **saved_schedule}
+  diffs += [f"schedule.{k}: checkpoint {saved_schedule.get(k)!r}, config {v!r}"
+            for k, v in current["schedule"].items() if saved_schedule.get(k) != v]
   diffs += resume_differences(saved, current)
   if diffs:
     raise ValueError("the workdir holds a checkpoint from an incompatible config ("
@@ -201,15 +205,15 @@ def short_reason(error: Exception) -> str:
   return f"{type(error).__name__}: {text[:160]}"
 
 
-def dropless_eval_step(model_cfg: ModelConfig, schedule):
+def dropless_eval_step(model_cfg: ModelConfig):
   """The evaluation step of the model without a capacity limit, whatever the training capacity:
   every evaluated token reaches its experts, so validation losses compare across capacity
   settings (the parameters are the same)."""
   return train_lib.make_eval_step(
-      train_lib.model_graphdef(generate.inference_config(model_cfg)), model_cfg, schedule)
+      train_lib.model_graphdef(generate.inference_config(model_cfg)))
 
 
-def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batches: int):
+def evaluate(eval_step, params, batches, to_global, mesh, top_k, bias, max_batches: int):
   """Loss and routing load of up to `max_batches` batches: val_loss, val_ppl, val_targets,
   val_tokens_per_expert [layers, E] and the `load_statistics` of the summed counts and mean gate
   probabilities (val_f, val_p, val_load_max_dev, ...)."""
@@ -218,7 +222,7 @@ def evaluate(eval_step, params, batches, to_global, mesh, step, bias, max_batche
     if i >= max_batches:
       break
     with jax.set_mesh(mesh):
-      ce, n, routing = eval_step(params, to_global(batch), step, bias)
+      ce, n, routing = eval_step(params, to_global(batch), top_k, bias)
     routing = jax.device_get(routing)
     ce_sum, targets = ce_sum + float(ce), targets + int(n)
     counts = counts + routing["tokens_per_expert"].astype(np.int64)
@@ -248,21 +252,28 @@ def run(config, workdir: str):
   model_cfg, schedule, balance, mesh = built.model_cfg, built.schedule, built.balance, built.mesh
   optimizer, lr = built.optimizer, built.lr
   local_batch = t.batch_size // jax.process_count()
-  pipeline = lambda docs, **kw: make_pipeline(
-      docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch,
-      seed=built.settings.data.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), **kw)
+  data = built.settings.data
+  order_seed = data.seed if data.order_seed < 0 else data.order_seed
+  pipeline = lambda docs, seed=data.seed, **kw: make_pipeline(
+      docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), **kw)
   if built.train_files is None:
-    train_pipeline = lambda: pipeline(built.train_docs)
+    train_pipeline = lambda: pipeline(built.train_docs, seed=order_seed)
   else:
     train_pipeline = lambda: make_file_pipeline(
         built.train_files, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch,
-        seed=built.settings.data.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), chunk_chars=built.settings.data.chunk_chars)
+        seed=order_seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), chunk_chars=data.chunk_chars)
   train_iter = train_pipeline()
 
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
-  graphdef, state, shardings = train_lib.init_sharded_state(model_cfg, t.seed, optimizer, mesh)
+  graphdef, state, shardings = train_lib.init_sharded_state(model_cfg, t.seed, optimizer, mesh,
+                                                            schedule)
+
+  def top_k_state_from(step):
+    """This run's schedule state as it begins at `step`."""
+    fresh = train_lib.init_top_k_state(model_cfg, schedule, step)
+    return jax.device_put(fresh, shardings.top_k_state)
 
   config_json = {**config.to_dict(), "fingerprint": fingerprint(built.settings.data.tokenizer)}
   checkpoint_dir = storage.join(workdir, "checkpoints")
@@ -286,15 +297,19 @@ def run(config, workdir: str):
                                                          check)
   if latest is not None:
     state, train_iter = restored
+    if state.top_k_state is None:  # a checkpoint from before the schedule had a state
+      state = state._replace(top_k_state=top_k_state_from(int(state.step)))
     print(f"resumed from step {latest} in {workdir}", flush=True)
     if jax.process_index() == 0:
       truncate_metrics(workdir, latest)
   elif t.init_from:
     state = restore_initial(config, t, state, shardings, train_iter)
+    # The other run's schedule state is not this run's: an adaptive schedule begins afresh.
+    state = state._replace(top_k_state=top_k_state_from(int(state.step)))
 
   train_step = train_lib.jit_train_step(graphdef, optimizer, lr, model_cfg, balance, shardings,
                                         mesh, schedule=schedule, grad_accum=t.grad_accum)
-  eval_step = jax.jit(dropless_eval_step(model_cfg, schedule))
+  eval_step = jax.jit(dropless_eval_step(model_cfg))
   to_global = lambda batch: {k: jax.make_array_from_process_local_data(batch_sharding, v)
                              for k, v in batch.items()}
 
@@ -302,9 +317,10 @@ def run(config, workdir: str):
     """Every eval set; the unnamed one logs as val_*, a named one as <name>_val_*."""
     logged, parts = {}, []
     bias = state.selection_bias if balance.loss_free else None
+    top_k = train_lib.top_k_in_force(state, model_cfg, schedule)
     for name, docs in built.eval_sets.items():
       result = evaluate(eval_step, state.params, pipeline(docs, shuffle=False, repeat=False),
-                        to_global, mesh, step, bias, t.eval_batches)
+                        to_global, mesh, top_k, bias, t.eval_batches)
       prefix = f"{name}_" if name else ""
       logged.update({prefix + k: v for k, v in result.items()})
       parts.append(f"{prefix}val_loss {result['val_loss']:.4f} | {prefix}val_ppl "

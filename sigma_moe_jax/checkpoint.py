@@ -6,6 +6,7 @@ the shardings of the *current* mesh, so a run can resume on a different mesh.
 
 from __future__ import annotations
 
+import ast
 import json
 from typing import Any, Dict, List, Optional
 
@@ -46,27 +47,39 @@ class Checkpointer:
   def has_data_position(self, step: int) -> bool:
     return storage.isdir(storage.join(str(self.manager.directory), str(step), "data"))
 
+  def saved_state_fields(self, step: int) -> set:
+    """The TrainState fields checkpoint `step` holds (one saved before a field existed lacks
+    it)."""
+    text = storage.read_text(storage.join(str(self.manager.directory), str(step), "state",
+                                          "_METADATA"))
+    return {ast.literal_eval(path)[0] for path in json.loads(text)["tree_metadata"]}
+
   def restore(self, step: int, abstract_state: TrainState, iterator) -> TrainState:
-    """Restores the state onto the shardings in `abstract_state` and the iterator in place."""
+    """Restores the state onto the shardings in `abstract_state` and the iterator in place. A
+    field the checkpoint predates (`top_k_state`) comes back as None, for the caller to fill."""
+    target = abstract_state._asdict()
+    missing = set(target) - self.saved_state_fields(step)
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state._asdict()),
+        state=ocp.args.StandardRestore({k: v for k, v in target.items() if k not in missing}),
         data=grain.checkpoint.CheckpointRestore(iterator)))
-    return TrainState(**restored["state"])
+    return TrainState(**{**dict.fromkeys(missing), **restored["state"]})
 
   def restore_state(self, step: int, abstract_state: TrainState,
                     params_only: bool = False) -> TrainState:
     """The train state alone: no data iterator is involved. With `params_only` (inference,
     export) the optimizer state is not read, and comes back as None."""
     target = abstract_state._asdict()
+    missing = set(target) - self.saved_state_fields(step)
+    target = {k: v for k, v in target.items() if k not in missing}
     if not params_only:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target)))
-      return TrainState(**restored["state"])
+      return TrainState(**{**dict.fromkeys(missing), **restored["state"]})
     del target["opt_state"]
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))
-    return TrainState(opt_state=None, **restored["state"])
+    return TrainState(**{**dict.fromkeys(missing), "opt_state": None, **restored["state"]})
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -120,3 +120,87 @@ class TopKSchedule:
     """int32 [layers]: the top-k of each layer at `step` (a Python int or a traced scalar)."""
     phase = jnp.searchsorted(jnp.asarray(self.starts), step, side="right") - 1
     return jnp.asarray(self.per_layer, jnp.int32)[phase]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveTopK:
+  """A per-layer top-k that each layer lowers by itself when its load has been balanced.
+
+  Every layer starts at `start[l]` experts per token and ends at `target[l]`. After each step the
+  layer's load f (its share of the step's global-batch assignments per expert) enters an
+  exponential moving average over about `smoothing` steps; the layer is *balanced* while that
+  average's most loaded expert is within `threshold` of the fair share (max_i f_i * E - 1 <=
+  threshold). A layer balanced for `patience` consecutive steps lowers its k by one; a layer whose
+  most loaded expert exceeds `raise_above` goes back up by one (never above its start). Whatever
+  the load, a ceiling that falls linearly from `start` at step 0 to `target` at step `deadline`
+  caps every layer, so all layers are at their target from `deadline` on. See docs/design.md,
+  "Adaptive sparsification".
+
+  The decisions are made inside the jitted train step from the psum-reduced counts, so every
+  process takes the same ones, and k is traced, so no change recompiles. Their state
+  (`init_state`) is part of the train state and is checkpointed with it.
+  """
+
+  start: Tuple[int, ...]
+  target: Tuple[int, ...]
+  deadline: int
+  threshold: float = 1.0
+  patience: int = 50
+  smoothing: int = 10
+  raise_above: float = 3.0
+
+  def __post_init__(self):
+    if len(self.start) != len(self.target):
+      raise ValueError(f"adaptive top-k: start has {len(self.start)} layers, target "
+                       f"{len(self.target)}")
+    if any(t < 1 or s < t for s, t in zip(self.start, self.target)):
+      raise ValueError(f"adaptive top-k: every layer needs start >= target >= 1, got start "
+                       f"{list(self.start)} and target {list(self.target)}")
+    for name in ("deadline", "patience", "smoothing"):
+      if not isinstance(getattr(self, name), (int, np.integer)) or getattr(self, name) < 1:
+        raise ValueError(f"adaptive top-k: {name} must be a step count >= 1, got "
+                         f"{getattr(self, name)!r}")
+    if self.threshold < 0 or self.raise_above <= self.threshold:
+      raise ValueError(f"adaptive top-k: needs 0 <= threshold < raise_above, got threshold "
+                       f"{self.threshold} and raise_above {self.raise_above}")
+
+  @property
+  def max_top_k(self) -> Tuple[int, ...]:
+    return tuple(self.start)
+
+  @property
+  def final(self) -> Tuple[int, ...]:
+    return tuple(self.target)
+
+  def ceiling(self, step) -> jax.Array:
+    """int32 [layers]: the most experts a layer may use at `step`; `target` from `deadline` on."""
+    start, target = jnp.asarray(self.start, jnp.int32), jnp.asarray(self.target, jnp.int32)
+    left = jnp.clip(self.deadline - jnp.asarray(step, jnp.int32), 0, self.deadline)
+    # ceil((start - target) * left / deadline) in integers
+    return target + ((start - target) * left + self.deadline - 1) // self.deadline
+
+  def init_state(self, num_experts: int, step=0) -> dict:
+    """The state of a schedule that begins at `step`: k [layers] int32 (in force at that step:
+    the start, under the ceiling), calm [layers] int32 (consecutive balanced steps), load
+    [layers, E] float32 (the moving average of f, uniform at first)."""
+    layers = len(self.start)
+    return {"k": jnp.minimum(jnp.asarray(self.start, jnp.int32), self.ceiling(step)),
+            "calm": jnp.zeros((layers,), jnp.int32),
+            "load": jnp.full((layers, num_experts), 1.0 / num_experts, jnp.float32)}
+
+  def update(self, state: dict, counts: jax.Array, step) -> dict:
+    """The state after a step whose global-batch assignments per expert were `counts`
+    [layers, E]; `step` is the number of the next step (the one the new k is for)."""
+    counts = jnp.asarray(counts, jnp.float32)
+    num_experts = counts.shape[-1]
+    f = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+    decay = 1.0 - 1.0 / self.smoothing
+    load = decay * state["load"] + (1.0 - decay) * f
+    deviation = jnp.max(load, axis=-1) * num_experts - 1.0
+    calm = jnp.where(deviation <= self.threshold, state["calm"] + 1, 0)
+    k = state["k"]
+    lower = (calm >= self.patience) & (k > jnp.asarray(self.target, jnp.int32))
+    higher = (deviation > self.raise_above) & (k < jnp.asarray(self.start, jnp.int32))
+    new_k = jnp.minimum(k - lower + higher, self.ceiling(step))
+    calm = jnp.where(new_k != k, 0, calm)
+    return {"k": new_k.astype(jnp.int32), "calm": calm.astype(jnp.int32), "load": load}

@@ -3,14 +3,14 @@
   state, metrics = train_step(state, batch)
 
 `state` is a `TrainState` (parameters as a pure dict, optax state, the loss-free balancing bias,
-the step); `batch` holds int32 [batch, seq] `tokens`, `segment_ids` and `positions`. Nothing is
+the per-layer top-k and the adaptive schedule's state, the step); `batch` holds int32 [batch, seq] `tokens`, `segment_ids` and `positions`. Nothing is
 mutated inside jit: the model is rebuilt from its graph definition and the parameters each call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,9 @@ from sigma_moe_jax import sharding
 from sigma_moe_jax.balancing import MoEStats, routing_metrics, update_selection_bias
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.model import Transformer
-from sigma_moe_jax.schedule import TopKSchedule
+from sigma_moe_jax.schedule import AdaptiveTopK, TopKSchedule
+
+Schedule = Union[TopKSchedule, AdaptiveTopK]
 
 BALANCE_LOSSES = ("lbl", "top1_lbl", "none")
 LR_SCHEDULES = ("wsd", "cosine")
@@ -59,6 +61,10 @@ class TrainState(NamedTuple):
   params: Any  # pure dict of float32 arrays
   opt_state: Any
   selection_bias: jax.Array  # float32 [layers, experts]; zeros unless loss-free balancing
+  # {"k": int32 [layers] in force at `step`, "calm": int32 [layers], "load": float32
+  # [layers, experts]}: the adaptive schedule's state (AdaptiveTopK.init_state); with a fixed
+  # schedule only k moves, following the schedule.
+  top_k_state: Any
   step: jax.Array  # int32 scalar
 
 
@@ -96,32 +102,61 @@ def init_model(cfg: ModelConfig, seed: int):
   return graphdef, nnx.to_pure_dict(state)
 
 
-def init_state(params, optimizer, cfg: ModelConfig) -> TrainState:
+def fixed_top_k(cfg: ModelConfig, schedule: Optional[TopKSchedule], step) -> jax.Array:
+  """int32 [layers]: the top-k at `step` of a fixed schedule (None: model.top_k everywhere)."""
+  if schedule is None:
+    return jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32)
+  return schedule.top_k_at(step)
+
+
+def init_top_k_state(cfg: ModelConfig, schedule: Optional[Schedule] = None, step=0) -> dict:
+  """The schedule's state as it begins at `step` (TrainState.top_k_state)."""
+  if isinstance(schedule, AdaptiveTopK):
+    return schedule.init_state(cfg.num_experts, step)
+  return {"k": fixed_top_k(cfg, schedule, step),
+          "calm": jnp.zeros((cfg.num_layers,), jnp.int32),
+          "load": jnp.full((cfg.num_layers, cfg.num_experts), 1.0 / cfg.num_experts, jnp.float32)}
+
+
+def top_k_in_force(state: TrainState, cfg: ModelConfig,
+                   schedule: Optional[Schedule] = None) -> jax.Array:
+  """int32 [layers]: the top-k the step `state.step` runs with. A fixed schedule is keyed on the
+  step alone (a run started from another run's checkpoint follows its own schedule)."""
+  if isinstance(schedule, AdaptiveTopK):
+    return state.top_k_state["k"]
+  return fixed_top_k(cfg, schedule, state.step)
+
+
+def init_state(params, optimizer, cfg: ModelConfig,
+               schedule: Optional[Schedule] = None) -> TrainState:
   return TrainState(params, optimizer.init(params),
                     jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32),
-                    jnp.zeros((), jnp.int32))
+                    init_top_k_state(cfg, schedule), jnp.zeros((), jnp.int32))
 
 
-def abstract_sharded_state(cfg: ModelConfig, optimizer, mesh, seed: int = 0):
+def abstract_sharded_state(cfg: ModelConfig, optimizer, mesh, seed: int = 0,
+                           schedule: Optional[Schedule] = None):
   """(graphdef, abstract state, state shardings): shapes and placements, nothing allocated."""
   graphdef = model_graphdef(cfg)
-  abstract = jax.eval_shape(lambda: init_state(init_model(cfg, seed)[1], optimizer, cfg))
+  abstract = jax.eval_shape(lambda: init_state(init_model(cfg, seed)[1], optimizer, cfg,
+                                               schedule))
   shardings = sharding.state_shardings(
       abstract, sharding.param_shardings(abstract.params, mesh), mesh)
   return graphdef, abstract, shardings
 
 
-def init_sharded_state(cfg: ModelConfig, seed: int, optimizer, mesh):
+def init_sharded_state(cfg: ModelConfig, seed: int, optimizer, mesh,
+                       schedule: Optional[Schedule] = None):
   """(graphdef, state, state shardings) with the state created directly in its shardings: the
   20B model never exists whole on one device."""
-  graphdef, _, shardings = abstract_sharded_state(cfg, optimizer, mesh, seed)
-  make = lambda: init_state(init_model(cfg, seed)[1], optimizer, cfg)
+  graphdef, _, shardings = abstract_sharded_state(cfg, optimizer, mesh, seed, schedule)
+  make = lambda: init_state(init_model(cfg, seed)[1], optimizer, cfg, schedule)
   return graphdef, jax.jit(make, out_shardings=shardings)(), shardings
 
 
 def jit_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
                    balance: "BalanceSettings", state_shardings, mesh, *,
-                   schedule: Optional[TopKSchedule] = None, grad_accum: int = 1):
+                   schedule: Optional[Schedule] = None, grad_accum: int = 1):
   """`make_train_step` jitted for a mesh: state in its shardings (donated), the batch split over
   the batch axes, metrics replicated."""
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
@@ -153,7 +188,7 @@ def _combine_stats(stats: MoEStats) -> MoEStats:
 
 
 def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
-                    balance: BalanceSettings, *, schedule: Optional[TopKSchedule] = None,
+                    balance: BalanceSettings, *, schedule: Optional[Schedule] = None,
                     grad_accum: int = 1):
   """Builds train_step(state, batch) -> (state, metrics). Jit it with donate_argnums=0."""
   if balance.accumulate_counts and cfg.lbl_mode != "global":
@@ -178,8 +213,7 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array]):
-    top_k = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
-            else schedule.top_k_at(state.step))
+    top_k = top_k_in_force(state, cfg, schedule)
     bias = state.selection_bias if balance.loss_free else None
     segments = batch["segment_ids"]
     total_targets = jnp.maximum(
@@ -208,6 +242,10 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
     if balance.loss_free:
       selection_bias = update_selection_bias(selection_bias, stats.tokens_per_expert,
                                              balance.bias_rate)
+    if isinstance(schedule, AdaptiveTopK):
+      top_k_state = schedule.update(state.top_k_state, stats.tokens_per_expert, state.step + 1)
+    else:
+      top_k_state = {**state.top_k_state, "k": fixed_top_k(cfg, schedule, state.step + 1)}
     # A step with a non-finite loss or gradient is not applied: parameters, optimizer state and
     # bias stay as they were (the step counter and the data move on), so no NaN is ever stored.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -215,6 +253,7 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
     params = keep_if_bad(params, state.params)
     opt_state = keep_if_bad(opt_state, state.opt_state)
     selection_bias = keep_if_bad(selection_bias, state.selection_bias)
+    top_k_state = keep_if_bad(top_k_state, state.top_k_state)
     metrics = {
         "loss": loss,
         "finite": finite,
@@ -229,7 +268,7 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
         **routing_metrics(stats),
     }
     metrics["lbl"] = jnp.mean(metrics["lbl_per_layer"])
-    return TrainState(params, opt_state, selection_bias, state.step + 1), metrics
+    return TrainState(params, opt_state, selection_bias, top_k_state, state.step + 1), metrics
 
   return train_step
 
@@ -239,17 +278,15 @@ def model_graphdef(cfg: ModelConfig):
   return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
 
-def make_eval_step(graphdef, cfg: ModelConfig, schedule: Optional[TopKSchedule] = None):
-  """eval_step(params, batch, step, selection_bias=None) -> (summed cross-entropy, targets,
+def make_eval_step(graphdef):
+  """eval_step(params, batch, top_k, selection_bias=None) -> (summed cross-entropy, targets,
   routing): routing holds the batch's assignment counts per expert ("tokens_per_expert",
   [layers, E]), summed gate probabilities ("gate_prob_sum", [layers, E]), tokens
   ("num_tokens", [layers]) and assignments over capacity ("dropped", [layers]), which add up
   over batches into the load statistics of a whole evaluation set. Pass the graphdef of a
   dropless model (`generate.inference_config`) so that no evaluated token skips its experts."""
 
-  def eval_step(params, batch, step, selection_bias=None):
-    top_k = (jnp.full((cfg.num_layers,), cfg.top_k, jnp.int32) if schedule is None
-            else schedule.top_k_at(step))
+  def eval_step(params, batch, top_k, selection_bias=None):
     logits, stats = nnx.merge(graphdef, params)(batch["tokens"], batch["segment_ids"],
                                                 batch["positions"], top_k=top_k,
                                                 selection_bias=selection_bias)

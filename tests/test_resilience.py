@@ -71,19 +71,44 @@ def test_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path, straight):
   assert_same_losses(workdir, straight)
 
 
-def test_repeated_random_interruptions_lose_nothing(tmp_path, straight):
-  """Five interruptions, SIGKILL or SIGTERM at random moments, then a run to the end."""
+# An adaptive top-k that moves in both layers within the run: lowered when calm, raised back up.
+ADAPTIVE = ["--config.schedule.kind=adaptive", "--config.schedule.top_k=[3,3]",
+            "--config.schedule.patience=2", "--config.schedule.smoothing=2",
+            "--config.schedule.threshold=1.5", "--config.schedule.raise_above=2.5",
+            "--config.schedule.deadline=0.9"]
+
+
+def logged(workdir, key):
+  by_step = {}
+  with open(workdir / "metrics.jsonl") as f:
+    for line in f:
+      record = json.loads(line)
+      by_step[record["step"]] = record[key]
+  return by_step
+
+
+def test_repeated_interruptions_during_adaptation_lose_nothing(tmp_path):
+  """Four interruptions, SIGKILL or SIGTERM at random moments, while the adaptive schedule is
+  changing k, then a run to the end: the resumed run takes the uninterrupted run's decisions at
+  every step, and has its losses."""
+  straight_dir = tmp_path / "straight"
+  code, _, err = launch(straight_dir, f"--config.train.steps={STEPS}", *ADAPTIVE)
+  assert code == 0, err[-2000:]
+  top_k = logged(straight_dir, "top_k")
+  changes = sum(top_k[s] != top_k[s + 1] for s in range(1, STEPS))
+  assert changes >= 3 and top_k[STEPS] == [1, 1], top_k  # it did adapt, and reached the target
   workdir = tmp_path / "run"
   rng = random.Random(0)
-  for _ in range(5):
-    proc = launch(workdir, f"--config.train.steps={STEPS}", wait=False)
+  for _ in range(4):
+    proc = launch(workdir, f"--config.train.steps={STEPS}", *ADAPTIVE, wait=False)
     done = max(losses(workdir)) if (workdir / "metrics.jsonl").exists() else 0
-    wait_for_step(proc, workdir, min(done + rng.randint(1, 4), STEPS - 1))
+    wait_for_step(proc, workdir, min(done + rng.randint(1, 5), STEPS - 1))
     proc.send_signal(rng.choice([signal.SIGKILL, signal.SIGTERM]))
     proc.communicate(timeout=120)
-  code, _, err = launch(workdir, f"--config.train.steps={STEPS}")
+  code, _, err = launch(workdir, f"--config.train.steps={STEPS}", *ADAPTIVE)
   assert code == 0, err[-2000:]
-  assert_same_losses(workdir, straight)
+  assert logged(workdir, "top_k") == top_k
+  assert_same_losses(workdir, losses(straight_dir))
 
 
 def test_divergence_stops_without_saving_anything_non_finite(tmp_path):

@@ -1,5 +1,7 @@
 """The per-layer top-k schedule: parsing, validation, and one compilation across a switch."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from flax import nnx
 
 from sigma_moe_jax import ModelConfig, Transformer, TopKSchedule, count_params
-from sigma_moe_jax.schedule import parse_per_layer
+from sigma_moe_jax.schedule import AdaptiveTopK, parse_per_layer
 
 
 def test_compact_form_parses_like_python_would():
@@ -73,3 +75,75 @@ def test_phase1_activated_parameters():
   phase1 = count_params(cfg, schedule.per_layer[0])["active"]
   target = count_params(cfg, schedule.final)["active"]
   assert 0.64e9 < phase1 < 0.66e9 and 0.53e9 < target < 0.54e9
+
+
+def adaptive_reference(start, target, deadline, threshold, patience, smoothing, raise_above,
+                       counts):
+  """The adaptive rule in plain Python, step by step: the k in force at every step."""
+  layers, experts = len(start), len(counts[0][0])
+  k, calm = list(start), [0] * layers
+  load = [[1.0 / experts] * experts for _ in range(layers)]
+  history = []
+  for step, step_counts in enumerate(counts):
+    history.append(list(k))
+    for l in range(layers):
+      total = max(sum(step_counts[l]), 1)
+      load[l] = [(1 - 1 / smoothing) * a + (1 / smoothing) * c / total
+                 for a, c in zip(load[l], step_counts[l])]
+      deviation = max(load[l]) * experts - 1
+      calm[l] = calm[l] + 1 if deviation <= threshold else 0
+      new = k[l]
+      if calm[l] >= patience and k[l] > target[l]:
+        new -= 1
+      elif deviation > raise_above and k[l] < start[l]:
+        new += 1
+      left = max(deadline - (step + 1), 0)
+      ceiling = target[l] + math.ceil((start[l] - target[l]) * left / deadline)
+      new = min(new, ceiling)
+      if new != k[l]:
+        calm[l] = 0
+      k[l] = new
+  return history
+
+
+def test_adaptive_decisions_match_a_plain_python_rule():
+  """A synthetic load sequence where layer 0 is balanced, layer 1 collapses for a while (and
+  goes back up), layer 2 never settles (held only by the ceiling)."""
+  rng = np.random.default_rng(0)
+  steps, experts = 120, 8
+  balanced = lambda: rng.multinomial(256, np.full(experts, 1 / experts))
+  collapsed = lambda: rng.multinomial(256, [0.65] + [0.05] * (experts - 1))
+  counts = [[balanced(), collapsed() if 30 <= step < 60 else balanced(), collapsed()]
+            for step in range(steps)]
+  params = dict(start=(4, 4, 3), target=(1, 1, 1), deadline=100, threshold=0.6, patience=6,
+                smoothing=4, raise_above=2.0)
+  schedule = AdaptiveTopK(**params)
+  update = jax.jit(schedule.update)
+  state, got = schedule.init_state(experts), []
+  for step in range(steps):
+    got.append(np.asarray(state["k"]).tolist())
+    state = update(state, jnp.asarray(counts[step]), step + 1)
+  want = adaptive_reference(counts=[[c.tolist() for c in s] for s in counts], **params)
+  assert got == want
+  per_layer = np.asarray(got)
+  assert per_layer[:, 0].min() == 1 and per_layer[25, 0] == 1  # lowered early by the rule
+  assert (np.diff(per_layer[:, 1]) > 0).any()  # layer 1 went back up during its collapse
+  assert per_layer[100, 2] == 1 and per_layer[99, 2] == 2  # layer 2 followed the ceiling
+  assert update._cache_size() == 1
+
+
+def test_adaptive_config_errors_name_the_key():
+  from experiments.configs.base import make_config
+  from experiments.settings import from_config
+  config = make_config(ModelConfig(num_layers=2))
+  config.schedule.kind = "adaptive"
+  with pytest.raises(ValueError, match="schedule.top_k: an adaptive schedule needs"):
+    from_config(config)
+  config.schedule.top_k = "[2,2]"
+  config.schedule.target = "[1,3]"
+  with pytest.raises(ValueError, match="start >= target"):
+    from_config(config)
+  config.schedule.target = ""
+  settings = from_config(config)
+  assert settings.schedule.final == (1, 1) and settings.model.max_top_k == (2, 2)
+  assert settings.schedule.deadline == round(0.7 * config.train.steps)

@@ -11,6 +11,7 @@ from sigma_moe_jax import ModelConfig, TopKSchedule
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import update_selection_bias
 from sigma_moe_jax.layers import positions_from_segments
+from sigma_moe_jax.schedule import AdaptiveTopK
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   num_experts=8, d_ff=32, top_k=1, init_std=0.1)
@@ -27,7 +28,7 @@ def setup(balance, grad_accum=1, cfg=CFG, schedule=None):
   graphdef, params = train_lib.init_model(cfg, 0)
   lr = train_lib.learning_rate_schedule(lr=1e-2, steps=10, warmup_steps=1, kind="cosine")
   optimizer = train_lib.make_optimizer(lr)
-  state = train_lib.init_state(params, optimizer, cfg)
+  state = train_lib.init_state(params, optimizer, cfg, schedule)
   step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, cfg, balance,
                                            schedule=schedule, grad_accum=grad_accum))
   return graphdef, state, step
@@ -99,6 +100,24 @@ def test_schedule_and_model_must_agree():
   np.testing.assert_array_equal(metrics["top_k"], [2, 2])
 
 
+def test_adaptive_top_k_changes_in_several_layers_under_one_compilation():
+  """The k the step runs with comes from the state the previous step wrote, here lowered in both
+  layers by the deadline's ceiling; no change of k compiles again."""
+  schedule = AdaptiveTopK(start=(3, 2), target=(1, 1), deadline=4, patience=100)
+  _, state, step = setup(train_lib.BalanceSettings(), schedule=schedule,
+                         cfg=CFG.replace(max_top_k=schedule.max_top_k))
+  batch, seen = make_batch(4), []
+  for i in range(6):
+    state, metrics = step(state, batch)
+    seen.append(np.asarray(metrics["top_k"]).tolist())
+    if i == 1:  # the first call's output state is placed differently from the initial one
+      compiled = step._cache_size()
+    np.testing.assert_array_equal(np.asarray(state.top_k_state["k"]),
+                                  np.asarray(schedule.ceiling(i + 1)))
+  assert seen == [[3, 2], [3, 2], [2, 2], [2, 2], [1, 1], [1, 1]]
+  assert step._cache_size() == compiled
+
+
 def test_invalid_settings_are_rejected():
   with pytest.raises(ValueError, match="BalanceSettings.loss"):
     train_lib.BalanceSettings(loss="entropy")
@@ -114,12 +133,13 @@ def test_evaluation_routing_adds_up_to_the_whole_set():
   from experiments.training import evaluate
   from sigma_moe_jax.sharding import make_mesh
   graphdef, params = train_lib.init_model(CFG, 0)
-  eval_step = jax.jit(train_lib.make_eval_step(graphdef, CFG))
+  eval_step = jax.jit(train_lib.make_eval_step(graphdef))
+  top_k = jnp.ones((CFG.num_layers,), jnp.int32)
   batches = [make_batch(seed) for seed in (5, 6, 7)]
   mesh = make_mesh(devices=jax.devices()[:1])
-  got = evaluate(eval_step, params, iter(batches), lambda b: b, mesh, 0, None, max_batches=2)
+  got = evaluate(eval_step, params, iter(batches), lambda b: b, mesh, top_k, None, max_batches=2)
   whole = jax.tree.map(lambda *a: jnp.concatenate(a), *batches[:2])
-  ce, n, routing = eval_step(params, whole, 0)
+  ce, n, routing = eval_step(params, whole, top_k)
   np.testing.assert_array_equal(got["val_tokens_per_expert"], routing["tokens_per_expert"])
   assert got["val_targets"] == int(n)
   np.testing.assert_allclose(got["val_loss"], float(ce) / int(n), rtol=1e-5)
@@ -141,13 +161,14 @@ def test_evaluation_is_dropless_whatever_the_training_capacity():
   from sigma_moe_jax.sharding import make_mesh
   cfg = CFG.replace(capacity_factor=0.25)
   graphdef, params = train_lib.init_model(cfg, 0)
+  top_k = jnp.ones((cfg.num_layers,), jnp.int32)
   batches = [make_batch(seed) for seed in (5, 6)]
   whole = jax.tree.map(lambda *a: jnp.concatenate(a), *batches)
-  _, _, training_routing = jax.jit(train_lib.make_eval_step(graphdef, cfg))(params, whole, 0)
+  _, _, training_routing = jax.jit(train_lib.make_eval_step(graphdef))(params, whole, top_k)
   assert int(np.sum(training_routing["dropped"])) > 0  # the training capacity does drop here
-  got = evaluate(jax.jit(dropless_eval_step(cfg, None)), params, iter(batches), lambda b: b,
-                 make_mesh(devices=jax.devices()[:1]), 0, None, max_batches=2)
+  got = evaluate(jax.jit(dropless_eval_step(cfg)), params, iter(batches), lambda b: b,
+                 make_mesh(devices=jax.devices()[:1]), top_k, None, max_batches=2)
   np.testing.assert_array_equal(got["val_drop_fraction"], [0.0, 0.0])
   dense = train_lib.model_graphdef(cfg.replace(dispatch="dense", capacity_factor=None))
-  ce, n, _ = train_lib.make_eval_step(dense, cfg)(params, whole, 0)
+  ce, n, _ = train_lib.make_eval_step(dense)(params, whole, top_k)
   np.testing.assert_allclose(got["val_loss"], float(ce) / int(n), rtol=1e-5)

@@ -10,7 +10,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.settings import DataSettings, MeshSettings, TrainSettings
+from experiments.settings import SCHEDULE_DEFAULTS, DataSettings, MeshSettings, TrainSettings
 from sigma_moe_jax import ModelConfig
 from sigma_moe_jax.train import BalanceSettings
 
@@ -30,8 +30,13 @@ def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
   c.train = dataclasses.asdict(TrainSettings())
   c.data = dataclasses.asdict(DataSettings())
   c.balance = dataclasses.asdict(BalanceSettings())
-  # Per-layer top-k phases, "start:per_layer; start:per_layer" (start: a step, or a fraction of
-  # train.steps when it has a '.'). Empty: model.top_k in every layer.
-  c.schedule = dict(top_k="")
+  # kind "fixed": per-layer top-k phases in top_k, "start:per_layer; start:per_layer" (start: a
+  # step, or a fraction of train.steps when it has a '.'); empty: model.top_k in every layer.
+  # kind "adaptive" (sigma_moe_jax.schedule.AdaptiveTopK): top_k is the per-layer start (one
+  # phase, e.g. "[2]*6"), target the per-layer end (empty: model.top_k everywhere); a layer
+  # lowers its k by one after `patience` steps whose load (averaged over ~`smoothing` steps) has
+  # its most loaded expert within `threshold` of the fair share, goes back up by one above
+  # `raise_above`, and every layer is at its target by `deadline` (a fraction of train.steps).
+  c.schedule = dict(SCHEDULE_DEFAULTS)
   c.mesh = dataclasses.asdict(MeshSettings())
   return c

@@ -1,0 +1,137 @@
+"""Which settings keep top-1 routing balanced in a small model: trains a config under several
+candidate changes and measures, per layer, the share of assignments dropped over capacity and the
+most loaded expert, after the first part of training (docs/reproduction.md, "A balanced
+quickstart").
+
+  python -m experiments.balance_search --workdir=runs/balance_search \\
+      --candidates=base,coef_1e-2 --config.train.steps=400
+
+Each candidate trains in <workdir>/<candidate> (an interrupted one resumes, a finished one is
+reused); <workdir>/results.json gets, per candidate, the mean and worst per-layer drop fraction
+over the logged steps after `--settle` of the run, the most loaded expert (load_max_dev) averaged
+over the same steps, and the final validation loss.
+"""
+
+import json
+import sys
+from typing import Callable, Dict
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import cli as cli_lib
+from experiments import training
+from experiments.resilience import RunStopped
+from sigma_moe_jax import storage
+
+
+def _set(**changes) -> Callable:
+  """A candidate: dotted config keys and their values ("balance.coef": 1e-2)."""
+  def apply(c):
+    for key, value in changes.items():
+      section, name = key.split(".")
+      c[section][name] = value
+  return apply
+
+
+def _early_k(per_layer_k: int, until: float) -> Callable:
+  """Every layer at top-`per_layer_k` until fraction `until` of the run, then top-1."""
+  def apply(c):
+    n = c.model.num_layers
+    c.schedule.top_k = f"0:[{per_layer_k}]*{n}; {until}:[1]*{n}"
+  return apply
+
+
+CANDIDATES: Dict[str, Callable] = {
+    "base": _set(),
+    "coef_1e-2": _set(**{"balance.coef": 1e-2}),
+    "coef_3e-2": _set(**{"balance.coef": 3e-2}),
+    "coef_1e-2_z": _set(**{"balance.coef": 1e-2, "balance.z_loss_coef": 1e-3}),
+    "top2_until_10pct": _early_k(2, 0.1),
+    "coef_1e-2_top2_until_10pct": lambda c: (_set(**{"balance.coef": 1e-2})(c),
+                                             _early_k(2, 0.1)(c)),
+    # The Top-1 LBL (Eq. 2) balances the tempered softmax, a differentiable stand-in for f.
+    "top1_lbl_tau0.1": _set(**{"balance.loss": "top1_lbl", "model.top1_lbl_tau": 0.1}),
+    "top1_lbl_tau0.1_coef_1e-2": _set(**{"balance.loss": "top1_lbl", "model.top1_lbl_tau": 0.1,
+                                         "balance.coef": 1e-2}),
+    "top1_lbl_tau0.3_coef_1e-2": _set(**{"balance.loss": "top1_lbl", "model.top1_lbl_tau": 0.3,
+                                         "balance.coef": 1e-2}),
+    # Early training moves every token's hidden state along one shared direction (the unigram
+    # statistics); these change how fast that happens against the spread between tokens.
+    "lr_1e-3": _set(**{"train.lr": 1e-3}),
+    "warmup_200": _set(**{"train.warmup_steps": 200}),
+    "init_std_0.05": _set(**{"model.init_std": 0.05}),
+    "coef_1e-1": _set(**{"balance.coef": 1e-1}),
+    # Loss-free bias updates act on the counts themselves, which the LBL's shortcut (flat p)
+    # leaves alone; here added to the LBL, on softmax scores.
+    "lbl_and_bias_1e-3": _set(**{"balance.loss_free": True, "balance.bias_rate": 1e-3}),
+    "lbl_and_bias_1e-2": _set(**{"balance.loss_free": True, "balance.bias_rate": 1e-2}),
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", cli_lib.project_path("experiments/configs/cpu_tiny.py"),
+    "Base config of every candidate.", lock_config=True)
+_CANDIDATES = flags.DEFINE_string("candidates", ",".join(CANDIDATES),
+                                  f"Comma-separated, from: {', '.join(CANDIDATES)}.")
+_SETTLE = flags.DEFINE_float("settle", 0.1, "Statistics count the logged steps after this "
+                             "fraction of the run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Runs and results.json go here.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def summarize(metrics_path: str, steps: int, settle: float) -> dict:
+  """Per-layer drop and load figures of one run's metrics.jsonl, over the logged steps after
+  `settle` * steps."""
+  rows = [json.loads(line) for line in storage.read_text(metrics_path).splitlines()]
+  logged = [r for r in rows if "drop_fraction" in r and r["step"] > settle * steps]
+  drops = np.asarray([r["drop_fraction"] for r in logged])
+  max_dev = np.asarray([r["load_max_dev"] for r in logged])
+  val = [r for r in rows if "val_loss" in r]
+  return {
+      "steps_counted": [logged[0]["step"], logged[-1]["step"], len(logged)],
+      "drop_mean_per_layer": np.round(drops.mean(0), 4).tolist(),
+      "drop_max_per_layer": np.round(drops.max(0), 4).tolist(),
+      "worst_layer_drop_mean": round(float(drops.mean(0).max()), 4),
+      "load_max_dev_mean_per_layer": np.round(max_dev.mean(0), 3).tolist(),
+      "final_val_loss": round(val[-1]["val_loss"], 4) if val else None,
+      "final_lm_loss": round(rows[-1].get("lm_loss", float("nan")), 4),
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  names = [n.strip() for n in _CANDIDATES.value.split(",") if n.strip()]
+  unknown = [n for n in names if n not in CANDIDATES]
+  if unknown or not names:
+    sys.exit(f"error: unknown --candidates {unknown or _CANDIDATES.value!r}; choose from "
+             f"{', '.join(CANDIDATES)}")
+  workdir = storage.resolve(_WORKDIR.value)
+  results_path = storage.join(workdir, "results.json")
+  results = json.loads(storage.read_text(results_path)) if storage.exists(results_path) else {}
+  try:
+    for name in names:
+      config = _CONFIG.value.copy_and_resolve_references()
+      config.unlock()
+      CANDIDATES[name](config)
+      run_dir = storage.join(workdir, name)
+      print(f"=== {name}", flush=True)
+      training.run(config, run_dir)
+      results[name] = {"config": {k: config[k].to_dict() for k in ("balance", "schedule")},
+                       "top1_lbl_tau": config.model.top1_lbl_tau,
+                       **summarize(storage.join(run_dir, "metrics.jsonl"), config.train.steps,
+                                   _SETTLE.value)}
+      storage.makedirs(workdir)
+      storage.write_text(results_path, json.dumps(results, indent=1))
+      print(json.dumps({name: results[name]}), flush=True)
+  except (ValueError, FileNotFoundError, RunStopped) as e:
+    sys.exit(f"error: {e}")
+
+
+def cli():
+  cli_lib.run(main)
+
+
+if __name__ == "__main__":
+  cli()
