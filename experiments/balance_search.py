@@ -55,6 +55,8 @@ CANDIDATES: Dict[str, Callable] = {
     "top1_lbl_tau0.1": _set(**{"balance.loss": "top1_lbl", "model.top1_lbl_tau": 0.1}),
     "top1_lbl_tau0.1_coef_1e-2": _set(**{"balance.loss": "top1_lbl", "model.top1_lbl_tau": 0.1,
                                          "balance.coef": 1e-2}),
+    "top1_lbl_tau0.03_coef_1e-2": _set(**{"balance.loss": "top1_lbl", "model.top1_lbl_tau": 0.03,
+                                          "balance.coef": 1e-2}),
     "top1_lbl_tau0.3_coef_1e-2": _set(**{"balance.loss": "top1_lbl", "model.top1_lbl_tau": 0.3,
                                          "balance.coef": 1e-2}),
     # Early training moves every token's hidden state along one shared direction (the unigram
@@ -62,11 +64,34 @@ CANDIDATES: Dict[str, Callable] = {
     "lr_1e-3": _set(**{"train.lr": 1e-3}),
     "warmup_200": _set(**{"train.warmup_steps": 200}),
     "init_std_0.05": _set(**{"model.init_std": 0.05}),
+    # Blocks read RMS-normalised inputs, so their outputs do not shrink with the embeddings: at
+    # std 0.0125 attention's prefix averages (one direction for every token) outweigh the tokens
+    # in the residual stream from the first layer on. Larger embeddings keep tokens apart.
+    "embed_0.1": _set(**{"model.embed_init_std": 0.1}),
+    "embed_1.0": _set(**{"model.embed_init_std": 1.0}),
+    "embed_1.0_coef_1e-2": _set(**{"model.embed_init_std": 1.0, "balance.coef": 1e-2}),
+    # Adam moves every router weight by about lr per step whatever the gradient's size: at 3e-3
+    # the routers leave their initialisation within ~10 steps.
+    "router_lr_0.1": _set(**{"train.router_lr_scale": 0.1}),
+    "embed_1.0_router_lr_0.1": _set(**{"model.embed_init_std": 1.0,
+                                       "train.router_lr_scale": 0.1}),
+    "embed_1.0_router_lr_0.1_coef_1e-2": _set(**{"model.embed_init_std": 1.0,
+                                                 "train.router_lr_scale": 0.1,
+                                                 "balance.coef": 1e-2}),
     "coef_1e-1": _set(**{"balance.coef": 1e-1}),
     # Loss-free bias updates act on the counts themselves, which the LBL's shortcut (flat p)
     # leaves alone; here added to the LBL, on softmax scores.
     "lbl_and_bias_1e-3": _set(**{"balance.loss_free": True, "balance.bias_rate": 1e-3}),
     "lbl_and_bias_1e-2": _set(**{"balance.loss_free": True, "balance.bias_rate": 1e-2}),
+    # Softmax scores of 32 experts sit near 1/32 = 0.031 and differ by about 0.001 early on: a
+    # bias step of 1e-3 moves every choice at once, so smaller rates.
+    "lbl_and_bias_1e-4": _set(**{"balance.loss_free": True, "balance.bias_rate": 1e-4}),
+    "lbl_and_bias_3e-4": _set(**{"balance.loss_free": True, "balance.bias_rate": 3e-4}),
+    # Room for the most frequent token: "\n" is 11% of the corpus's tokens, 3.5x an expert's
+    # fair share, so token-driven routing overflows a capacity factor of 2 by itself.
+    "capacity_3": _set(**{"model.capacity_factor": 3.0}),
+    "capacity_4": _set(**{"model.capacity_factor": 4.0}),
+    "capacity_4_coef_1e-2": _set(**{"model.capacity_factor": 4.0, "balance.coef": 1e-2}),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -99,6 +124,12 @@ def summarize(metrics_path: str, steps: int, settle: float) -> dict:
   }
 
 
+def summarize_rate(metrics_path: str) -> float:
+  """Median training tokens per second over the logged steps (the first includes compilation)."""
+  rows = [json.loads(line) for line in storage.read_text(metrics_path).splitlines()]
+  return round(float(np.median([r["tokens_per_sec"] for r in rows[1:] if "tokens_per_sec" in r])))
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
@@ -119,7 +150,11 @@ def main(argv):
       print(f"=== {name}", flush=True)
       training.run(config, run_dir)
       results[name] = {"config": {k: config[k].to_dict() for k in ("balance", "schedule")},
-                       "top1_lbl_tau": config.model.top1_lbl_tau,
+                       "model": {k: config.model[k] for k in (
+                           "top1_lbl_tau", "init_std", "embed_init_std", "capacity_factor")},
+                       "train": {k: config.train[k] for k in ("lr", "warmup_steps",
+                                                              "router_lr_scale")},
+                       "tokens_per_sec": summarize_rate(storage.join(run_dir, "metrics.jsonl")),
                        **summarize(storage.join(run_dir, "metrics.jsonl"), config.train.steps,
                                    _SETTLE.value)}
       storage.makedirs(workdir)

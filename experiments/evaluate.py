@@ -17,7 +17,6 @@ import sys
 from typing import List, Tuple
 
 import jax
-import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 

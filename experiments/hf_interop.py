@@ -90,7 +90,8 @@ def write_tokenizer(run, out: str) -> None:
 
 # Model settings that describe how the model runs, not what it is: taken from --config.
 RUNTIME_FIELDS = ("dispatch", "grouped_matmul", "attention", "lbl_mode", "top1_lbl_tau",
-                  "capacity_factor", "expert_exchange", "init_std", "dtype", "remat")
+                  "capacity_factor", "expert_exchange", "init_std", "embed_init_std", "dtype",
+                  "remat")
 
 _CONFIG_PY = '''"""The config of a model imported from {source} by experiments.import_hf."""
 

@@ -112,7 +112,8 @@ RESUME_KEYS = (("data", "path"), ("data", "tokenizer"), ("data", "val_fraction")
                ("data", "seed"), ("data", "order_seed"), ("data", "chunk_chars"),
                ("data", "shard_files"),
                ("train", "batch_size"),
-               ("train", "seq_len"), ("train", "grad_accum"))
+               ("train", "seq_len"), ("train", "grad_accum"),
+               ("train", "router_lr_scale"))  # 1 or not: the optimizer state's structure
 
 
 def resume_differences(saved: dict, current: dict) -> list:

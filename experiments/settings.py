@@ -36,6 +36,7 @@ class TrainSettings:
   b1: float = 0.9  # AdamW first-moment decay
   b2: float = 0.95  # AdamW second-moment decay
   grad_clip: float = 1.0  # global gradient-norm clip
+  router_lr_scale: float = 1.0  # the routers' learning rate as a multiple of lr
   log_every: int = 10  # steps between console / metrics.jsonl lines
   eval_every: int = 200  # steps between evaluations
   eval_batches: int = 16  # at most this many batches per evaluation set
@@ -67,6 +68,7 @@ class TrainSettings:
     _check(self, "train", "decay_fraction", 0 < self.decay_fraction <= 1, "must lie in (0, 1]")
     _check(self, "train", "weight_decay", self.weight_decay >= 0, "must be >= 0")
     _check(self, "train", "grad_clip", self.grad_clip > 0, "must be positive")
+    _check(self, "train", "router_lr_scale", self.router_lr_scale > 0, "must be positive")
     _check(self, "train", "peak_flops", self.peak_flops >= 0, "must be >= 0 (0: known or measured)")
     _check(self, "train", "max_bad_steps", self.max_bad_steps >= 0, "must be >= 0")
     _check(self, "train", "init_step", self.init_step >= -1, "must be a step >= 0, or -1 (latest)")
@@ -106,8 +108,8 @@ class MeshSettings:
 
 SCHEDULE_KINDS = ("fixed", "adaptive")
 # The `schedule` section's keys and defaults (experiments/configs/base.py explains them).
-SCHEDULE_DEFAULTS = dict(kind="fixed", top_k="", target="", deadline=0.7, threshold=1.0,
-                         patience=50, smoothing=10, raise_above=3.0)
+SCHEDULE_DEFAULTS = dict(kind="fixed", top_k="", target="", deadline=0.7, threshold=0.0,
+                         patience=50, smoothing=10, raise_above=1.0)
 
 
 def model_and_schedule(config) -> Tuple[ModelConfig, Optional[Schedule]]:
@@ -179,7 +181,7 @@ def lr_and_optimizer(t: TrainSettings):
                                         kind=t.lr_schedule, min_lr_ratio=t.min_lr_ratio,
                                         decay_fraction=t.decay_fraction)
   optimizer = train_lib.make_optimizer(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                                       grad_clip=t.grad_clip)
+                                       grad_clip=t.grad_clip, router_lr_scale=t.router_lr_scale)
   return lr, optimizer
 
 

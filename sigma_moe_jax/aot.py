@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from sigma_moe_jax import attention, platform, sharding
 from sigma_moe_jax import train as train_lib

@@ -26,6 +26,8 @@ class MoEStats(NamedTuple):
   capacity. lbl float32: the load-balancing loss of Eq. 1 in the configured mode.
   top1_lbl float32: the Top-1 LBL of Eq. 2 (computed always, for monitoring).
   router_z_loss float32: mean over tokens of logsumexp(router logits)^2.
+  first_choice int32 [E]: tokens whose best-scored expert is each expert (slot 0, whatever k),
+  over the global batch: the load the layer would have at top-1.
   """
 
   tokens_per_expert: jax.Array
@@ -35,6 +37,7 @@ class MoEStats(NamedTuple):
   lbl: jax.Array
   top1_lbl: jax.Array
   router_z_loss: jax.Array
+  first_choice: jax.Array
 
 
 # Shape names: B batch rows, T tokens per row, S slots, E experts, L leading axes (e.g. layers).
@@ -75,6 +78,9 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
   flat_ids = jnp.where(valid, expert_ids, num_experts).reshape(batch, -1)
   rows = jnp.broadcast_to(jnp.arange(batch)[:, None], flat_ids.shape)
   counts = jnp.zeros((batch, num_experts + 1), jnp.float32).at[rows, flat_ids].add(1.0)
+  first_ids = jnp.where(token_mask, expert_ids[..., 0], num_experts)
+  first_rows = jnp.broadcast_to(jnp.arange(batch)[:, None], first_ids.shape)
+  first = jnp.zeros((batch, num_experts + 1), jnp.float32).at[first_rows, first_ids].add(1.0)
   # Per-sequence sums; reduced below to the mode's groups.
   sums = dict(
       counts=counts[:, :num_experts],
@@ -82,7 +88,8 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
       tokens=jnp.sum(mask, axis=1),
       fhat=jnp.sum(tempered * mask[..., None], axis=1),
       pmax=jnp.sum(jnp.max(tempered, axis=-1) * mask, axis=1),
-      z=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask, axis=1))
+      z=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask, axis=1),
+      first=first[:, :num_experts])
   sequence_sums = sums
   if mode != "sequence":
     sums = jax.tree.map(lambda a: jnp.sum(a, axis=0, keepdims=True), sums)
@@ -116,7 +123,8 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
       dropped=jnp.zeros((), jnp.int32),
       lbl=lbl,
       top1_lbl=top1,
-      router_z_loss=total["z"] / jnp.maximum(total["tokens"], 1.0))
+      router_z_loss=total["z"] / jnp.maximum(total["tokens"], 1.0),
+      first_choice=total["first"].astype(jnp.int32))
 
 
 def update_selection_bias(bias: Float[Array, "*L E"], tokens_per_expert: Int[Array, "*L E"],

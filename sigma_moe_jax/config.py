@@ -62,6 +62,12 @@ class ModelConfig:
   norm_eps: float = 1e-6
   qk_norm: bool = True
   init_std: float = 0.0125
+  # Token embeddings' init std (None: init_std). Blocks see RMS-normalised inputs, so their
+  # first outputs have a size independent of the embeddings'; with embeddings much smaller than
+  # those, the residual stream starts out dominated by attention's averages over the prefix, a
+  # direction shared by every token, and the routers of the upper layers send most tokens to one
+  # expert from step 0 (docs/reproduction.md, "A balanced quickstart").
+  embed_init_std: Optional[float] = None
   dtype: str = "float32"  # compute dtype; parameters and the router stay float32
   remat: str = "none"
 
@@ -105,6 +111,8 @@ class ModelConfig:
              f"must be one of {EXPERT_EXCHANGES}")
     for name in ("rope_theta", "norm_eps", "init_std", "top1_lbl_tau"):
       _require(name, getattr(self, name) > 0, "must be positive")
+    _require("embed_init_std", self.embed_init_std is None or self.embed_init_std > 0,
+             "must be positive or None (init_std)")
     _require("dtype", self.dtype in COMPUTE_DTYPES, f"must be one of {COMPUTE_DTYPES}")
     _require("remat", self.remat in REMAT_POLICIES, f"must be one of {REMAT_POLICIES}")
 

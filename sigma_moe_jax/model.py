@@ -77,7 +77,8 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std)
+    self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model),
+                              cfg.init_std if cfg.embed_init_std is None else cfg.embed_init_std)
     layer_keys = jax.random.split(rngs.params(), cfg.num_layers)
     make_block = lambda key: Block(cfg, rngs=nnx.Rngs(params=key))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_block(layer_keys[0])))

@@ -124,17 +124,19 @@ class TopKSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveTopK:
-  """A per-layer top-k that each layer lowers by itself when its load has been balanced.
+  """A per-layer top-k that each layer lowers by itself once its top-1 routing is balanced.
 
-  Every layer starts at `start[l]` experts per token and ends at `target[l]`. After each step the
-  layer's load f (its share of the step's global-batch assignments per expert) enters an
-  exponential moving average over about `smoothing` steps; the layer is *balanced* while that
-  average's most loaded expert is within `threshold` of the fair share (max_i f_i * E - 1 <=
-  threshold). A layer balanced for `patience` consecutive steps lowers its k by one; a layer whose
-  most loaded expert exceeds `raise_above` goes back up by one (never above its start). Whatever
-  the load, a ceiling that falls linearly from `start` at step 0 to `target` at step `deadline`
-  caps every layer, so all layers are at their target from `deadline` on. See docs/design.md,
-  "Adaptive sparsification".
+  Every layer starts at `start[l]` experts per token and ends at `target[l]`. What decides is the
+  load the layer would have at top-1: the share of tokens whose best-scored expert is each expert
+  (`MoEStats.first_choice`, measured whatever k the layer runs at), in an exponential moving
+  average over about `smoothing` steps, summarised by its most loaded expert,
+  dev_l = max_i a_{l,i} * E - 1. A layer is *ready* while dev_l is at most the median of dev over
+  all layers plus `threshold`: its top-1 routing is then no worse balanced than the model's
+  typical layer. A layer ready for `patience` consecutive steps lowers its k by one; a layer whose
+  dev exceeds the median by more than `raise_above` goes back up by one (never above its start).
+  Whatever the load, a ceiling that falls linearly from `start` at step 0 to `target` at step
+  `deadline` caps every layer, so all layers are at their target from `deadline` on. See
+  docs/design.md, "Adaptive sparsification".
 
   The decisions are made inside the jitted train step from the psum-reduced counts, so every
   process takes the same ones, and k is traced, so no change recompiles. Their state
@@ -144,10 +146,10 @@ class AdaptiveTopK:
   start: Tuple[int, ...]
   target: Tuple[int, ...]
   deadline: int
-  threshold: float = 1.0
+  threshold: float = 0.0
   patience: int = 50
   smoothing: int = 10
-  raise_above: float = 3.0
+  raise_above: float = 1.0
 
   def __post_init__(self):
     if len(self.start) != len(self.target):
@@ -160,8 +162,8 @@ class AdaptiveTopK:
       if not isinstance(getattr(self, name), (int, np.integer)) or getattr(self, name) < 1:
         raise ValueError(f"adaptive top-k: {name} must be a step count >= 1, got "
                          f"{getattr(self, name)!r}")
-    if self.threshold < 0 or self.raise_above <= self.threshold:
-      raise ValueError(f"adaptive top-k: needs 0 <= threshold < raise_above, got threshold "
+    if self.raise_above <= self.threshold:
+      raise ValueError(f"adaptive top-k: needs threshold < raise_above, got threshold "
                        f"{self.threshold} and raise_above {self.raise_above}")
 
   @property
@@ -181,26 +183,30 @@ class AdaptiveTopK:
 
   def init_state(self, num_experts: int, step=0) -> dict:
     """The state of a schedule that begins at `step`: k [layers] int32 (in force at that step:
-    the start, under the ceiling), calm [layers] int32 (consecutive balanced steps), load
-    [layers, E] float32 (the moving average of f, uniform at first)."""
+    the start, under the ceiling), calm [layers] int32 (consecutive ready steps), load
+    [layers, E] float32 (the moving average of the first-choice load, uniform at first)."""
     layers = len(self.start)
     return {"k": jnp.minimum(jnp.asarray(self.start, jnp.int32), self.ceiling(step)),
             "calm": jnp.zeros((layers,), jnp.int32),
             "load": jnp.full((layers, num_experts), 1.0 / num_experts, jnp.float32)}
 
-  def update(self, state: dict, counts: jax.Array, step) -> dict:
-    """The state after a step whose global-batch assignments per expert were `counts`
+  def deviation(self, load: jax.Array) -> jax.Array:
+    """float32 [layers]: max_i a_{l,i} * E - 1 of the smoothed first-choice load."""
+    return jnp.max(load, axis=-1) * load.shape[-1] - 1.0
+
+  def update(self, state: dict, first_choice: jax.Array, step) -> dict:
+    """The state after a step whose global-batch first-choice counts were `first_choice`
     [layers, E]; `step` is the number of the next step (the one the new k is for)."""
-    counts = jnp.asarray(counts, jnp.float32)
-    num_experts = counts.shape[-1]
+    counts = jnp.asarray(first_choice, jnp.float32)
     f = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
     decay = 1.0 - 1.0 / self.smoothing
     load = decay * state["load"] + (1.0 - decay) * f
-    deviation = jnp.max(load, axis=-1) * num_experts - 1.0
-    calm = jnp.where(deviation <= self.threshold, state["calm"] + 1, 0)
+    deviation = self.deviation(load)
+    typical = jnp.median(deviation)
+    calm = jnp.where(deviation <= typical + self.threshold, state["calm"] + 1, 0)
     k = state["k"]
     lower = (calm >= self.patience) & (k > jnp.asarray(self.target, jnp.int32))
-    higher = (deviation > self.raise_above) & (k < jnp.asarray(self.start, jnp.int32))
+    higher = (deviation > typical + self.raise_above) & (k < jnp.asarray(self.start, jnp.int32))
     new_k = jnp.minimum(k - lower + higher, self.ceiling(step))
     calm = jnp.where(new_k != k, 0, calm)
     return {"k": new_k.astype(jnp.int32), "calm": calm.astype(jnp.int32), "load": load}

@@ -86,14 +86,22 @@ def learning_rate_schedule(*, lr: float, steps: int, warmup_steps: int, kind: st
   raise ValueError(f"learning-rate schedule must be one of {LR_SCHEDULES}, got {kind!r}")
 
 
-def make_optimizer(schedule: Callable, *, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0):
-  """Global-norm clipping then AdamW; norms' scales get no weight decay."""
+def make_optimizer(schedule: Callable, *, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0,
+                   router_lr_scale: float = 1.0):
+  """Global-norm clipping then AdamW; norms' scales get no weight decay. `router_lr_scale`
+  multiplies the routers' updates (their learning rate), when it is not 1."""
   def decay_mask(params):
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
-  return optax.chain(
-      optax.clip_by_global_norm(grad_clip),
-      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+
+  def router_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "router" in jax.tree_util.keystr(path), params)
+  steps = [optax.clip_by_global_norm(grad_clip),
+           optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
+  if router_lr_scale != 1.0:
+    steps.append(optax.masked(optax.scale(router_lr_scale), router_mask))
+  return optax.chain(*steps)
 
 
 def init_model(cfg: ModelConfig, seed: int):
@@ -184,7 +192,8 @@ def _combine_stats(stats: MoEStats) -> MoEStats:
       dropped=jnp.sum(stats.dropped, 0),
       lbl=jnp.mean(stats.lbl, 0),
       top1_lbl=jnp.mean(stats.top1_lbl, 0),
-      router_z_loss=jnp.mean(stats.router_z_loss, 0))
+      router_z_loss=jnp.mean(stats.router_z_loss, 0),
+      first_choice=jnp.sum(stats.first_choice, 0))
 
 
 def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
@@ -243,7 +252,7 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
       selection_bias = update_selection_bias(selection_bias, stats.tokens_per_expert,
                                              balance.bias_rate)
     if isinstance(schedule, AdaptiveTopK):
-      top_k_state = schedule.update(state.top_k_state, stats.tokens_per_expert, state.step + 1)
+      top_k_state = schedule.update(state.top_k_state, stats.first_choice, state.step + 1)
     else:
       top_k_state = {**state.top_k_state, "k": fixed_top_k(cfg, schedule, state.step + 1)}
     # A step with a non-finite loss or gradient is not applied: parameters, optimizer state and

@@ -197,7 +197,7 @@ def test_routing_metrics_match_numpy():
   probs = rng.dirichlet(np.ones(E), size=2).astype(np.float32)
   stats = MoEStats(jnp.asarray(counts), jnp.asarray(probs), jnp.asarray([5, 5]),
                    jnp.asarray([3, 0]), jnp.asarray([1.1, 1.0]), jnp.asarray([1.5, 1.2]),
-                   jnp.asarray([0.1, 0.2]))
+                   jnp.asarray([0.1, 0.2]), jnp.asarray(counts))
   metrics = routing_metrics(stats)
   f = counts / counts.sum(-1, keepdims=True)
   np.testing.assert_allclose(metrics["load_max_dev"], f.max(-1) * E - 1, rtol=1e-5)

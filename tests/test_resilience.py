@@ -74,7 +74,7 @@ def test_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path, straight):
 # An adaptive top-k that moves in both layers within the run: lowered when calm, raised back up.
 ADAPTIVE = ["--config.schedule.kind=adaptive", "--config.schedule.top_k=[3,3]",
             "--config.schedule.patience=2", "--config.schedule.smoothing=2",
-            "--config.schedule.threshold=1.5", "--config.schedule.raise_above=2.5",
+            "--config.schedule.threshold=0.2", "--config.schedule.raise_above=0.6",
             "--config.schedule.deadline=0.9"]
 
 

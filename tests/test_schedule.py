@@ -1,6 +1,7 @@
 """The per-layer top-k schedule: parsing, validation, and one compilation across a switch."""
 
 import math
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -90,16 +91,17 @@ def adaptive_reference(start, target, deadline, threshold, patience, smoothing, 
       total = max(sum(step_counts[l]), 1)
       load[l] = [(1 - 1 / smoothing) * a + (1 / smoothing) * c / total
                  for a, c in zip(load[l], step_counts[l])]
-      deviation = max(load[l]) * experts - 1
-      calm[l] = calm[l] + 1 if deviation <= threshold else 0
+    deviation = [max(a) * experts - 1 for a in load]
+    typical = statistics.median(deviation)
+    for l in range(layers):
+      calm[l] = calm[l] + 1 if deviation[l] <= typical + threshold else 0
       new = k[l]
       if calm[l] >= patience and k[l] > target[l]:
         new -= 1
-      elif deviation > raise_above and k[l] < start[l]:
+      elif deviation[l] > typical + raise_above and k[l] < start[l]:
         new += 1
       left = max(deadline - (step + 1), 0)
-      ceiling = target[l] + math.ceil((start[l] - target[l]) * left / deadline)
-      new = min(new, ceiling)
+      new = min(new, target[l] + math.ceil((start[l] - target[l]) * left / deadline))
       if new != k[l]:
         calm[l] = 0
       k[l] = new
@@ -107,16 +109,17 @@ def adaptive_reference(start, target, deadline, threshold, patience, smoothing, 
 
 
 def test_adaptive_decisions_match_a_plain_python_rule():
-  """A synthetic load sequence where layer 0 is balanced, layer 1 collapses for a while (and
-  goes back up), layer 2 never settles (held only by the ceiling)."""
+  """A synthetic first-choice load sequence over four layers: layer 0 balanced, layer 1
+  collapsing for a while (and going back up), layer 2 never settling (held only by the ceiling),
+  layer 3 balanced at its target (it sets the median with layer 0)."""
   rng = np.random.default_rng(0)
   steps, experts = 120, 8
   balanced = lambda: rng.multinomial(256, np.full(experts, 1 / experts))
   collapsed = lambda: rng.multinomial(256, [0.65] + [0.05] * (experts - 1))
-  counts = [[balanced(), collapsed() if 30 <= step < 60 else balanced(), collapsed()]
+  counts = [[balanced(), collapsed() if 30 <= step < 60 else balanced(), collapsed(), balanced()]
             for step in range(steps)]
-  params = dict(start=(4, 4, 3), target=(1, 1, 1), deadline=100, threshold=0.6, patience=6,
-                smoothing=4, raise_above=2.0)
+  params = dict(start=(4, 4, 3, 1), target=(1, 1, 1, 1), deadline=100, threshold=0.3,
+                patience=6, smoothing=4, raise_above=1.5)
   schedule = AdaptiveTopK(**params)
   update = jax.jit(schedule.update)
   state, got = schedule.init_state(experts), []
@@ -126,7 +129,7 @@ def test_adaptive_decisions_match_a_plain_python_rule():
   want = adaptive_reference(counts=[[c.tolist() for c in s] for s in counts], **params)
   assert got == want
   per_layer = np.asarray(got)
-  assert per_layer[:, 0].min() == 1 and per_layer[25, 0] == 1  # lowered early by the rule
+  assert per_layer[25, 0] == 1  # lowered early by the rule
   assert (np.diff(per_layer[:, 1]) > 0).any()  # layer 1 went back up during its collapse
   assert per_layer[100, 2] == 1 and per_layer[99, 2] == 2  # layer 2 followed the ceiling
   assert update._cache_size() == 1

@@ -41,6 +41,13 @@ def test_variants_change_only_what_they_compare(tmp_path):
   assert progressive.train.init_step == 540 and progressive.train.init_from.endswith("phase1")
   assert studies.variant_config(base, "domains_sequence", str(tmp_path)).model.lbl_mode == \
       "sequence"
+  assert changed["lbl_seed2"] == {("train", "seed"), ("data", "order_seed")}
+  assert changed["adaptive"] == {("schedule", "kind"), ("schedule", "top_k"),
+                                 ("schedule", "deadline")}
+  seeded = studies.variant_config(base, "progressive_seed1", str(tmp_path))
+  assert seeded.train.init_from.endswith("phase1_seed1") and seeded.train.seed == 1
+  order = studies.variant_order(["adaptive"])
+  assert order.index("phase1_seed2") < order.index("progressive_seed2")
   assert not os.listdir(tmp_path)  # building a config writes nothing (prepare_data does)
 
 
@@ -154,3 +161,49 @@ def test_launcher_trains_reuses_and_refuses(tmp_path):
   assert other.returncode != 0
   assert "made with another config" in other.stderr.strip().splitlines()[-1]
   assert open(tmp_path / "runs" / "dense" / "metrics.jsonl").read() == before
+
+
+def test_adaptive_analysis_pairs_seeds_and_counts_compute(tmp_path):
+  """Synthetic runs with known losses and top-k: the paired differences, the activated
+  parameters averaged over the logged steps, and the loss jump at the switch."""
+  from sigma_moe_jax.params import count_params
+  base = get_config()
+  base.train.steps, base.train.checkpoint_every = 100, 10
+  layers = base.model.num_layers
+  steps = list(range(1, 101))
+  switch = 90
+  runs = {}
+  for seed, suffix in enumerate(("", "_seed1")):
+    lm = 5.0 - 0.01 * np.arange(100) + 0.1 * seed
+    k1 = [[1] * layers] * 100
+    runs["lbl" + suffix] = synthetic_run(
+        "lbl", studies.variant_config(base, "lbl" + suffix, str(tmp_path)), steps,
+        lm_loss=lm, top_k=k1, val_loss=lm, drop_fraction=np.zeros((100, layers)),
+        val_load_max_dev=np.ones((100, layers)))
+    phase1 = [[4, 2] + [1] * (layers - 2)] * 100
+    runs["phase1" + suffix] = synthetic_run(
+        "phase1", studies.variant_config(base, "phase1" + suffix, str(tmp_path)), steps,
+        lm_loss=lm - 0.05, top_k=phase1, val_loss=lm - 0.05,
+        drop_fraction=np.zeros((100, layers)), val_load_max_dev=np.ones((100, layers)))
+    progressive = studies.variant_config(base, "progressive" + suffix, str(tmp_path))
+    runs["progressive" + suffix] = synthetic_run(
+        "progressive", progressive, steps[switch:], lm_loss=lm[switch:] + 0.2,
+        top_k=k1[switch:], val_loss=lm[switch:] - 0.02,
+        drop_fraction=np.zeros((10, layers)), val_load_max_dev=np.ones((10, layers)))
+    adaptive_k = [[2, 2] + [1] * (layers - 2)] * 50 + k1[:50]
+    runs["adaptive" + suffix] = synthetic_run(
+        "adaptive", studies.variant_config(base, "adaptive" + suffix, str(tmp_path)), steps,
+        lm_loss=lm - 0.03, top_k=adaptive_k, val_loss=lm - 0.04 - 0.01 * seed,
+        drop_fraction=np.zeros((100, layers)), val_load_max_dev=np.ones((100, layers)))
+  results, figures = studies.STUDIES["adaptive"].analyze(runs, str(tmp_path))
+  assert all(os.path.getsize(path) > 10_000 for path in figures)
+  diff = results["final_val_loss_difference"]["adaptive_minus_manual"]
+  assert diff["per_seed"] == pytest.approx([-0.02, -0.03])
+  model = runs["lbl"].model()
+  want = np.mean([count_params(model, [2, 2] + [1] * (layers - 2))["active"]] * 50
+                 + [count_params(model, [1] * layers)["active"]] * 50)
+  assert results["mean_active_params"]["adaptive"]["mean"] == pytest.approx(want)
+  manual = results["switch"]["manual"]
+  assert manual["lm_loss_minus_top1_before_switch"]["mean"] == pytest.approx(-0.05)
+  assert manual["jump"]["mean"] == pytest.approx(0.25)
+  assert results["adaptive_step_reaching_top1_per_layer"][0][:2] == [51, 51]

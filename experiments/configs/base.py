@@ -15,7 +15,7 @@ from sigma_moe_jax import ModelConfig
 from sigma_moe_jax.train import BalanceSettings
 
 # Fields whose default is None need a typed placeholder to be overridable from the command line.
-_OPTIONAL_MODEL_FIELDS = {"head_dim": int, "capacity_factor": float}
+_OPTIONAL_MODEL_FIELDS = {"head_dim": int, "capacity_factor": float, "embed_init_std": float}
 
 
 def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
@@ -33,10 +33,11 @@ def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
   # kind "fixed": per-layer top-k phases in top_k, "start:per_layer; start:per_layer" (start: a
   # step, or a fraction of train.steps when it has a '.'); empty: model.top_k in every layer.
   # kind "adaptive" (sigma_moe_jax.schedule.AdaptiveTopK): top_k is the per-layer start (one
-  # phase, e.g. "[2]*6"), target the per-layer end (empty: model.top_k everywhere); a layer
-  # lowers its k by one after `patience` steps whose load (averaged over ~`smoothing` steps) has
-  # its most loaded expert within `threshold` of the fair share, goes back up by one above
-  # `raise_above`, and every layer is at its target by `deadline` (a fraction of train.steps).
+  # phase, e.g. "[2]*6"), target the per-layer end (empty: model.top_k everywhere). dev_l: the
+  # most loaded expert (max_i a_i * E - 1) of the load layer l would have at top-1, averaged
+  # over ~`smoothing` steps. A layer lowers its k by one after `patience` steps with dev_l at
+  # most the median layer's + `threshold`, goes back up by one above the median + `raise_above`,
+  # and every layer is at its target by `deadline` (a fraction of train.steps).
   c.schedule = dict(SCHEDULE_DEFAULTS)
   c.mesh = dataclasses.asdict(MeshSettings())
   return c

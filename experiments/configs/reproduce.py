@@ -12,7 +12,8 @@ def get_config():
   c = make_config(ModelConfig.cpu_tiny(num_layers=8, num_experts=32, d_ff=128, top_k=1,
                                        capacity_factor=2.0))
   c.train.update(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30,
-                 log_every=10, eval_every=50, eval_batches=16,
+                 # every step: the switch studies compare per-step losses on the same batches
+                 log_every=1, eval_every=50, eval_batches=16,
                  # every 10% of the run, all kept: the progressive study branches at 90%
                  checkpoint_every=60, keep_checkpoints=11)
   c.data.chunk_chars = 1000

@@ -9,7 +9,7 @@ from typing import Dict
 import numpy as np
 
 from experiments.studies.runs import Run, joined
-from experiments.studies.variants import DOMAIN_MODES
+from experiments.studies.variants import DOMAIN_MODES, SWITCH_FRACTION, split_seed
 from sigma_moe_jax.balancing import expert_domain_mutual_information
 from sigma_moe_jax.params import count_params
 
@@ -183,3 +183,98 @@ def seed_noise(runs):
       "final_lbl_per_layer": {"seed0": a.last("val_lbl_per_layer").tolist(),
                               "seed1": b.last("val_lbl_per_layer").tolist()},
   }
+
+
+ADAPTIVE_GROUPS = {"top1_from_start": "lbl", "manual": "progressive", "adaptive": "adaptive"}
+
+
+def _seeded(runs, kind: str):
+  """The runs of one kind for every seed, in seed order ("lbl", "lbl_seed1", ...); the manual
+  schedule's phase-1 runs joined with their conversions."""
+  names = sorted((n for n in runs if n == kind or n.startswith(kind + "_seed")),
+                 key=lambda n: split_seed(n)[1])
+  if kind == "progressive":
+    return [joined(runs[n.replace("progressive", "phase1")], runs[n]) for n in names]
+  return [runs[n] for n in names]
+
+
+def _band(values) -> Dict[str, float]:
+  values = np.asarray(values, np.float64)
+  return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
+          "per_seed": values.tolist()}
+
+
+def mean_active_params(run: Run) -> float:
+  """Activated parameters per token averaged over the logged training steps (the k each step
+  ran with, from its logged top_k): the compute a schedule spends."""
+  _, top_k = run.series("top_k")
+  model = run.model()
+  return float(np.mean([count_params(model, [int(k) for k in ks])["active"] for ks in top_k]))
+
+
+def _window(run: Run, key: str, lo: int, hi: int) -> np.ndarray:
+  steps, values = run.series(key)
+  return values[(steps > lo) & (steps <= hi)]
+
+
+def adaptive(runs):
+  """Issue 16: the adaptive schedule against the paper's manual one and top-1 from the start, at
+  equal tokens and equal final top-k, over seeds (each seed its own initialisation and data
+  order, shared by the three schedules, so per-seed differences are paired)."""
+  groups = {g: _seeded(runs, kind) for g, kind in ADAPTIVE_GROUPS.items()}
+  seeds = len(groups["top1_from_start"])
+  if any(len(g) != seeds for g in groups.values()):
+    raise ValueError("the adaptive study needs every schedule at every seed")
+  config = groups["manual"][0].config
+  steps, switch = config.train.steps, int(round(SWITCH_FRACTION * config.train.steps))
+  final = {g: [_final_loss(r) for r in rs] for g, rs in groups.items()}
+  results = {
+      "seeds": seeds, "switch_step": switch, "steps": steps,
+      "final_val_loss": {g: _band(v) for g, v in final.items()},
+      "final_val_loss_difference": {
+          f"{a}_minus_{b}": _band(np.subtract(final[a], final[b]))
+          for a, b in (("adaptive", "manual"), ("adaptive", "top1_from_start"),
+                       ("manual", "top1_from_start"))},
+      "mean_active_params": {g: _band([mean_active_params(r) for r in rs])
+                             for g, rs in groups.items()},
+      "final_active_params": {g: count_params(rs[0].model(), [int(k) for k in
+                                                               rs[0].last("top_k")])["active"]
+                              for g, rs in groups.items()},
+  }
+  # Balance: the most loaded expert per layer on the validation set, averaged over the second
+  # half of training, and the share of training assignments dropped after the first 10%.
+  results["second_half_max_load_dev_per_layer"] = {}
+  results["train_drop_fraction_after_10pct_per_layer"] = {}
+  for g, rs in groups.items():
+    halves, drops = [], []
+    for r in rs:
+      eval_steps, dev = r.series("val_load_max_dev")
+      halves.append(dev[eval_steps >= steps / 2].mean(0))
+      drops.append(_window(r, "drop_fraction", steps // 10, steps).mean(0))
+    results["second_half_max_load_dev_per_layer"][g] = {
+        "mean": np.mean(halves, 0).tolist(), "min": np.min(halves, 0).tolist(),
+        "max": np.max(halves, 0).tolist()}
+    results["train_drop_fraction_after_10pct_per_layer"][g] = np.mean(drops, 0).tolist()
+  # The switch: per-step training loss minus top-1-from-start's on the same batch (same seed,
+  # same data order), averaged over the 20 steps before and after the manual switch.
+  around = {}
+  for g in ("manual", "adaptive"):
+    before, after = [], []
+    for run, ref in zip(groups[g], groups["top1_from_start"]):
+      delta = _window(run, "lm_loss", switch - 60, steps) - _window(ref, "lm_loss",
+                                                                     switch - 60, steps)
+      logged = run.series("lm_loss")[0]
+      logged = logged[(logged > switch - 60) & (logged <= steps)]
+      before.append(delta[(logged > switch - 20) & (logged <= switch)].mean())
+      after.append(delta[(logged > switch) & (logged <= switch + 20)].mean())
+    around[g] = {"lm_loss_minus_top1_before_switch": _band(before),
+                 "lm_loss_minus_top1_after_switch": _band(after),
+                 "jump": _band(np.subtract(after, before))}
+  results["switch"] = around
+  # When each layer of the adaptive runs reached top-1 (first logged step at k = 1).
+  reached = []
+  for r in groups["adaptive"]:
+    logged, top_k = r.series("top_k")
+    reached.append([int(logged[np.argmax(top_k[:, l] <= 1)]) for l in range(top_k.shape[1])])
+  results["adaptive_step_reaching_top1_per_layer"] = reached
+  return results

@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 
+from experiments.studies import analyses
 from experiments.studies.analyses import domain_information
 from experiments.studies.runs import joined
 from experiments.studies.variants import DOMAIN_MODES
@@ -189,3 +190,46 @@ def dense(runs, results, out):
   ax.set_ylim(top=min(ax.get_ylim()[1], results["val_loss"]["dense"] + 1.5))
   ax.legend()
   return [_save(fig, out, "dense.png")]
+
+
+def adaptive(runs, results, out):
+  """Validation loss over training (mean over seeds, band min-max); per-step training loss
+  minus top-1's around the switch (mean over seeds, smoothed); the adaptive run's k per layer."""
+  groups = {g: analyses._seeded(runs, kind) for g, kind in analyses.ADAPTIVE_GROUPS.items()}
+  switch = results["switch_step"]
+  colors = {"top1_from_start": "tab:gray", "manual": "tab:blue", "adaptive": "tab:red"}
+  plt = _plt()
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+  for g, rs in groups.items():
+    steps, _ = rs[0].series("val_loss")
+    losses = np.stack([r.series("val_loss")[1] for r in rs])
+    axes[0].plot(steps, losses.mean(0), color=colors[g], label=g.replace("_", " "))
+    axes[0].fill_between(steps, losses.min(0), losses.max(0), color=colors[g], alpha=0.2)
+    if g == "top1_from_start":
+      continue
+    deltas = []
+    for run, ref in zip(rs, groups["top1_from_start"]):
+      s, a = run.series("lm_loss")
+      _, b = ref.series("lm_loss")
+      deltas.append(a - b)
+    delta = np.convolve(np.mean(deltas, 0), np.ones(5) / 5, mode="same")
+    keep = s >= switch - 100
+    axes[1].plot(s[keep], delta[keep], color=colors[g], label=g)
+  axes[0].set_ylim(top=min(axes[0].get_ylim()[1], results["final_val_loss"]["manual"]["mean"] + 1))
+  axes[0].set(xlabel="step", ylabel="validation loss", title="validation loss (band: seeds)")
+  axes[1].axhline(0, color="tab:gray", linewidth=0.8)
+  axes[1].set(xlabel="step", ylabel="training loss − top-1's, same batch",
+              title="around the switch (mean of seeds, 5-step mean)")
+  for ax in axes[:2]:
+    ax.axvline(switch, color="k", linewidth=0.8, linestyle=":")
+    ax.legend(fontsize=8)
+  steps, top_k = groups["adaptive"][0].series("top_k")
+  manual_steps, manual_k = groups["manual"][0].series("top_k")
+  for layer, color in enumerate(_layer_colors(top_k.shape[1])):
+    if manual_k[:, layer].max() > 1 or top_k[:, layer].max() > 1:
+      axes[2].plot(steps, top_k[:, layer], color=color, label=f"adaptive, layer {layer}")
+      axes[2].plot(manual_steps, manual_k[:, layer], color=color, linestyle=":",
+                   label=f"manual, layer {layer}")
+  axes[2].set(xlabel="step", ylabel="experts per token", title="top-k per layer (seed 0)")
+  axes[2].legend(fontsize=8)
+  return [_save(fig, out, "adaptive.png")]

@@ -44,6 +44,10 @@ STUDIES: Dict[str, Study] = {
                    analyses.dense, figures.dense),
     "seed_noise": Study("Seed-to-seed spread of the plain-LBL run", ("lbl", "lbl_seed1"),
                         analyses.seed_noise),
+    "adaptive": Study("Adaptive sparsification against the manual schedule and top-1",
+                      tuple(f"{v}{s}" for v in ("lbl", "phase1", "progressive", "adaptive")
+                            for s in ("", "_seed1", "_seed2")),
+                      analyses.adaptive, figures.adaptive),
 }
 
 
@@ -58,10 +62,10 @@ def selected_studies(spec: str):
 
 
 def variant_order(names):
-  """Variants of the selected studies, each once, with phase1 before progressive."""
+  """Variants of the selected studies, each once, with each phase1 run before the progressive
+  run that starts from it."""
   wanted = {v for n in names for v in STUDIES[n].variants}
-  if "progressive" in wanted:
-    wanted.add("phase1")
+  wanted |= {v.replace("progressive", "phase1") for v in wanted if v.startswith("progressive")}
   return [v for v in VARIANTS if v in wanted]
 
 

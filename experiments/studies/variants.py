@@ -42,21 +42,25 @@ def _lbl(c, workdir):
   del c, workdir  # the base config as it is
 
 
-def _lbl_seed1(c, workdir):
-  del workdir
-  c.train.seed = 1  # another initialisation, same data order
-
-
 def _phase1(c, workdir):
   del workdir
   c.schedule.top_k = phase1_top_k(c.model.num_layers)
 
 
-def _progressive(c, workdir):
+def _progressive(c, workdir, seed_suffix=""):
   c.schedule.top_k = (f"0:{phase1_top_k(c.model.num_layers)}; "
                      f"{SWITCH_FRACTION}:[1]*{c.model.num_layers}")
-  c.train.init_from = storage.join(workdir, "runs", "phase1")
+  c.train.init_from = storage.join(workdir, "runs", "phase1" + seed_suffix)
   c.train.init_step = branch_step(c)
+
+
+def _adaptive(c, workdir):
+  """Issue 16: phase 1's start, each layer lowering its own k when balanced, every layer at
+  top-1 by the manual schedule's switch: never more experts than the manual schedule."""
+  del workdir
+  c.schedule.kind = "adaptive"
+  c.schedule.top_k = phase1_top_k(c.model.num_layers)
+  c.schedule.deadline = SWITCH_FRACTION
 
 
 def _loss_free(c, workdir):
@@ -92,9 +96,9 @@ def _domain_mix(mode):
 
 VARIANTS: Dict[str, Callable] = {
     "lbl": _lbl,
-    "lbl_seed1": _lbl_seed1,
     "phase1": _phase1,
     "progressive": _progressive,  # after phase1: it starts from phase1's checkpoint
+    "adaptive": _adaptive,
     "loss_free": _loss_free,
     "top1_lbl": _top1_lbl,
     "dense": _dense,
@@ -104,8 +108,30 @@ VARIANTS: Dict[str, Callable] = {
 }
 
 
+# "<variant>_seed<n>": the variant with another initialisation and another order of the training
+# documents (train.seed = data.order_seed = n); the validation split stays.
+SEEDED = ("lbl", "phase1", "progressive", "adaptive")
+SEEDS = (1, 2)
+for _name in SEEDED:
+  for _seed in SEEDS:
+    VARIANTS[f"{_name}_seed{_seed}"] = VARIANTS[_name]
+
+
+def split_seed(name: str):
+  """"lbl_seed2" -> ("lbl", 2); "lbl" -> ("lbl", 0)."""
+  base, _, seed = name.rpartition("_seed")
+  return (base, int(seed)) if base and seed.isdigit() else (name, 0)
+
+
 def variant_config(base, name: str, workdir: str) -> ml_collections.ConfigDict:
   """The config of variant `name`: a copy of `base` with its changes (paths under workdir)."""
   config = ml_collections.ConfigDict(base.to_dict())
-  VARIANTS[name](config, workdir)
+  kind, seed = split_seed(name)
+  if kind == "progressive":
+    _progressive(config, workdir, f"_seed{seed}" if seed else "")
+  else:
+    VARIANTS[name](config, workdir)
+  if seed:
+    config.train.seed = seed
+    config.data.order_seed = seed
   return config
