@@ -172,3 +172,23 @@ def test_evaluation_is_dropless_whatever_the_training_capacity():
   dense = train_lib.model_graphdef(cfg.replace(dispatch="dense", capacity_factor=None))
   ce, n, _ = train_lib.make_eval_step(dense)(params, whole, top_k)
   np.testing.assert_allclose(got["val_loss"], float(ce) / int(n), rtol=1e-5)
+
+
+def test_router_lr_scale_scales_only_the_router_updates():
+  params = train_lib.init_model(CFG, 0)[1]
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  lr = train_lib.learning_rate_schedule(lr=1e-2, steps=10, warmup_steps=1, kind="cosine")
+  updates = {}
+  for scale in (1.0, 0.1):
+    optimizer = train_lib.make_optimizer(lr, router_lr_scale=scale)
+    updates[scale], _ = optimizer.update(grads, optimizer.init(params), params)
+  for path, full in jax.tree_util.tree_leaves_with_path(updates[1.0]):
+    scaled = np.asarray(dict(jax.tree_util.tree_leaves_with_path(updates[0.1]))[path])
+    factor = 0.1 if "router" in jax.tree_util.keystr(path) else 1.0
+    np.testing.assert_allclose(scaled, factor * np.asarray(full), rtol=1e-6, atol=1e-12)
+
+
+def test_embed_init_std_sets_the_embeddings_alone():
+  params = train_lib.init_model(CFG.replace(vocab_size=512, embed_init_std=1.0), 0)[1]
+  assert np.std(np.asarray(params["embed"])) == pytest.approx(1.0, rel=0.02)
+  assert np.std(np.asarray(params["lm_head"])) == pytest.approx(CFG.init_std, rel=0.05)
