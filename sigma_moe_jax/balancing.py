@@ -173,6 +173,10 @@ def routing_metrics(stats: MoEStats) -> Dict[str, jax.Array]:
       "top1_lbl": stats.top1_lbl,
       "router_z_loss": stats.router_z_loss,
       "drop_fraction": stats.dropped.astype(jnp.float32) / assignments,
+      # The most loaded expert of the load the layer would have at top-1 (what the adaptive
+      # schedule decides on, before its smoothing).
+      "first_choice_max_dev": load_statistics(stats.first_choice,
+                                              stats.gate_prob_mean)["load_max_dev"],
   }
 
 

@@ -83,6 +83,9 @@ def test_single_device_lbl_matches_numpy(k):
   np.testing.assert_allclose(loss, numpy_lbl(logits, k), rtol=1e-5)
   np.testing.assert_allclose(stats.top1_lbl, numpy_top1_lbl(logits, 0.5), rtol=1e-5)
   assert int(stats.tokens_per_expert.sum()) == BATCH * SEQ * k
+  # The first-choice load is the top-1 routing's, whatever k.
+  np.testing.assert_array_equal(stats.first_choice,
+                                np.bincount(logits.argmax(-1), minlength=E))
 
 
 def test_global_lbl_on_8_devices_equals_whole_batch_on_one(mesh8):
@@ -197,10 +200,12 @@ def test_routing_metrics_match_numpy():
   probs = rng.dirichlet(np.ones(E), size=2).astype(np.float32)
   stats = MoEStats(jnp.asarray(counts), jnp.asarray(probs), jnp.asarray([5, 5]),
                    jnp.asarray([3, 0]), jnp.asarray([1.1, 1.0]), jnp.asarray([1.5, 1.2]),
-                   jnp.asarray([0.1, 0.2]), jnp.asarray(counts))
+                   jnp.asarray([0.1, 0.2]), jnp.asarray(first := rng.integers(0, 50, (2, E))))
   metrics = routing_metrics(stats)
   f = counts / counts.sum(-1, keepdims=True)
   np.testing.assert_allclose(metrics["load_max_dev"], f.max(-1) * E - 1, rtol=1e-5)
+  np.testing.assert_allclose(metrics["first_choice_max_dev"],
+                             first.max(-1) / first.sum(-1) * E - 1, rtol=1e-5)
   np.testing.assert_allclose(metrics["load_min_dev"], f.min(-1) * E - 1, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["gate_prob_cv"], probs.std(-1) / probs.mean(-1), rtol=1e-4)
   np.testing.assert_allclose(metrics["drop_fraction"], [3 / counts[0].sum(), 0], rtol=1e-5)
