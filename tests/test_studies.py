@@ -194,6 +194,7 @@ def test_adaptive_analysis_pairs_seeds_and_counts_compute(tmp_path):
     runs["adaptive" + suffix] = synthetic_run(
         "adaptive", studies.variant_config(base, "adaptive" + suffix, str(tmp_path)), steps,
         lm_loss=lm - 0.03, top_k=adaptive_k, val_loss=lm - 0.04 - 0.01 * seed,
+        first_choice_max_dev=[[3.0, 2.0] + [1.0] * (layers - 2)] * 100,
         drop_fraction=np.zeros((100, layers)), val_load_max_dev=np.ones((100, layers)))
   results, figures = studies.STUDIES["adaptive"].analyze(runs, str(tmp_path))
   assert all(os.path.getsize(path) > 10_000 for path in figures)
@@ -207,3 +208,6 @@ def test_adaptive_analysis_pairs_seeds_and_counts_compute(tmp_path):
   assert manual["lm_loss_minus_top1_before_switch"]["mean"] == pytest.approx(-0.05)
   assert manual["jump"]["mean"] == pytest.approx(0.25)
   assert results["adaptive_step_reaching_top1_per_layer"][0][:2] == [51, 51]
+  seen = results["adaptive_first_choice_before_switch"]["seed1"]
+  assert seen["steps"] == switch
+  assert seen["share_of_steps_at_or_below_median_per_layer"] == [0, 0] + [1] * (layers - 2)

@@ -277,4 +277,18 @@ def adaptive(runs):
     logged, top_k = r.series("top_k")
     reached.append([int(logged[np.argmax(top_k[:, l] <= 1)]) for l in range(top_k.shape[1])])
   results["adaptive_step_reaching_top1_per_layer"] = reached
+  # What the adaptive rule saw: the top-1 (first-choice) load's most loaded expert per layer
+  # before the switch, and how often each layer was no worse than that step's median layer.
+  seen = {}
+  for name, r in zip(("seed0", "seed1", "seed2"), groups["adaptive"]):
+    logged, dev = r.series("first_choice_max_dev")
+    if not len(logged):
+      continue  # a run logged before the metric existed
+    early = dev[logged <= switch]
+    seen[name] = {
+        "mean_first_choice_max_dev_per_layer": early.mean(0).tolist(),
+        "share_of_steps_at_or_below_median_per_layer": np.mean(
+            early <= np.median(early, axis=1, keepdims=True), axis=0).tolist(),
+        "steps": int(len(early))}
+  results["adaptive_first_choice_before_switch"] = seen
   return results
