@@ -48,6 +48,7 @@ def _early_k(per_layer_k: int, until: float) -> Callable:
 
 CANDIDATES: Dict[str, Callable] = {
     "base": _set(),
+    "base_seed1": _set(**{"train.seed": 1, "data.order_seed": 1}),  # the noise between runs
     # The LBL's weight (the paper's 1e-3 and more).
     "coef_1e-2": _set(**{"balance.coef": 1e-2}),
     "coef_3e-2": _set(**{"balance.coef": 3e-2}),
