@@ -58,8 +58,6 @@ CANDIDATES: Dict[str, Callable] = {
     "top2_until_10pct": _early_k(2, 0.1),
     # The Top-1 LBL (Eq. 2) balances the tempered softmax, a differentiable stand-in for f.
     "top1_lbl_tau0.1": _set(**{"balance.loss": "top1_lbl", "model.top1_lbl_tau": 0.1}),
-    "top1_lbl_tau0.1_coef_1e-2": _set(**{"balance.loss": "top1_lbl", "model.top1_lbl_tau": 0.1,
-                                         "balance.coef": 1e-2}),
     # Loss-free bias updates act on the counts themselves, which the LBL's shortcut (flat p)
     # leaves alone; here added to the LBL, on softmax scores (about 1/32 = 0.031 each).
     "lbl_and_bias_1e-2": _set(**{"balance.loss_free": True, "balance.bias_rate": 1e-2}),
@@ -75,8 +73,6 @@ CANDIDATES: Dict[str, Callable] = {
     # Adam moves every router weight by about lr per step whatever the gradient's size: a tenth
     # of it keeps the routers near their initialisation for the first hundred steps.
     "router_lr_0.1": _set(**{"train.router_lr_scale": 0.1}),
-    "embed_1.0_router_lr_0.1": _set(**{"model.embed_init_std": 1.0,
-                                       "train.router_lr_scale": 0.1}),
     # Room for the most frequent token: "\n" is 11% of the corpus's tokens, 3.5x an expert's
     # fair share, so token-driven routing overflows a capacity factor of 2 by itself.
     "capacity_4": _set(**{"model.capacity_factor": 4.0}),

@@ -78,8 +78,12 @@ def check_compatible(saved: dict, current: dict):
   if "topk" in saved_schedule:
     saved_schedule["top_k"] = saved_schedule.pop("topk")
   saved_schedule = {**SCHEDULE_DEFAULTS, **saved_schedule}
+  current_schedule = current["schedule"]
+  if saved_schedule["kind"] == current_schedule.get("kind", "fixed") == "fixed":
+    # The adaptive schedule's settings mean nothing to a fixed one.
+    current_schedule = {k: current_schedule[k] for k in ("kind", "top_k")}
   diffs += [f"schedule.{k}: checkpoint {saved_schedule.get(k)!r}, config {v!r}"
-            for k, v in current["schedule"].items() if saved_schedule.get(k) != v]
+            for k, v in current_schedule.items() if saved_schedule.get(k) != v]
   diffs += resume_differences(saved, current)
   if diffs:
     raise ValueError("the workdir holds a checkpoint from an incompatible config ("

@@ -201,6 +201,12 @@ def test_resume_with_another_tokenizer_or_corpus_is_refused(tmp_path):
   assert code != 0 and "data.path: checkpoint" in err.strip().splitlines()[-1], err[-2000:]
   code, _, err = launch(workdir, "--config.train.steps=6", "--config.train.batch_size=8")
   assert code != 0 and "train.batch_size: checkpoint 4" in err.strip().splitlines()[-1]
+  # The adaptive schedule's settings mean nothing to this fixed schedule: not a refusal.
+  code, out, err = launch(workdir, "--config.train.steps=6", "--config.schedule.threshold=0.5")
+  assert code == 0 and "resumed from step 3" in out, err[-2000:]
+  code, _, err = launch(workdir, "--config.train.steps=6", "--config.schedule.kind=adaptive",
+                        "--config.schedule.top_k=[1,1]")
+  assert code != 0 and "schedule.kind: checkpoint 'fixed'" in err.strip().splitlines()[-1]
 
 
 def test_quiet_console_and_saves_only_on_the_interval(tmp_path):
