@@ -78,9 +78,9 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
   flat_ids = jnp.where(valid, expert_ids, num_experts).reshape(batch, -1)
   rows = jnp.broadcast_to(jnp.arange(batch)[:, None], flat_ids.shape)
   counts = jnp.zeros((batch, num_experts + 1), jnp.float32).at[rows, flat_ids].add(1.0)
-  first_ids = jnp.where(token_mask, expert_ids[..., 0], num_experts)
-  first_rows = jnp.broadcast_to(jnp.arange(batch)[:, None], first_ids.shape)
-  first = jnp.zeros((batch, num_experts + 1), jnp.float32).at[first_rows, first_ids].add(1.0)
+  # Monitoring only (never in a loss): one count over the shard, psum'd once below.
+  first_ids = jnp.where(token_mask, expert_ids[..., 0], num_experts).reshape(-1)
+  first = jnp.zeros((num_experts + 1,), jnp.float32).at[first_ids].add(1.0)[:num_experts]
   # Per-sequence sums; reduced below to the mode's groups.
   sums = dict(
       counts=counts[:, :num_experts],
@@ -88,8 +88,7 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
       tokens=jnp.sum(mask, axis=1),
       fhat=jnp.sum(tempered * mask[..., None], axis=1),
       pmax=jnp.sum(jnp.max(tempered, axis=-1) * mask, axis=1),
-      z=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask, axis=1),
-      first=first[:, :num_experts])
+      z=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask, axis=1))
   sequence_sums = sums
   if mode != "sequence":
     sums = jax.tree.map(lambda a: jnp.sum(a, axis=0, keepdims=True), sums)
@@ -124,7 +123,7 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
       lbl=lbl,
       top1_lbl=top1,
       router_z_loss=total["z"] / jnp.maximum(total["tokens"], 1.0),
-      first_choice=total["first"].astype(jnp.int32))
+      first_choice=jax.lax.psum(first, axes).astype(jnp.int32))
 
 
 def update_selection_bias(bias: Float[Array, "*L E"], tokens_per_expert: Int[Array, "*L E"],
