@@ -77,6 +77,9 @@ CANDIDATES: Dict[str, Callable] = {
     # fair share, so token-driven routing overflows a capacity factor of 2 by itself.
     "capacity_4": _set(**{"model.capacity_factor": 4.0}),
     "capacity_4_coef_3e-2": _set(**{"model.capacity_factor": 4.0, "balance.coef": 3e-2}),
+    "capacity_4_coef_3e-2_embed_1.0": _set(**{"model.capacity_factor": 4.0,
+                                              "balance.coef": 3e-2,
+                                              "model.embed_init_std": 1.0}),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

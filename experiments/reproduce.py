@@ -9,6 +9,13 @@ runs it compares under <workdir>/runs/<variant> (a run another study already tra
 interrupted one resumes) and writes <workdir>/<study>/results.json and its PNG figures. Config
 overrides (--config.train.steps=...) apply to every run of the invocation; a workdir whose run was
 made with another config is refused.
+
+--ship=DIR also writes each analysed run, compacted (every evaluation, the per-step series the
+studies read, 6 significant digits), to DIR/<variant>.json.gz, and analyses those compacted runs.
+--runs_from=DIR trains nothing and analyses the runs shipped in DIR: this is how every number in
+docs/reproduction.md is recomputed from docs/results/runs/ in seconds:
+
+  python -m experiments.reproduce --study=all --runs_from=docs/results/runs --workdir=/tmp/check
 """
 
 import json
@@ -28,6 +35,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _STUDY = flags.DEFINE_string("study", None, f"Studies to run: {', '.join(studies.STUDIES)}, or "
                              "all.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Runs, results and figures go here.")
+_SHIP = flags.DEFINE_string("ship", None, "Also write the analysed runs, compacted, here.")
+_RUNS_FROM = flags.DEFINE_string("runs_from", None, "Train nothing: analyse the runs shipped "
+                                 "here (by --ship).")
 flags.mark_flags_as_required(["study", "workdir"])
 
 
@@ -37,12 +47,30 @@ def main(argv):
   workdir = storage.resolve(_WORKDIR.value)
   try:
     names = studies.selected_studies(_STUDY.value)
-    base = _CONFIG.value
-    configs = {v: studies.train_variant(base, v, workdir) for v in studies.variant_order(names)}
+    if _RUNS_FROM.value and _SHIP.value:
+      raise ValueError("--runs_from and --ship exclude each other")
+    if _RUNS_FROM.value:
+      shipped = storage.resolve(_RUNS_FROM.value)
+      load = lambda v: studies.read_shipped(storage.join(shipped, f"{v}.json.gz"))
+    else:
+      base = _CONFIG.value
+      configs = {v: studies.train_variant(base, v, workdir)
+                 for v in studies.variant_order(names)}
+      load = lambda v: studies.read_run(v, configs[v], storage.join(workdir, "runs", v))
+      if _SHIP.value:
+        ship = storage.resolve(_SHIP.value)
+        storage.makedirs(ship)
+        def load(v, read=load):  # pylint: disable=function-redefined
+          path = storage.join(ship, f"{v}.json.gz")
+          studies.write_shipped(studies.compact(read(v)), path)
+          return studies.read_shipped(path)
+    loaded = {}
     for name in names:
       study = studies.STUDIES[name]
-      runs = {v: studies.read_run(v, configs[v], storage.join(workdir, "runs", v))
-              for v in study.variants}
+      for v in study.variants:
+        if v not in loaded:
+          loaded[v] = load(v)
+      runs = {v: loaded[v] for v in study.variants}
       out = storage.join(workdir, name)
       storage.makedirs(out)
       results, figures = study.analyze(runs, out)

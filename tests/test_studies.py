@@ -11,6 +11,7 @@ import pytest
 
 from experiments import studies
 from experiments.configs.reproduce import get_config
+from experiments.settings import model_and_schedule
 from sigma_moe_jax.data import load_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,11 @@ def test_study_selection():
   assert studies.selected_studies("all") == list(studies.STUDIES)
   # progressive starts from phase1's checkpoint, so phase1 is trained (first) even when only
   # the progressive study is asked for.
-  assert studies.variant_order(["progressive"]) == ["lbl", "phase1", "progressive"]
+  assert studies.variant_order(["loss_free"]) == ["lbl", "loss_free"]
+  order = studies.variant_order(["progressive"])
+  assert sorted(order) == sorted(f"{v}{s}" for v in ("lbl", "phase1", "progressive")
+                                 for s in ("", "_seed1", "_seed2"))
+  assert order.index("phase1_seed2") < order.index("progressive_seed2")
   with pytest.raises(ValueError, match="unknown --study"):
     studies.selected_studies("imbalance,fig9")
 
@@ -42,6 +47,22 @@ def test_variants_change_only_what_they_compare(tmp_path):
   assert studies.variant_config(base, "domains_sequence", str(tmp_path)).model.lbl_mode == \
       "sequence"
   assert changed["lbl_seed2"] == {("train", "seed"), ("data", "order_seed")}
+  assert changed["no_lbl"] == {("balance", "loss")}
+  assert changed["deep"] == {("model", "num_layers")}
+  assert changed["top1_lbl_coef1e-2"] == {("balance", "loss"), ("balance", "coef"),
+                                         ("model", "top1_lbl_tau")}
+  # The transition study: abrupt switches branch at the switch, gradual ones a tenth of the run
+  # earlier and lower every layer above top-1 by one per stage.
+  switch = studies.variant_config(base, "switch70_seed2", str(tmp_path))
+  assert (switch.train.init_step, switch.train.seed) == (420, 2)
+  assert switch.train.init_from.endswith("phase1_seed2")
+  gradual = studies.variant_config(base, "gradual50", str(tmp_path))
+  assert gradual.train.init_step == 240
+  _, schedule = model_and_schedule(gradual)
+  assert [list(map(int, schedule.top_k_at(s)))[:2] for s in (259, 260, 280, 299, 300, 599)] == \
+      [[4, 2], [3, 1], [2, 1], [2, 1], [1, 1], [1, 1]]
+  transition = studies.variant_order(["transition"])
+  assert transition.index("phase1_seed1") < transition.index("gradual50_seed1")
   assert changed["adaptive"] == {("schedule", "kind"), ("schedule", "top_k"),
                                  ("schedule", "deadline")}
   seeded = studies.variant_config(base, "progressive_seed1", str(tmp_path))
@@ -93,7 +114,17 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
                 val_gate_prob_cv=p.std(-1) * experts, val_lbl_per_layer=experts * (f * p).sum(-1),
                 val_loss=[5.0, 4.5], drop_fraction=np.zeros((2, layers)))
   lbl = synthetic_run("lbl", base, steps, **common)
-  results, figures = studies.STUDIES["imbalance"].analyze({"lbl": lbl}, str(tmp_path))
+  other = synthetic_run("lbl_seed1", base, steps, **{**common, "val_load_max_dev": np.ones(
+      (2, layers)) * np.arange(layers)})
+  control = synthetic_run("no_lbl", base, steps, **{**common, "val_loss": [6.0, 5.5]})
+  results, figures = studies.STUDIES["imbalance"].analyze(
+      {"lbl": lbl, "lbl_seed1": other, "no_lbl": control}, str(tmp_path))
+  # Seeds: the evaluations in the second half of training (both: 50 >= 100 / 2), per seed.
+  assert results["seeds"]["seed1"]["max_load_dev_per_layer"] == list(range(layers))
+  assert results["seeds"]["seed1"]["max_load_dev"]["lower_layers_mean"] == 0.5
+  assert results["seeds"]["seed0"]["max_load_dev_per_layer"] == pytest.approx(
+      (f.max(-1) * experts - 1).mean(0))
+  assert results["no_lbl"]["final_val_loss"] == 5.5
   final = f[-1].max(-1) * experts - 1
   assert results["max_load_dev"]["lower_layers_mean"] == pytest.approx(final[:2].mean())
   assert results["most_imbalanced_layer"] == int(np.argmax(final))
@@ -211,3 +242,56 @@ def test_adaptive_analysis_pairs_seeds_and_counts_compute(tmp_path):
   seen = results["adaptive_first_choice_before_switch"]["seed1"]
   assert seen["steps"] == switch
   assert seen["share_of_steps_at_or_below_median_per_layer"] == [0, 0] + [1] * (layers - 2)
+
+
+def test_transition_analysis_windows_and_shipped_runs(tmp_path):
+  """Synthetic conversions with a known loss excess over phase 1 kept (0.05 while k is being
+  lowered, 0.3 for 20 steps after the switch, 0.1 after that): the windows report exactly those;
+  a run shipped (compacted, gzipped) and read back gives the compacted run's results."""
+  base = get_config()
+  base.train.steps, base.train.checkpoint_every = 100, 10
+  layers = base.model.num_layers
+  steps = np.arange(1, 101)
+  lm = 5.0 - 0.01 * steps
+  runs = {}
+  for suffix in ("", "_seed1"):
+    for name, loss, ks in (("lbl", lm, [1] * layers), ("phase1", lm - 0.05, [4, 2] + [1] * 6)):
+      runs[name + suffix] = synthetic_run(
+          name + suffix, studies.variant_config(base, name + suffix, str(tmp_path)), steps,
+          lm_loss=loss, val_loss=loss, top_k=[ks] * 100, load_max_dev=np.ones((100, layers)),
+          f=np.ones((100, layers, 4)))  # per-step f: dropped when shipped
+    for name, (gradual, fraction) in studies.variants.TRANSITIONS.items():
+      config = studies.variant_config(base, name + suffix, str(tmp_path))
+      start, switch = config.train.init_step, int(round(fraction * 100))
+      tail = steps[steps > start]
+      excess = np.where(tail <= switch, 0.05, np.where(tail <= switch + 20, 0.3, 0.1))
+      loss = lm[tail - 1] - 0.05 + excess
+      runs[name + suffix] = synthetic_run(
+          name + suffix, config, tail, lm_loss=loss, val_loss=loss,
+          top_k=[[1] * layers] * len(tail), load_max_dev=np.full((len(tail), layers), 2.0))
+  study = studies.STUDIES["transition"]
+  results, figures = study.analyze(runs, str(tmp_path))
+  assert all(os.path.getsize(path) > 10_000 for path in figures)
+  gradual, abrupt = results["gradual50"], results["switch50"]
+  assert gradual["seeds"] == 2 and gradual["switch_fraction"] == 0.5
+  assert gradual["lm_loss_minus_keep"]["during_change"]["mean"] == pytest.approx(0.05)
+  assert abrupt["lm_loss_minus_keep"]["during_change"]["mean"] == 0.0
+  assert abrupt["lm_loss_minus_keep"]["first_20_after"]["mean"] == pytest.approx(0.3)
+  assert abrupt["lm_loss_minus_keep"]["20_to_100_after"]["mean"] == pytest.approx(0.1)
+  assert abrupt["final_val_minus_top1"]["mean"] == pytest.approx(0.05)
+  assert abrupt["layer0_max_load_dev"]["20_before"]["mean"] == 1.0  # phase 1's steps
+  assert abrupt["layer0_max_load_dev"]["first_20_after"]["mean"] == 2.0
+  assert results["progressive"]["lm_loss_minus_keep"]["last_20"]["mean"] == pytest.approx(0.3)
+
+  for name, run in runs.items():
+    studies.write_shipped(studies.compact(run), str(tmp_path / f"{name}.json.gz"))
+  shipped = {name: studies.read_shipped(str(tmp_path / f"{name}.json.gz")) for name in runs}
+  assert "f" not in shipped["lbl"].records[1] and "lm_loss" in shipped["lbl"].records[1]
+  again, _ = study.analyze(shipped, str(tmp_path))
+  compacted, _ = study.analyze({n: studies.compact(r) for n, r in runs.items()}, str(tmp_path))
+  assert json.dumps(again) == json.dumps(compacted)  # written and read back exactly
+  assert again["switch50"]["lm_loss_minus_keep"]["first_20_after"]["mean"] == pytest.approx(
+      0.3, abs=1e-5)  # within the 6 significant digits kept
+  (tmp_path / "broken.json.gz").write_bytes(b"not gzip")
+  with pytest.raises(ValueError, match="not a shipped run"):
+    studies.read_shipped(str(tmp_path / "broken.json.gz"))

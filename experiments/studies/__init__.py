@@ -7,7 +7,7 @@ dict) and figures. Variants are shared: the plain-LBL run serves seven studies a
 
   variants.py     each variant's config (building one writes nothing)
   domain_data.py  the English / Python corpus of the domains study, written before training
-  runs.py         a trained variant's metrics.jsonl read back as a `Run`
+  runs.py         a trained variant's metrics.jsonl read back as a `Run`; shipped (compact) runs
   analyses.py     each study's numbers (NumPy only, no matplotlib)
   figures.py      each study's figures (matplotlib)
   registry.py     the studies by name, and training their variants
@@ -18,7 +18,7 @@ from experiments.studies.analyses import domain_information
 from experiments.studies.domain_data import domain_paths, prepare_domains, python_stdlib_documents
 from experiments.studies.registry import (STUDIES, Study, prepare_data, selected_studies,
                                           train_variant, variant_order)
-from experiments.studies.runs import Run, joined, read_run
+from experiments.studies.runs import Run, compact, joined, read_run, read_shipped, write_shipped
 from experiments.studies.variants import (DOMAIN_MESH_DATA, DOMAIN_MODES, DOMAIN_VARIANTS,
                                           SWITCH_FRACTION, VARIANTS, branch_step, phase1_top_k,
                                           variant_config)

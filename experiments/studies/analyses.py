@@ -9,7 +9,7 @@ from typing import Dict
 import numpy as np
 
 from experiments.studies.runs import Run, joined
-from experiments.studies.variants import DOMAIN_MODES, SWITCH_FRACTION, split_seed
+from experiments.studies.variants import DOMAIN_MODES, SWITCH_FRACTION, TRANSITIONS, split_seed
 from sigma_moe_jax.balancing import expert_domain_mutual_information
 from sigma_moe_jax.params import count_params
 
@@ -45,7 +45,34 @@ def imbalance(runs):
       "second_half_lbl": _lower_vs_upper(lbl[late].mean(0)),
       "most_imbalanced_layer": int(np.argmax(final_max)),
       "drop_fraction_per_layer": run.last("drop_fraction").tolist(),
+      "seeds": {name: _second_half_balance(r) for name, r in _by_seed(runs, "lbl").items()},
+      "no_lbl": {**_second_half_balance(runs["no_lbl"]),
+                 "final_val_loss": _final_loss(runs["no_lbl"])},
   }
+
+
+def _by_seed(runs, kind: str) -> Dict[str, Run]:
+  """{"seed0": runs[kind], "seed1": runs[kind + "_seed1"], ...} for the seeds present."""
+  return {f"seed{split_seed(n)[1]}": r for n, r in sorted(
+      runs.items(), key=lambda item: split_seed(item[0])[1]) if split_seed(n)[0] == kind}
+
+
+def _second_half_balance(run: Run) -> dict:
+  """A run's balance on the validation set averaged over the second half of training (single
+  evaluations are noisy), and its training drops after the first 10% of the steps."""
+  steps, max_dev = run.series("val_load_max_dev")
+  _, min_dev = run.series("val_load_min_dev")
+  _, lbl = run.series("val_lbl_per_layer")
+  late = steps >= steps[-1] / 2
+  end = run.config.train.steps
+  return {"max_load_dev_per_layer": max_dev[late].mean(0).tolist(),
+          "min_load_dev_per_layer": min_dev[late].mean(0).tolist(),
+          "lbl_per_layer": lbl[late].mean(0).tolist(),
+          "max_load_dev": _lower_vs_upper(max_dev[late].mean(0)),
+          "lbl": _lower_vs_upper(lbl[late].mean(0)),
+          "most_imbalanced_layer": int(np.argmax(max_dev[late].mean(0))),
+          "train_drop_fraction_per_layer": _window(run, "drop_fraction", end // 10,
+                                                   end).mean(0).tolist()}
 
 
 def shortcut(runs):
@@ -69,7 +96,27 @@ def shortcut(runs):
   return {"uniform_share": 1.0 / num_experts, "layer_0": describe(0),
           "top_layer": describe(num_layers - 1), "least_balanced_layer": describe(worst),
           "per_layer": {"lbl": lbl.tolist(), "f_cv": load_cv.tolist(),
-                        "p_cv": prob_cv.tolist(), "f_p_correlation": correlation}}
+                        "p_cv": prob_cv.tolist(), "f_p_correlation": correlation},
+          "seeds": {name: _spread(r) for name, r in _by_seed(runs, "lbl").items()}}
+
+
+def _spread(run: Run) -> dict:
+  """Per layer at the last evaluation: CV(f) / CV(p) (how much spikier the load is than the
+  probabilities), corr(f, p), and the LBL."""
+  f, p = run.last("val_f"), run.last("val_p")
+  load_cv, prob_cv = run.last("val_load_cv"), run.last("val_gate_prob_cv")
+  return {"f_cv_over_p_cv": (load_cv / prob_cv).tolist(),
+          "f_p_correlation": [float(np.corrcoef(f[l], p[l])[0, 1]) for l in range(len(f))],
+          "lbl": run.last("val_lbl_per_layer").tolist()}
+
+
+def depth(runs):
+  """Fig. 2a/2c with 16 layers: the lowest quarter against the rest, and whether the upper
+  layers show a flat f with a spiky p (the paper's layer 52)."""
+  run = runs["deep"]
+  return {"num_layers": int(run.model().num_layers), **_second_half_balance(run),
+          **_spread(run), "f_cv": run.last("val_load_cv").tolist(),
+          "p_cv": run.last("val_gate_prob_cv").tolist(), "final_val_loss": _final_loss(run)}
 
 
 def progressive(runs):
@@ -102,6 +149,19 @@ def progressive(runs):
   }
   loss = results["val_loss"]
   results["converted_keeps_fraction_of_keep"] = loss["keep_phase1"] / loss["converted_to_top1"]
+  groups = {"top1_from_start": _seeded(runs, "lbl"), "keep_phase1": _seeded(runs, "phase1"),
+            "converted_to_top1": _seeded(runs, "progressive")}
+  final = {g: [_final_loss(r) for r in rs] for g, rs in groups.items()}
+  results["seeds"] = {
+      "final_val_loss": {g: _band(v) for g, v in final.items()},
+      "converted_minus_keep": _band(np.subtract(final["converted_to_top1"],
+                                                final["keep_phase1"])),
+      "converted_minus_top1": _band(np.subtract(final["converted_to_top1"],
+                                                final["top1_from_start"])),
+      "second_half_max_load_dev_lower_layers": {
+          g: _band([_second_half_balance(r)["max_load_dev"]["lower_layers_mean"] for r in rs])
+          for g, rs in groups.items()},
+  }
   return results
 
 
@@ -109,8 +169,13 @@ def loss_free(runs):
   """Fig. 3: loss-free balancing: bias magnitude per layer and the load against the LBL's."""
   free, lbl = runs["loss_free"], runs["lbl"]
   _, bias = free.series("bias_abs_mean")
+  _, spread = free.series("bias_std")
   return {
       "final_bias_abs_mean_per_layer": bias[-1].tolist(),
+      # The spread of b across experts: the part of the bias that changes which expert wins.
+      "final_bias_std_per_layer": spread[-1].tolist(),
+      "second_half": {"loss_free": _second_half_balance(free),
+                      "lbl": _second_half_balance(lbl)},
       "final_max_load_dev_per_layer": {"loss_free": free.last("val_load_max_dev").tolist(),
                                        "lbl": lbl.last("val_load_max_dev").tolist()},
       "final_min_load_dev_per_layer": {"loss_free": free.last("val_load_min_dev").tolist(),
@@ -128,6 +193,30 @@ def top1_lbl(runs):
                                                                         ("lbl", lbl))}
     results[f"final_{key}_load_dev_per_layer"] = {k: v.tolist() for k, v in values.items()}
     results[f"{key}_load_dev"] = {k: _lower_vs_upper(v) for k, v in values.items()}
+  # Over training (the paper's Fig. 4 is a curve): the lowest quarter's most loaded expert at
+  # each evaluation, Top-1 LBL against every seed of the plain LBL.
+  steps, top1_dev = top1.series("val_load_max_dev")
+  lower = max(1, top1_dev.shape[1] // 4)
+  lbl_seeds = _by_seed(runs, "lbl")
+  lbl_dev = np.stack([r.series("val_load_max_dev")[1][:, :lower].mean(1)
+                      for r in lbl_seeds.values()])
+  top1_lower = top1_dev[:, :lower].mean(1)
+  results["over_training"] = {
+      "steps": steps.tolist(), "top1_lbl_lower_layers_max_load_dev": top1_lower.tolist(),
+      "lbl_lower_layers_max_load_dev_min_over_seeds": lbl_dev.min(0).tolist(),
+      "lbl_lower_layers_max_load_dev_max_over_seeds": lbl_dev.max(0).tolist(),
+      "evaluations_below_every_lbl_seed": int(np.sum(top1_lower < lbl_dev.min(0))),
+      "evaluations": int(len(steps))}
+  # The sweep: temperature and coefficient, each against the plain LBL's seeds.
+  results["sweep"] = {
+      name: {"tau": float(r.config.model.top1_lbl_tau), "coef": float(r.config.balance.coef),
+             "final_val_loss": _final_loss(r), **_second_half_balance(r)}
+      for name, r in runs.items() if name.startswith("top1_lbl")}
+  results["lbl_seeds"] = {
+      "final_val_loss": _band([_final_loss(r) for r in lbl_seeds.values()]),
+      "second_half_lower_layers_max_load_dev": _band(
+          [_second_half_balance(r)["max_load_dev"]["lower_layers_mean"]
+           for r in lbl_seeds.values()])}
   return results
 
 
@@ -169,19 +258,28 @@ def dense(runs):
 
 
 def seed_noise(runs):
-  """How much two initialisations of the same run differ: the yardstick for every comparison."""
-  a, b = runs["lbl"], runs["lbl_seed1"]
-  steps, loss_a = a.series("val_loss")
-  _, loss_b = b.series("val_loss")
+  """How much runs of the same config differ (each seed its own initialisation and data order):
+  the yardstick for every comparison. Pairwise differences, the largest over the pairs."""
+  seeds = _by_seed(runs, "lbl")
+  finals = {n: _final_loss(r) for n, r in seeds.items()}
+  series = {n: r.series("val_loss") for n, r in seeds.items()}
+  names = list(seeds)
+  pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+  late = lambda a, b: float(np.mean(np.abs(series[a][1] - series[b][1])[
+      series[a][0] >= series[a][0][-1] / 2]))
+  balance = {n: _second_half_balance(r) for n, r in seeds.items()}
+  per_layer = np.array([balance[n]["max_load_dev_per_layer"] for n in names])
   return {
-      "val_loss": {"seed0": _final_loss(a), "seed1": _final_loss(b)},
-      "val_loss_abs_diff_final": abs(_final_loss(a) - _final_loss(b)),
-      "val_loss_abs_diff_mean_second_half": float(
-          np.mean(np.abs(loss_a - loss_b)[steps >= steps[-1] / 2])),
-      "final_max_load_dev_per_layer": {"seed0": a.last("val_load_max_dev").tolist(),
-                                       "seed1": b.last("val_load_max_dev").tolist()},
-      "final_lbl_per_layer": {"seed0": a.last("val_lbl_per_layer").tolist(),
-                              "seed1": b.last("val_lbl_per_layer").tolist()},
+      "seeds": len(names),
+      "val_loss": finals,
+      "val_loss_abs_diff_final_max": max(abs(finals[a] - finals[b]) for a, b in pairs),
+      "val_loss_abs_diff_mean_second_half_max": max(late(a, b) for a, b in pairs),
+      "second_half_max_load_dev_per_layer": {"min": per_layer.min(0).tolist(),
+                                             "max": per_layer.max(0).tolist()},
+      "second_half_max_load_dev_range_per_layer": np.ptp(per_layer, 0).tolist(),
+      "final_max_load_dev_per_layer": {n: r.last("val_load_max_dev").tolist()
+                                       for n, r in seeds.items()},
+      "final_lbl_per_layer": {n: r.last("val_lbl_per_layer").tolist() for n, r in seeds.items()},
   }
 
 
@@ -291,4 +389,73 @@ def adaptive(runs):
             early <= np.median(early, axis=1, keepdims=True), axis=0).tolist(),
         "steps": int(len(early))}
   results["adaptive_first_choice_before_switch"] = seen
+  return results
+
+
+def _mean_between(run: Run, key: str, lo: int, hi: int) -> np.ndarray:
+  """Mean of a per-step metric over the steps in (lo, hi]."""
+  return _window(run, key, lo, hi).mean(0)
+
+
+def _switch_effect(run: Run, keep: Run, top1: Run, switch: int) -> dict:
+  """One converted run against phase 1 kept (`keep`) and top-1 from the start (`top1`), all on
+  the same batches: per-step training loss differences in windows around the switch, layer 0's
+  most loaded expert, and the final validation losses."""
+  start, end = run.config.train.init_step, run.config.train.steps
+  steps, loss = run.series("lm_loss")
+  keep_steps, keep_loss = keep.series("lm_loss")
+  after = steps > start
+  if not np.array_equal(steps[after], keep_steps[keep_steps > start]):
+    raise ValueError(f"{run.name} and {keep.name} logged different steps after {start}")
+  delta = loss[after] - keep_loss[keep_steps > start]
+  moving = np.convolve(delta, np.ones(10) / 10, mode="valid")
+  def window(lo, hi):
+    inside = delta[(steps[after] > lo) & (steps[after] <= hi)]
+    return float(inside.mean()) if len(inside) else None
+  layer0 = lambda r, lo, hi: float(_mean_between(r, "load_max_dev", lo, hi)[0])
+  loss_windows = {"during_change": window(start, switch) if switch > start else 0.0,
+                  "first_20_after": window(switch, switch + 20),
+                  "20_to_100_after": window(switch + 20, switch + 100),  # none in a short run
+                  "last_20": window(end - 20, end),
+                  "peak_10_step_mean": float(moving.max())}
+  return {
+      "lm_loss_minus_keep": {k: v for k, v in loss_windows.items() if v is not None},
+      "layer0_max_load_dev": {
+          "20_before": layer0(run, switch - 20, switch),
+          "first_20_after": layer0(run, switch, switch + 20),
+          "last_20": layer0(run, end - 20, end),
+          "top1_from_start_last_20": layer0(top1, end - 20, end)},
+      "final_val_loss": _final_loss(run),
+      "final_val_minus_keep": _final_loss(run) - _final_loss(keep),
+      "final_val_minus_top1": _final_loss(run) - _final_loss(top1),
+      "mean_active_params": mean_active_params(run),
+  }
+
+
+def _bands(dicts):
+  """The same nested dict of numbers from several seeds -> one dict of _band()s."""
+  first = dicts[0]
+  if isinstance(first, dict):
+    return {k: _bands([d[k] for d in dicts]) for k in first}
+  return _band(dicts)
+
+
+def transition(runs):
+  """The switch to top-1 at 50%, 70% and 90% of the run, abrupt or gradual, each from phase 1's
+  checkpoint of the same seed: the loss against phase 1 kept (same batches), layer 0's load,
+  the final validation loss and the compute spent; bands over the seeds present."""
+  results = {}
+  for name, (gradual, fraction) in TRANSITIONS.items():
+    per_seed = []
+    for seed_name, run in _by_seed(runs, name).items():
+      suffix = "" if seed_name == "seed0" else "_" + seed_name
+      keep, top1 = runs["phase1" + suffix], runs["lbl" + suffix]
+      switch = int(round(fraction * run.config.train.steps))
+      per_seed.append(_switch_effect(joined(keep, run), keep, top1, switch))
+    results[name] = {"gradual": gradual, "switch_fraction": fraction,
+                     "seeds": len(per_seed), **_bands(per_seed)}
+  keep = [_final_loss(r) for r in _by_seed(runs, "phase1").values()]
+  top1 = [_final_loss(r) for r in _by_seed(runs, "lbl").values()]
+  results["keep_phase1_final_val_loss"] = _band(keep)
+  results["top1_from_start_final_val_loss"] = _band(top1)
   return results

@@ -11,7 +11,7 @@ import numpy as np
 from experiments.studies import analyses
 from experiments.studies.analyses import domain_information
 from experiments.studies.runs import joined
-from experiments.studies.variants import DOMAIN_MODES
+from experiments.studies.variants import DOMAIN_MODES, TRANSITIONS
 from sigma_moe_jax import storage
 
 
@@ -136,10 +136,11 @@ def loss_free(runs, results, out):
 
 
 def top1_lbl(runs, results, out):
-  """Max and min load per layer at the end, and validation loss, of both losses."""
+  """Max and min load per layer at the end; the lowest quarter's most loaded expert over
+  training against the plain LBL's seeds (band); validation loss."""
   top1, lbl = runs["top1_lbl"], runs["lbl"]
   plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4))
   layers = np.arange(top1.config.model.num_layers)
   for offset, (label, run, color) in zip((-0.2, 0.2), (("LBL", lbl, "tab:gray"),
                                                        ("Top-1 LBL", top1, "tab:green"))):
@@ -147,14 +148,78 @@ def top1_lbl(runs, results, out):
                 label=label)
     axes[0].bar(layers + offset, 100 * run.last("val_load_min_dev"), width=0.4, color=color,
                 alpha=0.5)
-    axes[1].plot(*run.series("val_loss"), color=color, label=label)
+    axes[2].plot(*run.series("val_loss"), color=color, label=label)
+  curve = results["over_training"]
+  steps = np.asarray(curve["steps"])
+  axes[1].fill_between(steps, 100 * np.asarray(curve["lbl_lower_layers_max_load_dev_min_over_seeds"]),
+                       100 * np.asarray(curve["lbl_lower_layers_max_load_dev_max_over_seeds"]),
+                       color="tab:gray", alpha=0.4, label="LBL, 3 seeds")
+  axes[1].plot(steps, 100 * np.asarray(curve["top1_lbl_lower_layers_max_load_dev"]),
+               color="tab:green", label="Top-1 LBL")
   axes[0].set(xlabel="layer", ylabel="load deviation (%)",
               title="most (up) and least (down) loaded expert at the end")
-  axes[1].set(xlabel="step", ylabel="validation loss", title="validation loss")
-  axes[1].set_ylim(top=min(axes[1].get_ylim()[1], results["val_loss"]["lbl"] + 1.5))
-  axes[0].legend()
-  axes[1].legend()
+  axes[1].set(xlabel="step", ylabel="max load deviation (%)",
+              title="layers 0-1, most loaded expert (mean)")
+  axes[2].set(xlabel="step", ylabel="validation loss", title="validation loss")
+  axes[2].set_ylim(top=min(axes[2].get_ylim()[1], results["val_loss"]["lbl"] + 1.5))
+  for ax in axes:
+    ax.legend(fontsize=8)
   return [_save(fig, out, "top1_lbl.png")]
+
+
+def depth(runs, results, out):
+  """The 16-layer run: per-layer most / least loaded expert (second-half mean) and CV of f
+  against CV of p at the end."""
+  run = runs["deep"]
+  layers = np.arange(results["num_layers"])
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  axes[0].bar(layers, 100 * np.asarray(results["max_load_dev_per_layer"]), color="tab:red",
+              label="most loaded expert")
+  axes[0].bar(layers, 100 * np.asarray(results["min_load_dev_per_layer"]), color="tab:blue",
+              label="least loaded expert")
+  axes[0].set(xlabel="layer", ylabel="load deviation (%)",
+              title="16 layers, top-1 + LBL, second-half mean")
+  axes[1].plot(layers, run.last("val_load_cv"), marker="o", label="CV of f (load)")
+  axes[1].plot(layers, run.last("val_gate_prob_cv"), marker="o", label="CV of p (probability)")
+  axes[1].set(xlabel="layer", ylabel="coefficient of variation over experts",
+              title="spikiness of f and p at the end")
+  for ax in axes:
+    ax.legend(fontsize=8)
+  return [_save(fig, out, "depth.png")]
+
+
+def transition(runs, results, out):
+  """Per switch point: training loss minus phase 1 kept's on the same batches (mean over seeds,
+  10-step mean), abrupt against gradual; and layer 0's most loaded expert per step."""
+  del results
+  plt = _plt()
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+  colors = {False: "tab:red", True: "tab:blue"}
+  for name, (gradual, fraction) in TRANSITIONS.items():
+    ax = axes[[0.5, 0.7, 0.9].index(fraction)]
+    deltas, loads = [], []
+    for seed_name, run in analyses._by_seed(runs, name).items():
+      keep = runs["phase1" + ("" if seed_name == "seed0" else "_" + seed_name)]
+      steps, loss = run.series("lm_loss")
+      keep_steps, keep_loss = keep.series("lm_loss")
+      deltas.append(loss - keep_loss[np.isin(keep_steps, steps)])
+      loads.append(run.series("load_max_dev")[1][:, 0])
+    label = "gradual" if gradual else "abrupt"
+    delta = np.convolve(np.mean(deltas, 0), np.ones(10) / 10, mode="valid")
+    ax.plot(steps[9:], delta, color=colors[gradual], label=label)
+    ax.axvline(fraction * run.config.train.steps, color="k", linewidth=0.8, linestyle=":")
+    ax.axhline(0, color="tab:gray", linewidth=0.8)
+    ax.set(xlabel="step", ylabel="training loss − phase 1 kept", title=f"switch at {fraction:.0%}")
+    ax.legend(fontsize=8)
+    load = np.convolve(np.mean(loads, 0), np.ones(10) / 10, mode="valid")
+    axes[3].plot(steps[9:], 100 * load, color=colors[gradual],
+                 linestyle={0.5: "-", 0.7: "--", 0.9: ":"}[fraction],
+                 label=f"{label} at {fraction:.0%}")
+  axes[3].set(xlabel="step", ylabel="max load deviation (%)",
+              title="layer 0, most loaded expert (training batches)")
+  axes[3].legend(fontsize=7)
+  return [_save(fig, out, "transition.png")]
 
 
 def domains(runs, results, out):

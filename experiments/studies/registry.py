@@ -9,7 +9,8 @@ from typing import Callable, Dict, NamedTuple, Optional
 from experiments import training
 from experiments.studies import analyses, figures
 from experiments.studies.domain_data import prepare_domains
-from experiments.studies.variants import DOMAIN_VARIANTS, VARIANTS, variant_config
+from experiments.studies.variants import (DOMAIN_VARIANTS, FROM_PHASE1, TRANSITIONS, VARIANTS,
+                                          split_seed, variant_config)
 from sigma_moe_jax import storage
 
 
@@ -26,27 +27,37 @@ class Study(NamedTuple):
     return results, [] if self.figure is None else self.figure(runs, results, out)
 
 
+def _seeds(*kinds):
+  """Every seed of each kind: ("lbl", "lbl_seed1", "lbl_seed2", ...)."""
+  return tuple(f"{k}{s}" for k in kinds for s in ("", "_seed1", "_seed2"))
+
+
 STUDIES: Dict[str, Study] = {
-    "imbalance": Study("Lower-layer imbalance under top-1 (Fig. 2a)", ("lbl",),
-                       analyses.imbalance, figures.imbalance),
-    "shortcut": Study("The LBL shortcut (Fig. 2b/c)", ("lbl",), analyses.shortcut,
+    "imbalance": Study("Lower-layer imbalance under top-1 (Fig. 2a)",
+                       _seeds("lbl") + ("no_lbl",), analyses.imbalance, figures.imbalance),
+    "shortcut": Study("The LBL shortcut (Fig. 2b/c)", _seeds("lbl"), analyses.shortcut,
                       figures.shortcut),
+    "depth": Study("Lower against upper layers with 16 layers (Fig. 2a/2c)", ("deep",),
+                   analyses.depth, figures.depth),
     "progressive": Study("Progressive sparsification and Table 3",
-                         ("lbl", "phase1", "progressive"), analyses.progressive,
+                         _seeds("lbl", "phase1", "progressive"), analyses.progressive,
                          figures.progressive),
+    "transition": Study("The switch to top-1: when, and abrupt against gradual",
+                        _seeds("lbl", "phase1", *TRANSITIONS), analyses.transition,
+                        figures.transition),
     "loss_free": Study("Loss-free balancing (Fig. 3)", ("lbl", "loss_free"), analyses.loss_free,
                        figures.loss_free),
-    "top1_lbl": Study("Top-1 LBL (Fig. 4)", ("lbl", "top1_lbl"), analyses.top1_lbl,
-                      figures.top1_lbl),
+    "top1_lbl": Study("Top-1 LBL (Fig. 4)",
+                      _seeds("lbl") + ("top1_lbl", "top1_lbl_tau0.3", "top1_lbl_coef1e-2"),
+                      analyses.top1_lbl, figures.top1_lbl),
     "domains": Study("Global-batch against micro-batch and sequence LBL (Qiu et al.)",
                      DOMAIN_VARIANTS, analyses.domains, figures.domains),
     "dense": Study("MoE against dense at equal activated parameters", ("lbl", "dense"),
                    analyses.dense, figures.dense),
-    "seed_noise": Study("Seed-to-seed spread of the plain-LBL run", ("lbl", "lbl_seed1"),
+    "seed_noise": Study("Seed-to-seed spread of the plain-LBL run", _seeds("lbl"),
                         analyses.seed_noise),
     "adaptive": Study("Adaptive sparsification against the manual schedule and top-1",
-                      tuple(f"{v}{s}" for v in ("lbl", "phase1", "progressive", "adaptive")
-                            for s in ("", "_seed1", "_seed2")),
+                      _seeds("lbl", "phase1", "progressive", "adaptive"),
                       analyses.adaptive, figures.adaptive),
 }
 
@@ -65,7 +76,8 @@ def variant_order(names):
   """Variants of the selected studies, each once, with each phase1 run before the progressive
   run that starts from it."""
   wanted = {v for n in names for v in STUDIES[n].variants}
-  wanted |= {v.replace("progressive", "phase1") for v in wanted if v.startswith("progressive")}
+  wanted |= {v.replace(split_seed(v)[0], "phase1") for v in wanted
+             if split_seed(v)[0] in FROM_PHASE1}
   return [v for v in VARIANTS if v in wanted]
 
 

@@ -11,6 +11,7 @@ import ml_collections
 
 from experiments.studies.domain_data import domain_paths
 from sigma_moe_jax import storage
+from sigma_moe_jax.schedule import parse_per_layer
 
 SWITCH_FRACTION = 0.9
 DOMAIN_MESH_DATA = 4  # batch shards of the domain study: micro-batch LBL differs from global
@@ -26,16 +27,58 @@ def phase1_top_k(num_layers: int) -> str:
   return f"[4,2]+[1]*{num_layers - 2}"
 
 
-def branch_step(config) -> int:
-  """The step where progressive sparsification switches to top-1, and the run branches."""
-  step = int(round(SWITCH_FRACTION * config.train.steps))
+def branch_step(config, fraction: float = SWITCH_FRACTION) -> int:
+  """The step at `fraction` of the run, where a run starting from phase 1's checkpoint
+  branches off (the progressive study's switch to top-1)."""
+  step = int(round(fraction * config.train.steps))
   if step % config.train.checkpoint_every or step <= 0:
-    raise ValueError(f"the progressive study branches at step {step} (90% of train.steps="
+    raise ValueError(f"a study branches at step {step} ({fraction:.0%} of train.steps="
                      f"{config.train.steps}), which must be a multiple of "
                      f"train.checkpoint_every={config.train.checkpoint_every}")
   if config.train.keep_checkpoints * config.train.checkpoint_every < config.train.steps - step:
     raise ValueError("train.keep_checkpoints is too small to keep the branch checkpoint")
   return step
+
+
+# The transition study: the switch to top-1 at 50%, 70% and 90% of the run, abrupt (every layer
+# at once) or gradual (every layer above top-1 lowers its k by one at each of GRADUAL_STAGES
+# steps spread over the last GRADUAL_WINDOW of the run before the switch point).
+TRANSITION_FRACTIONS = (0.5, 0.7, 0.9)
+GRADUAL_WINDOW = 0.1
+GRADUAL_STAGES = 3
+
+
+def gradual_schedule(config, switch: float) -> str:
+  """Phase 1's top-k, then k lowered by one per stage, all top-1 at step switch * steps."""
+  phase1 = parse_per_layer(phase1_top_k(config.model.num_layers))
+  steps, start = config.train.steps, switch - GRADUAL_WINDOW
+  phases = [f"0:{phase1_top_k(config.model.num_layers)}"]
+  for stage in range(1, GRADUAL_STAGES + 1):
+    at = int(round((start + GRADUAL_WINDOW * stage / GRADUAL_STAGES) * steps))
+    ks = [max(1, k - stage) for k in phase1] if stage < GRADUAL_STAGES else [1] * len(phase1)
+    phases.append(f"{at}:[{','.join(map(str, ks))}]")
+  return "; ".join(phases)
+
+
+# The transition study's variants: name -> (gradual, switch fraction).
+TRANSITIONS = {("progressive" if (not g and f == SWITCH_FRACTION) else
+                f"{'gradual' if g else 'switch'}{int(f * 100)}"): (g, f)
+               for g in (False, True) for f in TRANSITION_FRACTIONS}
+FROM_PHASE1 = tuple(TRANSITIONS)
+
+
+def _from_phase1(switch: float, gradual: bool):
+  """Phase 1's run continued from its checkpoint, converted to top-1 at fraction `switch`."""
+  def change(c, workdir, seed_suffix=""):
+    if gradual:
+      c.schedule.top_k = gradual_schedule(c, switch)
+      c.train.init_step = branch_step(c, switch - GRADUAL_WINDOW)
+    else:
+      c.schedule.top_k = (f"0:{phase1_top_k(c.model.num_layers)}; "
+                         f"{switch}:[1]*{c.model.num_layers}")
+      c.train.init_step = branch_step(c, switch)
+    c.train.init_from = storage.join(workdir, "runs", "phase1" + seed_suffix)
+  return change
 
 
 def _lbl(c, workdir):
@@ -47,11 +90,7 @@ def _phase1(c, workdir):
   c.schedule.top_k = phase1_top_k(c.model.num_layers)
 
 
-def _progressive(c, workdir, seed_suffix=""):
-  c.schedule.top_k = (f"0:{phase1_top_k(c.model.num_layers)}; "
-                     f"{SWITCH_FRACTION}:[1]*{c.model.num_layers}")
-  c.train.init_from = storage.join(workdir, "runs", "phase1" + seed_suffix)
-  c.train.init_step = branch_step(c)
+_progressive = _from_phase1(SWITCH_FRACTION, gradual=False)
 
 
 def _adaptive(c, workdir):
@@ -63,6 +102,18 @@ def _adaptive(c, workdir):
   c.schedule.deadline = SWITCH_FRACTION
 
 
+def _no_lbl(c, workdir):
+  """The control: top-1 with no balancing at all."""
+  del workdir
+  c.balance.loss = "none"
+
+
+def _deep(c, workdir):
+  """Twice the layers (Fig. 2a/2c's lower-against-upper contrast over more depth)."""
+  del workdir
+  c.model.num_layers = 16
+
+
 def _loss_free(c, workdir):
   del workdir
   c.model.gate_fn = "sigmoid"
@@ -70,10 +121,16 @@ def _loss_free(c, workdir):
   c.balance.loss_free = True
 
 
-def _top1_lbl(c, workdir):
-  del workdir
-  c.balance.loss = "top1_lbl"
-  c.model.top1_lbl_tau = 0.1  # starting temperature, docs/design.md "Top-1 LBL (Eq. 2)"
+def _top1_lbl(tau: float = 0.1, coef: float = None):
+  """The Top-1 LBL at temperature `tau` (docs/design.md "Top-1 LBL (Eq. 2)"), at the base
+  config's coefficient unless `coef` is given."""
+  def change(c, workdir):
+    del workdir
+    c.balance.loss = "top1_lbl"
+    c.model.top1_lbl_tau = tau
+    if coef is not None:
+      c.balance.coef = coef
+  return change
 
 
 def _dense(c, workdir):
@@ -99,8 +156,15 @@ VARIANTS: Dict[str, Callable] = {
     "phase1": _phase1,
     "progressive": _progressive,  # after phase1: it starts from phase1's checkpoint
     "adaptive": _adaptive,
+    # The transition study, also from phase1's checkpoints ("progressive" is the abrupt switch
+    # at 90%).
+    **{name: _from_phase1(f, g) for name, (g, f) in TRANSITIONS.items() if name != "progressive"},
+    "no_lbl": _no_lbl,
+    "deep": _deep,
     "loss_free": _loss_free,
-    "top1_lbl": _top1_lbl,
+    "top1_lbl": _top1_lbl(),
+    "top1_lbl_tau0.3": _top1_lbl(tau=0.3),
+    "top1_lbl_coef1e-2": _top1_lbl(coef=1e-2),
     "dense": _dense,
     "domains_global": _domain_mix("global"),
     "domains_micro_batch": _domain_mix("micro_batch"),
@@ -110,7 +174,7 @@ VARIANTS: Dict[str, Callable] = {
 
 # "<variant>_seed<n>": the variant with another initialisation and another order of the training
 # documents (train.seed = data.order_seed = n); the validation split stays.
-SEEDED = ("lbl", "phase1", "progressive", "adaptive")
+SEEDED = ("lbl", "phase1", "adaptive") + FROM_PHASE1
 SEEDS = (1, 2)
 for _name in SEEDED:
   for _seed in SEEDS:
@@ -127,8 +191,8 @@ def variant_config(base, name: str, workdir: str) -> ml_collections.ConfigDict:
   """The config of variant `name`: a copy of `base` with its changes (paths under workdir)."""
   config = ml_collections.ConfigDict(base.to_dict())
   kind, seed = split_seed(name)
-  if kind == "progressive":
-    _progressive(config, workdir, f"_seed{seed}" if seed else "")
+  if kind in FROM_PHASE1:
+    VARIANTS[kind](config, workdir, f"_seed{seed}" if seed else "")
   else:
     VARIANTS[name](config, workdir)
   if seed:
