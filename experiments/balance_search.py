@@ -1,7 +1,9 @@
 """Which settings keep top-1 routing balanced in a small model: trains a config under several
 candidate changes and measures, per layer, the share of assignments dropped over capacity and the
-most loaded expert, after the first part of training (docs/reproduction.md, "A balanced
-quickstart").
+most loaded expert, after the first part of training (docs/reproduction.md, "Routing collapse
+at this scale"). Every candidate starts from the quickstart config with the paper's balance
+settings (capacity factor 2, LBL coefficient 1e-3, which it had before this search chose
+`capacity_4_coef_3e-2`), unless --nofrom_paper.
 
   python -m experiments.balance_search --workdir=runs/balance_search \\
       --candidates=base,coef_1e-2 --config.train.steps=400
@@ -46,6 +48,9 @@ def _early_k(per_layer_k: int, until: float) -> Callable:
   return apply
 
 
+# What the quickstart config had before this search changed it (its `base` candidate).
+PAPER_BALANCE = _set(**{"model.capacity_factor": 2.0, "balance.coef": 1e-3})
+
 CANDIDATES: Dict[str, Callable] = {
     "base": _set(),
     "base_seed1": _set(**{"train.seed": 1, "data.order_seed": 1}),  # the noise between runs
@@ -85,6 +90,10 @@ CANDIDATES: Dict[str, Callable] = {
 _CONFIG = config_flags.DEFINE_config_file(
     "config", cli_lib.project_path("experiments/configs/cpu_tiny.py"),
     "Base config of every candidate.", lock_config=True)
+_FROM_PAPER = flags.DEFINE_bool(
+    "from_paper", True, "Start every candidate from the paper's balance settings (capacity "
+    "factor 2, LBL coefficient 1e-3), which the quickstart config had before this search; "
+    "false: from --config as it is.")
 _CANDIDATES = flags.DEFINE_string("candidates", ",".join(CANDIDATES),
                                   f"Comma-separated, from: {', '.join(CANDIDATES)}.")
 _SETTLE = flags.DEFINE_float("settle", 0.1, "Statistics count the logged steps after this "
@@ -153,6 +162,8 @@ def main(argv):
     for name in names:
       config = _CONFIG.value.copy_and_resolve_references()
       config.unlock()
+      if _FROM_PAPER.value:
+        PAPER_BALANCE(config)
       CANDIDATES[name](config)
       run_dir = storage.join(workdir, name)
       print(f"=== {name}", flush=True)

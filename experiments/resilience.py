@@ -110,7 +110,7 @@ def fingerprint(tokenizer_path: str) -> dict:
 # the data stream the saved iterator position refers to.
 RESUME_KEYS = (("data", "path"), ("data", "tokenizer"), ("data", "val_fraction"),
                ("data", "seed"), ("data", "order_seed"), ("data", "chunk_chars"),
-               ("data", "shard_files"),
+               ("data", "shard_files"), ("data", "rows_by_path"),
                ("train", "batch_size"),
                ("train", "seq_len"), ("train", "grad_accum"),
                ("train", "router_lr_scale"))  # 1 or not: the optimizer state's structure

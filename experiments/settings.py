@@ -88,12 +88,17 @@ class DataSettings:
   # Corpora too large for every host: list the files only, each process reads its own share one
   # file at a time (local or gs://); validation holds out whole files by val_fraction.
   shard_files: bool = False
+  # Each comma-separated path of `path` fills its own equal block of every batch's rows, so a
+  # batch shard reads one path when the shards are a multiple of the paths (docs/design.md).
+  rows_by_path: bool = False
 
   def __post_init__(self):
     _check(self, "data", "val_fraction", 0 <= self.val_fraction < 1, "must lie in [0, 1)")
     _check(self, "data", "chunk_chars", self.chunk_chars >= 0, "must be >= 0 (0: whole documents)")
     for name in ("path", "tokenizer"):
       _check(self, "data", name, bool(getattr(self, name).strip()), "must name a file")
+    _check(self, "data", "rows_by_path", not (self.rows_by_path and self.shard_files),
+           "excludes data.shard_files")
 
 
 @dataclasses.dataclass(frozen=True)

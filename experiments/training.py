@@ -22,8 +22,8 @@ from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.data import (check_vocab, chunk_documents, data_files, load_documents,
-                                make_file_pipeline, make_pipeline, read_documents,
-                                split_documents)
+                                make_block_pipeline, make_file_pipeline, make_pipeline,
+                                read_documents, split_documents)
 from sigma_moe_jax.metrics import (MetricsWriter, flops_per_token, format_duration,
                                    peak_flops_per_device)
 from sigma_moe_jax.tokenizer import load_tokenizer
@@ -109,6 +109,7 @@ class Training(NamedTuple):
   mesh: Any
   tokenizer: Any
   train_docs: Optional[list]  # None with data.shard_files
+  train_groups: Optional[list]  # with data.rows_by_path: the training documents of each path
   train_files: Optional[list]  # the files read lazily with data.shard_files, else None
   eval_sets: dict  # name -> documents; "" is the split held out from data.path
   lr: Any
@@ -143,7 +144,7 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
   check_batch_split(t, math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh)))
   tokenizer = load_tokenizer(data.tokenizer)
   check_vocab(tokenizer, model_cfg.vocab_size)
-  train_files = None
+  train_files = train_groups = None
   if data.shard_files:
     train_files, val_files = split_documents(data_files(data.path), data.val_fraction, data.seed)
     if len(train_files) < jax.process_count():
@@ -151,10 +152,22 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
                        f"{jax.process_count()} processes; every process needs at least one")
     train_docs, val_docs = None, [doc for f in val_files for doc in read_documents(f)]
   else:
-    train_docs, val_docs = split_documents(load_documents(data.path), data.val_fraction,
-                                           data.seed)
-    if data.chunk_chars:
-      train_docs = chunk_documents(train_docs, data.chunk_chars)
+    paths = [p for p in data.path.split(",") if p.strip()] if data.rows_by_path else [data.path]
+    if data.rows_by_path and len(paths) < 2:
+      raise ValueError(f"data.rows_by_path needs several comma-separated paths in data.path, "
+                       f"got {data.path!r}")
+    train_groups, val_docs = [], []
+    for path in paths:  # each path split on its own: every one keeps training documents
+      train, val = split_documents(load_documents(path), data.val_fraction, data.seed)
+      train_groups.append(chunk_documents(train, data.chunk_chars) if data.chunk_chars else train)
+      val_docs += val
+    train_docs = [d for group in train_groups for d in group]
+    if data.rows_by_path and (t.batch_size // jax.process_count()) % len(paths):
+      raise ValueError(f"data.rows_by_path: the {t.batch_size // jax.process_count()} rows of "
+                       f"each process's batch do not split into {len(paths)} equal blocks, one "
+                       f"per path")
+    if not data.rows_by_path:
+      train_groups = None
   eval_sets = {"": val_docs} if val_docs else {}
   eval_sets.update(parse_eval_sets(data.eval_sets))
   lr, optimizer = lr_and_optimizer(t)
@@ -167,7 +180,7 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
     raise ValueError("train.init_from names the run's own workdir; a run resumes from its own "
                      "checkpoints without it")
   return Training(settings, model_cfg, schedule, balance, mesh, tokenizer, train_docs,
-                  train_files, eval_sets, lr, optimizer)
+                  train_groups, train_files, eval_sets, lr, optimizer)
 
 
 def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
@@ -261,7 +274,11 @@ def run(config, workdir: str):
   pipeline = lambda docs, seed=data.seed, **kw: make_pipeline(
       docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(), **kw)
-  if built.train_files is None:
+  if built.train_groups is not None:
+    train_pipeline = lambda: make_block_pipeline(
+        built.train_groups, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+        seed=order_seed, process_index=jax.process_index(), process_count=jax.process_count())
+  elif built.train_files is None:
     train_pipeline = lambda: pipeline(built.train_docs, seed=order_seed)
   else:
     train_pipeline = lambda: make_file_pipeline(

@@ -169,6 +169,53 @@ def make_pipeline(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, ba
   return _pack(ds.to_iter_dataset(_READ_OPTIONS), tokenizer, seq_len, batch_size)
 
 
+def make_block_pipeline(groups: Sequence[Sequence[str]], tokenizer: Tokenizer, *, seq_len: int,
+                        batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1,
+                        max_vocab: Optional[int] = None) -> grain.DatasetIterator:
+  """Batches whose rows come in equal consecutive blocks, block i packed from `groups[i]` alone
+  (its own `make_pipeline` stream, shuffled with seed + i).
+
+  A batch axis split into shards that are a multiple of the number of groups then gives every
+  shard one group: with two corpora and 4 data-parallel shards, shards 0-1 read the first and
+  2-3 the second (the setting where micro-batch and global-batch balancing differ). The state is
+  every stream's state, so a restored iterator resumes all of them exactly.
+  """
+  if not groups:
+    raise ValueError("no document groups to fill the batch's blocks")
+  if batch_size % len(groups):
+    raise ValueError(f"a batch of {batch_size} rows does not split into {len(groups)} equal "
+                     f"blocks, one per document group")
+  streams = [make_pipeline(docs, tokenizer, seq_len=seq_len, batch_size=batch_size // len(groups),
+                           seed=seed + i, process_index=process_index,
+                           process_count=process_count, max_vocab=max_vocab)
+             for i, docs in enumerate(groups)]
+  return _RowBlocks(streams)
+
+
+class _RowBlocks(grain.DatasetIterator):
+  """Concatenates one batch of each stream along the rows."""
+
+  def __init__(self, streams: Sequence[grain.DatasetIterator]):
+    super().__init__(list(streams))
+    self._streams = list(streams)
+
+  def __next__(self) -> Batch:
+    parts = [next(stream) for stream in self._streams]
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+  def get_state(self) -> Dict[str, Any]:
+    return {"blocks": [stream.get_state() for stream in self._streams]}
+
+  def set_state(self, state: Dict[str, Any]) -> None:
+    blocks = state.get("blocks", [])
+    if len(blocks) != len(self._streams):
+      raise ValueError(f"the data state holds {len(blocks)} row blocks, this pipeline has "
+                       f"{len(self._streams)}")
+    for stream, block in zip(self._streams, blocks):
+      stream.set_state(block)
+
+
 def make_file_pipeline(files: Sequence[str], tokenizer: Tokenizer, *, seq_len: int,
                        batch_size: int, seed: int, process_index: int = 0,
                        process_count: int = 1, chunk_chars: int = 0,

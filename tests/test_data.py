@@ -101,6 +101,30 @@ def test_state_round_trip(byte_tok, docs, steps):
       lambda: data.make_pipeline(docs, byte_tok, seq_len=20, batch_size=2, seed=3), steps)
 
 
+def test_block_pipeline_rows_by_group(byte_tok):
+  """data.rows_by_path: each group's block of rows is that group's own pipeline (seed + i), so a
+  batch shard aligned with the blocks reads one group; the state resumes every block."""
+  lower, upper = [d.lower() for d in DOCS], [d.upper() for d in DOCS]
+  make = lambda: data.make_block_pipeline([lower, upper], byte_tok, seq_len=20, batch_size=4,
+                                          seed=3)
+  alone = [data.make_pipeline(g, byte_tok, seq_len=20, batch_size=2, seed=3 + i)
+           for i, g in enumerate((lower, upper))]
+  for batch in _take(make(), 5):
+    for i, stream in enumerate(alone):
+      want = next(stream)
+      for key in want:
+        np.testing.assert_array_equal(batch[key][2 * i:2 * i + 2], want[key])
+    text = [bytes(t for t in row if 0 < t < 256).decode() for row in batch["tokens"]]
+    assert not any(c.isupper() for c in "".join(text[:2]))
+    assert not any(c.islower() for c in "".join(text[2:]))
+  _assert_resumes_exactly(make, 3)
+  with pytest.raises(ValueError, match="equal blocks"):
+    data.make_block_pipeline([DOCS, upper, DOCS], byte_tok, seq_len=20, batch_size=4, seed=0)
+  restored = make()
+  with pytest.raises(ValueError, match="row blocks"):
+    restored.set_state({"blocks": [alone[0].get_state()]})
+
+
 def _assert_resumes_exactly(make, steps, then=4):
   """A fresh iterator given the state after `steps` batches yields the same next batches."""
   it = make()

@@ -50,6 +50,7 @@ def losses(workdir):
     (["--config.model.gate_fn=relu"], "model.gate_fn: must be one of"),
     (["--config.train.init_from=/nonexistent/run"], "no checkpoints directory"),
     (["--config.data.eval_sets=python"], "not name=paths"),
+    (["--config.data.rows_by_path=true"], "data.rows_by_path needs several"),
 ])
 def test_bad_input_gives_one_clear_error(tmp_path, overrides, message):
   code, out, err = launch(tmp_path / "run", *overrides, devices=2)

@@ -9,7 +9,7 @@ from typing import Dict
 import numpy as np
 
 from experiments.studies.runs import Run, joined
-from experiments.studies.variants import DOMAIN_MODES, SWITCH_FRACTION, TRANSITIONS, split_seed
+from experiments.studies.variants import SWITCH_FRACTION, TRANSITIONS, split_seed
 from sigma_moe_jax.balancing import expert_domain_mutual_information
 from sigma_moe_jax.params import count_params
 
@@ -230,13 +230,15 @@ def domain_information(run: Run):
 
 def domains(runs):
   """Qiu et al.: global-batch LBL lets experts specialise by domain; micro-batch and
-  sequence-level LBL push every shard or sequence towards uniform use."""
+  sequence-level LBL push every shard or sequence towards uniform use. One entry per balancing
+  mode of the runs given ("domains_<mode>" or "domains_by_shard_<mode>")."""
   results = {"mutual_information_bits": {}, "val_loss": {}, "max_load_dev_per_layer": {}}
-  for mode in DOMAIN_MODES:
-    run = runs[f"domains_{mode}"]
+  for name, run in runs.items():
+    mode = name.replace("domains_by_shard_", "").replace("domains_", "")
     _, info = domain_information(run)
     results["mutual_information_bits"][mode] = {
-        "per_layer": info[-1].tolist(), "mean": float(info[-1].mean())}
+        "per_layer": info[-1].tolist(), "mean": float(info[-1].mean()),
+        "mean_over_second_half": float(info[len(info) // 2:].mean())}
     results["val_loss"][mode] = {d: float(run.last(f"{d}_val_loss"))
                                  for d in ("english", "python")}
     results["max_load_dev_per_layer"][mode] = {

@@ -11,7 +11,7 @@ import numpy as np
 from experiments.studies import analyses
 from experiments.studies.analyses import domain_information
 from experiments.studies.runs import joined
-from experiments.studies.variants import DOMAIN_MODES, TRANSITIONS
+from experiments.studies.variants import TRANSITIONS
 from sigma_moe_jax import storage
 
 
@@ -151,9 +151,9 @@ def top1_lbl(runs, results, out):
     axes[2].plot(*run.series("val_loss"), color=color, label=label)
   curve = results["over_training"]
   steps = np.asarray(curve["steps"])
-  axes[1].fill_between(steps, 100 * np.asarray(curve["lbl_lower_layers_max_load_dev_min_over_seeds"]),
-                       100 * np.asarray(curve["lbl_lower_layers_max_load_dev_max_over_seeds"]),
-                       color="tab:gray", alpha=0.4, label="LBL, 3 seeds")
+  band = [100 * np.asarray(curve[f"lbl_lower_layers_max_load_dev_{end}_over_seeds"])
+          for end in ("min", "max")]
+  axes[1].fill_between(steps, *band, color="tab:gray", alpha=0.4, label="LBL, 3 seeds")
   axes[1].plot(steps, 100 * np.asarray(curve["top1_lbl_lower_layers_max_load_dev"]),
                color="tab:green", label="Top-1 LBL")
   axes[0].set(xlabel="layer", ylabel="load deviation (%)",
@@ -210,7 +210,8 @@ def transition(runs, results, out):
     ax.plot(steps[9:], delta, color=colors[gradual], label=label)
     ax.axvline(fraction * run.config.train.steps, color="k", linewidth=0.8, linestyle=":")
     ax.axhline(0, color="tab:gray", linewidth=0.8)
-    ax.set(xlabel="step", ylabel="training loss − phase 1 kept", title=f"switch at {fraction:.0%}")
+    ax.set(xlabel="step", ylabel="training loss − phase 1 kept",
+           title=f"switch at {fraction:.0%}")
     ax.legend(fontsize=8)
     load = np.convolve(np.mean(loads, 0), np.ones(10) / 10, mode="valid")
     axes[3].plot(steps[9:], 100 * load, color=colors[gradual],
@@ -222,17 +223,19 @@ def transition(runs, results, out):
   return [_save(fig, out, "transition.png")]
 
 
-def domains(runs, results, out):
+def domains(runs, results, out, name="domains.png"):
   """Expert-domain mutual information per layer at the end, and its mean over training."""
   del results
   plt = _plt()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  colors = dict(zip(DOMAIN_MODES, ("tab:purple", "tab:orange", "tab:cyan")))
-  for i, mode in enumerate(DOMAIN_MODES):
-    steps, info = domain_information(runs[f"domains_{mode}"])
+  colors = {"global": "tab:purple", "micro_batch": "tab:orange", "sequence": "tab:cyan"}
+  width = 0.8 / len(runs)
+  for i, (variant, run) in enumerate(runs.items()):
+    mode = variant.replace("domains_by_shard_", "").replace("domains_", "")
+    steps, info = domain_information(run)
     layers = np.arange(info.shape[1])
-    axes[0].bar(layers + (i - 1) * 0.27, info[-1], width=0.27, color=colors[mode],
-                label=f"{mode} LBL")
+    axes[0].bar(layers + (i - (len(runs) - 1) / 2) * width, info[-1], width=width,
+                color=colors[mode], label=f"{mode} LBL")
     axes[1].plot(steps, info.mean(axis=1), color=colors[mode], label=f"{mode} LBL")
   axes[0].set(xlabel="layer", ylabel="I(expert; domain) (bits, max 1)",
               title="expert specialisation at the end")
@@ -240,7 +243,12 @@ def domains(runs, results, out):
   axes[1].set(xlabel="step", ylabel="mean over layers (bits)", title="specialisation over time")
   axes[0].legend(ncol=3, fontsize=8, loc="upper center")
   axes[1].legend()
-  return [_save(fig, out, "domains.png")]
+  return [_save(fig, out, name)]
+
+
+def domains_by_shard(runs, results, out):
+  """As `domains`, for the runs whose batch shards each read one domain."""
+  return domains(runs, results, out, name="domains_by_shard.png")
 
 
 def dense(runs, results, out):

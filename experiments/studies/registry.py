@@ -3,14 +3,16 @@ for experiments/reproduce.py: preparing data, then training each variant once.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Callable, Dict, NamedTuple, Optional
 
 from experiments import training
+from experiments.settings import SCHEDULE_DEFAULTS, DataSettings, TrainSettings
 from experiments.studies import analyses, figures
 from experiments.studies.domain_data import prepare_domains
-from experiments.studies.variants import (DOMAIN_VARIANTS, FROM_PHASE1, TRANSITIONS, VARIANTS,
-                                          split_seed, variant_config)
+from experiments.studies.variants import (DOMAIN_SHARD_VARIANTS, DOMAIN_VARIANTS, FROM_PHASE1,
+                                          TRANSITIONS, VARIANTS, split_seed, variant_config)
 from sigma_moe_jax import storage
 
 
@@ -52,6 +54,8 @@ STUDIES: Dict[str, Study] = {
                       analyses.top1_lbl, figures.top1_lbl),
     "domains": Study("Global-batch against micro-batch and sequence LBL (Qiu et al.)",
                      DOMAIN_VARIANTS, analyses.domains, figures.domains),
+    "domains_by_shard": Study("Global-batch against micro-batch LBL, each batch shard one domain",
+                              DOMAIN_SHARD_VARIANTS, analyses.domains, figures.domains_by_shard),
     "dense": Study("MoE against dense at equal activated parameters", ("lbl", "dense"),
                    analyses.dense, figures.dense),
     "seed_noise": Study("Seed-to-seed spread of the plain-LBL run", _seeds("lbl"),
@@ -83,8 +87,32 @@ def variant_order(names):
 
 def prepare_data(base, name: str, workdir: str):
   """Writes the data files variant `name` reads, if not there yet (the domain corpora)."""
-  if name in DOMAIN_VARIANTS:
+  if name in DOMAIN_VARIANTS + DOMAIN_SHARD_VARIANTS:
     prepare_domains(base, workdir)
+
+
+def same_run(stamp: dict, wanted: dict) -> bool:
+  """Whether a run stamped with config `stamp` is the run `wanted`: equal, except that keys
+  added to the config after the run was made may be missing from its stamp when `wanted` holds
+  their defaults (they did not exist, so the run had the default behaviour)."""
+  defaults = {"train": dataclasses.asdict(TrainSettings()),
+              "data": dataclasses.asdict(DataSettings()), "schedule": SCHEDULE_DEFAULTS}
+  missing = object()
+  for section, values in wanted.items():
+    saved = stamp.get(section, missing)
+    if not isinstance(values, dict) or saved is missing:
+      if saved != values:
+        return False
+      continue
+    for key, value in values.items():
+      if saved.get(key, missing) is missing:
+        if defaults.get(section, {}).get(key, missing) != value:
+          return False
+      elif saved[key] != value:
+        return False
+    if set(saved) - set(values):
+      return False
+  return set(stamp) <= set(wanted)
 
 
 def train_variant(base, name: str, workdir: str):
@@ -96,7 +124,7 @@ def train_variant(base, name: str, workdir: str):
   stamp = storage.join(run_dir, "run_config.json")
   wanted = json.loads(config.to_json())
   if storage.exists(stamp):
-    if json.loads(storage.read_text(stamp)) != wanted:
+    if not same_run(json.loads(storage.read_text(stamp)), wanted):
       raise ValueError(f"{run_dir} holds a run made with another config; remove it or use "
                        f"another --workdir")
   else:

@@ -17,6 +17,9 @@ SWITCH_FRACTION = 0.9
 DOMAIN_MESH_DATA = 4  # batch shards of the domain study: micro-batch LBL differs from global
 DOMAIN_MODES = ("global", "micro_batch", "sequence")
 DOMAIN_VARIANTS = tuple(f"domains_{m}" for m in DOMAIN_MODES)
+# Each batch shard reads one domain: where micro-batch LBL should differ most from global.
+DOMAIN_SHARD_MODES = ("global", "micro_batch")
+DOMAIN_SHARD_VARIANTS = tuple(f"domains_by_shard_{m}" for m in DOMAIN_SHARD_MODES)
 
 
 # Progressive sparsification: more experts in the two lowest layers (a quarter of 8), as the
@@ -140,7 +143,9 @@ def _dense(c, workdir):
   c.balance.loss = "none"
 
 
-def _domain_mix(mode):
+def _domain_mix(mode, rows_by_domain=False):
+  """English and Python: each batch a random mix of both, or (rows_by_domain) half English,
+  half Python, so that each of the DOMAIN_MESH_DATA batch shards reads a single domain."""
   def change(c, workdir):
     paths = domain_paths(workdir)
     c.data.path = ",".join(paths[d]["train"] for d in ("english", "python"))
@@ -148,6 +153,8 @@ def _domain_mix(mode):
     c.data.eval_sets = ";".join(f"{d}={paths[d]['val']}" for d in ("english", "python"))
     c.model.lbl_mode = mode
     c.mesh.data = DOMAIN_MESH_DATA
+    if rows_by_domain:
+      c.data.rows_by_path = True
   return change
 
 
@@ -169,6 +176,7 @@ VARIANTS: Dict[str, Callable] = {
     "domains_global": _domain_mix("global"),
     "domains_micro_batch": _domain_mix("micro_batch"),
     "domains_sequence": _domain_mix("sequence"),
+    **{f"domains_by_shard_{m}": _domain_mix(m, rows_by_domain=True) for m in DOMAIN_SHARD_MODES},
 }
 
 
