@@ -236,9 +236,13 @@ def domains(runs):
   for name, run in runs.items():
     mode = name.replace("domains_by_shard_", "").replace("domains_", "")
     _, info = domain_information(run)
+    late = info[len(info) // 2:].mean(1)  # layer means of the second half's evaluations
     results["mutual_information_bits"][mode] = {
         "per_layer": info[-1].tolist(), "mean": float(info[-1].mean()),
-        "mean_over_second_half": float(info[len(info) // 2:].mean())}
+        # How much the layer mean moves between evaluations late in one run: a within-run
+        # band (one seed per mode), not a seed-to-seed one.
+        "second_half": {"mean": float(late.mean()), "min": float(late.min()),
+                        "max": float(late.max())}}
     results["val_loss"][mode] = {d: float(run.last(f"{d}_val_loss"))
                                  for d in ("english", "python")}
     results["max_load_dev_per_layer"][mode] = {
