@@ -115,15 +115,19 @@ def progressive(runs, results, out):
 
 
 def loss_free(runs, results, out):
-  """Bias magnitude per layer over training, and layer 0's load against the LBL run's."""
+  """Bias spread and magnitude per layer over training, and layer 0's load against the LBL
+  run's."""
   del results
   free, lbl = runs["loss_free"], runs["lbl"]
   bias_steps, bias = free.series("bias_abs_mean")
+  _, spread = free.series("bias_std")
   plt = _plt()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for layer, color in enumerate(_layer_colors(bias.shape[1])):
-    axes[0].plot(bias_steps, bias[:, layer], color=color, label=f"layer {layer}")
-  axes[0].set(xlabel="step", ylabel="mean |bias|", title="loss-free: selection-bias magnitude")
+    axes[0].plot(bias_steps, spread[:, layer], color=color, label=f"layer {layer}")
+    axes[0].plot(bias_steps, bias[:, layer], color=color, linestyle=":", linewidth=0.8)
+  axes[0].set(xlabel="step", ylabel="bias",
+              title="loss-free: spread of b over experts (solid), mean |b| (dotted)")
   axes[0].legend(fontsize=7, ncol=2)
   for label, run, color in (("loss-free", free, "tab:red"), ("LBL", lbl, "tab:gray")):
     steps, max_dev = run.series("val_load_max_dev")
