@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import balance_search
+from experiments.studies import balance
 from experiments.configs.cpu_tiny import get_config
 
 
@@ -13,9 +13,9 @@ def test_candidates_start_from_the_paper_balance():
   """Each candidate is the quickstart with the paper's capacity 2 and coefficient 1e-3 plus its
   own change; the chosen one is what the quickstart config now holds."""
   quickstart = get_config()
-  for name, change in balance_search.CANDIDATES.items():
+  for name, change in balance.CANDIDATES.items():
     config = get_config()
-    balance_search.PAPER_BALANCE(config)
+    balance.PAPER_BALANCE(config)
     change(config)
     if name == "base":
       assert (config.model.capacity_factor, config.balance.coef) == (2.0, 1e-3)
@@ -32,7 +32,7 @@ def test_summary_counts_the_steps_after_settling(tmp_path):
   rows[-1]["val_loss"] = 4.2
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  summary = balance_search.summarize(str(path), steps=200, settle=0.25)
+  summary = balance.summarize(str(path), steps=200, settle=0.25)
   kept = slice(2, 10)  # steps 60..200 are after 0.25 * 200 = 50
   assert summary["steps_counted"] == [60, 200, 8]
   assert summary["drop_mean_per_layer"] == pytest.approx(drops[kept].mean(0), abs=1e-4)

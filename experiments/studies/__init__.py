@@ -11,6 +11,7 @@ dict) and figures. Variants are shared: the plain-LBL run serves seven studies a
   analyses.py     each study's numbers (NumPy only, no matplotlib)
   figures.py      each study's figures (matplotlib)
   registry.py     the studies by name, and training their variants
+  balance.py      the balance search's candidates and measurements (experiments/balance_search.py)
 """
 
 from experiments.studies import analyses, figures
