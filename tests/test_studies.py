@@ -183,8 +183,20 @@ def test_launcher_trains_reuses_and_refuses(tmp_path):
   assert results["active_params"]["dense"] < results["active_params"]["moe"]
   assert os.path.exists(tmp_path / "dense" / "dense.png")
 
-  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  again = subprocess.run(cmd + [f"--ship={tmp_path / 'shipped'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=400)
   assert again.returncode == 0 and "=== training" not in again.stdout, again.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "shipped")) == ["dense.json.gz", "lbl.json.gz"]
+  shipped_results = json.load(open(tmp_path / "dense" / "results.json"))
+  # From the shipped runs alone, in another workdir, nothing trained: the same results.
+  check = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--study=dense",
+                          f"--runs_from={tmp_path / 'shipped'}", f"--workdir={tmp_path / 'check'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert check.returncode == 0, check.stderr[-3000:]
+  assert json.load(open(tmp_path / "check" / "dense" / "results.json")) == shipped_results
+  assert shipped_results["val_loss"]["dense"] == pytest.approx(results["val_loss"]["dense"],
+                                                              rel=1e-5)
+  assert not os.path.exists(tmp_path / "check" / "runs")
 
   before = open(tmp_path / "runs" / "dense" / "metrics.jsonl").read()
   other = subprocess.run(cmd + ["--config.train.lr=1e-2"], cwd=ROOT, env=env,
