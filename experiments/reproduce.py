@@ -49,21 +49,24 @@ def main(argv):
     names = studies.selected_studies(_STUDY.value)
     if _RUNS_FROM.value and _SHIP.value:
       raise ValueError("--runs_from and --ship exclude each other")
-    if _RUNS_FROM.value:
-      shipped = storage.resolve(_RUNS_FROM.value)
-      load = lambda v: studies.read_shipped(storage.join(shipped, f"{v}.json.gz"))
-    else:
-      base = _CONFIG.value
-      configs = {v: studies.train_variant(base, v, workdir)
+    if not _RUNS_FROM.value:
+      configs = {v: studies.train_variant(_CONFIG.value, v, workdir)
                  for v in studies.variant_order(names)}
-      load = lambda v: studies.read_run(v, configs[v], storage.join(workdir, "runs", v))
-      if _SHIP.value:
-        ship = storage.resolve(_SHIP.value)
-        storage.makedirs(ship)
-        def load(v, read=load):  # pylint: disable=function-redefined
-          path = storage.join(ship, f"{v}.json.gz")
-          studies.write_shipped(studies.compact(read(v)), path)
-          return studies.read_shipped(path)
+    if _SHIP.value:
+      storage.makedirs(storage.resolve(_SHIP.value))
+
+    def load(variant):
+      """The run the analyses read: shipped, or trained (and, with --ship, compacted)."""
+      if _RUNS_FROM.value:
+        return studies.read_shipped(storage.join(storage.resolve(_RUNS_FROM.value),
+                                                 f"{variant}.json.gz"))
+      run = studies.read_run(variant, configs[variant], storage.join(workdir, "runs", variant))
+      if not _SHIP.value:
+        return run
+      path = storage.join(storage.resolve(_SHIP.value), f"{variant}.json.gz")
+      studies.write_shipped(studies.compact(run), path)
+      return studies.read_shipped(path)
+
     loaded = {}
     for name in names:
       study = studies.STUDIES[name]
