@@ -398,11 +398,6 @@ def adaptive(runs):
   return results
 
 
-def _mean_between(run: Run, key: str, lo: int, hi: int) -> np.ndarray:
-  """Mean of a per-step metric over the steps in (lo, hi]."""
-  return _window(run, key, lo, hi).mean(0)
-
-
 def _switch_effect(run: Run, keep: Run, top1: Run, switch: int) -> dict:
   """One converted run against phase 1 kept (`keep`) and top-1 from the start (`top1`), all on
   the same batches: per-step training loss differences in windows around the switch, layer 0's
@@ -418,7 +413,7 @@ def _switch_effect(run: Run, keep: Run, top1: Run, switch: int) -> dict:
   def window(lo, hi):
     inside = delta[(steps[after] > lo) & (steps[after] <= hi)]
     return float(inside.mean()) if len(inside) else None
-  layer0 = lambda r, lo, hi: float(_mean_between(r, "load_max_dev", lo, hi)[0])
+  layer0 = lambda r, lo, hi: float(_window(r, "load_max_dev", lo, hi).mean(0)[0])
   loss_windows = {"during_change": window(start, switch) if switch > start else 0.0,
                   "first_20_after": window(switch, switch + 20),
                   "20_to_100_after": window(switch + 20, switch + 100),  # none in a short run
