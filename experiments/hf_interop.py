@@ -82,10 +82,15 @@ def write_tokenizer(run, out: str) -> None:
           flush=True)
     return
   storage.write_bytes(storage.join(out, "tokenizer.json"), storage.read_bytes(source))
-  storage.write_text(storage.join(out, "tokenizer_config.json"), json.dumps({
+  tokenizer_config = {
       "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
       "bos_token": EOS_TOKEN, "model_max_length": run.context, "padding_side": "left",
-      "clean_up_tokenization_spaces": False}, indent=2))
+      "clean_up_tokenization_spaces": False}
+  data = run.settings.data
+  if data.format == "chat":  # a fine-tuned model answers in the format it was trained on
+    tokenizer_config["chat_template"] = storage.read_text(data.chat_template)
+  storage.write_text(storage.join(out, "tokenizer_config.json"),
+                     json.dumps(tokenizer_config, indent=2))
 
 
 # Model settings that describe how the model runs, not what it is: taken from --config.

@@ -102,15 +102,22 @@ class Divergence:
           f"non-finite update was applied or saved, the checkpoints are as they were")
 
 
-def fingerprint(tokenizer_path: str) -> dict:
-  return {"tokenizer_sha256": hashlib.sha256(storage.read_bytes(tokenizer_path)).hexdigest()}
+def fingerprint(tokenizer_path: str, chat_template_path: str = "") -> dict:
+  """sha256 of the tokenizer file, and of the chat template when the run reads conversations:
+  the token ids of the data stream depend on both."""
+  prints = {"tokenizer_sha256": hashlib.sha256(storage.read_bytes(tokenizer_path)).hexdigest()}
+  if chat_template_path:
+    prints["chat_template_sha256"] = hashlib.sha256(
+        storage.read_bytes(chat_template_path)).hexdigest()
+  return prints
 
 
 # Config keys besides the model that a resumed run must share with its checkpoint: they define
 # the data stream the saved iterator position refers to.
 RESUME_KEYS = (("data", "path"), ("data", "tokenizer"), ("data", "val_fraction"),
                ("data", "seed"), ("data", "order_seed"), ("data", "chunk_chars"),
-               ("data", "shard_files"), ("data", "rows_by_path"),
+               ("data", "shard_files"), ("data", "rows_by_path"), ("data", "format"),
+               ("data", "chat_template"), ("data", "truncate"),
                ("train", "batch_size"),
                ("train", "seq_len"), ("train", "grad_accum"),
                ("train", "router_lr_scale"))  # 1 or not: the optimizer state's structure
@@ -123,11 +130,12 @@ def resume_differences(saved: dict, current: dict) -> list:
     if section in saved and key in saved[section] and saved[section][key] != current[section][key]:
       diffs.append(f"{section}.{key}: checkpoint {saved[section][key]!r}, config "
                    f"{current[section][key]!r}")
-  saved_hash = saved.get("fingerprint", {}).get("tokenizer_sha256")
-  current_hash = current.get("fingerprint", {}).get("tokenizer_sha256")
-  if saved_hash and current_hash and saved_hash != current_hash:
-    diffs.append(f"tokenizer content (sha256): checkpoint {saved_hash[:12]}..., config "
-                 f"{current_hash[:12]}...")
+  for what in ("tokenizer", "chat_template"):
+    saved_hash = saved.get("fingerprint", {}).get(f"{what}_sha256")
+    current_hash = current.get("fingerprint", {}).get(f"{what}_sha256")
+    if saved_hash and current_hash and saved_hash != current_hash:
+      diffs.append(f"{what} content (sha256): checkpoint {saved_hash[:12]}..., config "
+                   f"{current_hash[:12]}...")
   return diffs
 
 

@@ -19,6 +19,9 @@ from sigma_moe_jax.schedule import AdaptiveTopK, parse_per_layer, parse_phases
 from sigma_moe_jax.train import LR_SCHEDULES, BalanceSettings, Schedule
 
 
+INIT_MODES = ("continue", "params")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
   """The optimisation run: length, batch geometry, optimizer, cadence of logs and saves."""
@@ -47,6 +50,11 @@ class TrainSettings:
   peak_flops: float = 0.0  # per-device peak for MFU; 0: the known chip table, else measured
   init_from: str = ""  # another run's workdir to start from when this one has no checkpoint
   init_step: int = -1  # its checkpoint to start from; -1: the latest
+  # What init_from takes: `continue` (the whole train state and the data position; the step
+  # carries on, e.g. a branch under another schedule) or `params` (the parameters and the
+  # loss-free bias only: a new run from step 0 with a fresh optimizer and data stream, as for
+  # fine-tuning or continuing at a longer context).
+  init_mode: str = "continue"
   # Steps whose loss or gradient norm is not finite are never applied (the update is skipped);
   # the run stops at the first one past this many in a row, exits non-zero, and saves nothing.
   max_bad_steps: int = 0
@@ -72,6 +80,10 @@ class TrainSettings:
     _check(self, "train", "peak_flops", self.peak_flops >= 0, "must be >= 0 (0: known or measured)")
     _check(self, "train", "max_bad_steps", self.max_bad_steps >= 0, "must be >= 0")
     _check(self, "train", "init_step", self.init_step >= -1, "must be a step >= 0, or -1 (latest)")
+    _check(self, "train", "init_mode", self.init_mode in INIT_MODES, f"must be one of {INIT_MODES}")
+
+
+DATA_FORMATS = ("text", "chat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +103,13 @@ class DataSettings:
   # Each comma-separated path of `path` fills its own equal block of every batch's rows, so a
   # batch shard reads one path when the shards are a multiple of the paths (docs/design.md).
   rows_by_path: bool = False
+  # Supervised fine-tuning: `chat` reads JSONL conversations ({"messages": [...]} or {"prompt",
+  # "completion"}), renders them with `chat_template` and trains on the assistant tokens only
+  # (sigma_moe_jax/chat.py); whole conversations are packed several to a row. A conversation
+  # longer than train.seq_len is refused, or cut to it with `truncate`.
+  format: str = "text"  # `text` (pre-training documents) or `chat`
+  chat_template: str = "data/chat_template.jinja"  # Jinja, Hugging Face convention
+  truncate: bool = False
 
   def __post_init__(self):
     _check(self, "data", "val_fraction", 0 <= self.val_fraction < 1, "must lie in [0, 1)")
@@ -99,6 +118,14 @@ class DataSettings:
       _check(self, "data", name, bool(getattr(self, name).strip()), "must name a file")
     _check(self, "data", "rows_by_path", not (self.rows_by_path and self.shard_files),
            "excludes data.shard_files")
+    _check(self, "data", "format", self.format in DATA_FORMATS, f"must be one of {DATA_FORMATS}")
+    if self.format == "chat":
+      for name, value in (("shard_files", self.shard_files), ("rows_by_path", self.rows_by_path),
+                          ("chunk_chars", self.chunk_chars)):
+        _check(self, "data", name, not value, "must be off (0 / False) with data.format 'chat': "
+               "conversations are read whole")
+    _check(self, "data", "truncate", not self.truncate or self.format == "chat",
+           "only applies to data.format 'chat'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +228,9 @@ def step_plan(settings: Settings) -> aot.StepPlan:
 def data_settings(data) -> DataSettings:
   """The data section with the shipped corpus and tokenizer found from any directory."""
   return DataSettings(**{**data, "path": project_path(data.path),
-                         "tokenizer": project_path(data.tokenizer)})
+                         "tokenizer": project_path(data.tokenizer),
+                         "chat_template": project_path(data.get("chat_template",
+                                                                DataSettings.chat_template))})
 
 
 class flag_names:

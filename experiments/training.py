@@ -21,9 +21,11 @@ from sigma_moe_jax import ModelConfig, TopKSchedule, generate, sharding, storage
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
+from sigma_moe_jax import chat
+from sigma_moe_jax.chat import ChatTemplate
 from sigma_moe_jax.data import (check_vocab, chunk_documents, data_files, load_documents,
-                                make_block_pipeline, make_file_pipeline, make_pipeline,
-                                read_documents, split_documents)
+                                make_block_pipeline, make_chat_pipeline, make_file_pipeline,
+                                make_pipeline, read_documents, split_documents)
 from sigma_moe_jax.metrics import (MetricsWriter, flops_per_token, format_duration,
                                    peak_flops_per_device)
 from sigma_moe_jax.tokenizer import load_tokenizer
@@ -116,7 +118,7 @@ class Training(NamedTuple):
   optimizer: Any
 
 
-def parse_eval_sets(spec: str) -> dict:
+def parse_eval_sets(spec: str, read=load_documents) -> dict:
   """"name=paths;name=paths" -> {name: documents}: extra validation sets, each evaluated and
   logged under its own name (e.g. one per domain). Paths as in data.path; the files should hold
   text kept out of training."""
@@ -130,7 +132,7 @@ def parse_eval_sets(spec: str) -> dict:
       raise ValueError(f"data.eval_sets: {part!r} is not name=paths (name an identifier)")
     if name in sets:
       raise ValueError(f"data.eval_sets: {name!r} given twice")
-    sets[name] = load_documents(paths.strip())
+    sets[name] = read(paths.strip())
   return sets
 
 
@@ -145,7 +147,13 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
   tokenizer = load_tokenizer(data.tokenizer)
   check_vocab(tokenizer, model_cfg.vocab_size)
   train_files = train_groups = None
-  if data.shard_files:
+  read = load_documents
+  if data.format == "chat":
+    template = ChatTemplate.load(data.chat_template)
+    read = lambda paths: chat.load_examples(data_files(paths), template, tokenizer,
+                                            max_len=t.seq_len, truncate=data.truncate)
+    train_docs, val_docs = split_documents(read(data.path), data.val_fraction, data.seed)
+  elif data.shard_files:
     train_files, val_files = split_documents(data_files(data.path), data.val_fraction, data.seed)
     if len(train_files) < jax.process_count():
       raise ValueError(f"data.shard_files: {len(train_files)} training files for "
@@ -169,7 +177,7 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
     if not data.rows_by_path:
       train_groups = None
   eval_sets = {"": val_docs} if val_docs else {}
-  eval_sets.update(parse_eval_sets(data.eval_sets))
+  eval_sets.update(parse_eval_sets(data.eval_sets, read))
   lr, optimizer = lr_and_optimizer(t)
   for name, docs in eval_sets.items():
     if len(docs) < jax.process_count():
@@ -183,10 +191,17 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
                   train_groups, train_files, eval_sets, lr, optimizer)
 
 
+# Keys of the model that parameters do not depend on: a run started from another's checkpoint
+# may change them (context extension: a new RoPE base or scaling at a longer seq_len).
+ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_scaling_factor", "rope_original_len")
+
+
 def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
-  """train.init_from: starts a new run from another run's checkpoint (train state and data
-  position), e.g. to continue a run under a different top-k schedule. The model must match; the
-  step carries on, so step-keyed schedules continue where the other run stood."""
+  """train.init_from: starts a new run from another run's checkpoint. With init_mode `continue`
+  it takes the train state and the data position (the step carries on, so step-keyed schedules
+  continue where the other run stood, e.g. a branch under a different top-k schedule); with
+  `params` the parameters and the loss-free bias only (fine-tuning, context extension): the
+  step, the optimizer and the data start afresh. The model must match, but for its RoPE keys."""
   directory = storage.join(storage.resolve(t.init_from), "checkpoints")
   if not storage.isdir(directory):
     raise ValueError(f"train.init_from: no checkpoints directory in {t.init_from!r}")
@@ -198,16 +213,25 @@ def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
       raise ValueError(f"train.init_from: {t.init_from!r} has no checkpoint at step {step} "
                        f"(it has {steps})")
     diffs = model_differences(source.saved_config(step), config.to_dict())
+    rope = [d for d in diffs if d.split(":")[0][len("model."):] in ROPE_KEYS]
+    diffs = [d for d in diffs if d not in rope]
     if diffs:
       raise ValueError(f"train.init_from {t.init_from!r} holds a different model ("
                        + "; ".join(diffs) + ")")
-    if source.has_data_position(step):
+    if rope:
+      print(f"train.init_from: RoPE changed ({'; '.join(rope)})", flush=True)
+    if t.init_mode == "params":
+      loaded = source.restore_state(step, abstract_like(state, shardings), params_only=True)
+      state = state._replace(params=loaded.params, selection_bias=(
+          state.selection_bias if loaded.selection_bias is None else loaded.selection_bias))
+    elif source.has_data_position(step):
       state = source.restore(step, abstract_like(state, shardings), train_iter)
     else:  # an imported model: its state, and the data stream from its start
       state = source.restore_state(step, abstract_like(state, shardings))
   finally:
     source.close()
-  print(f"initialized from step {step} of {t.init_from}", flush=True)
+  print(f"initialized from step {step} of {t.init_from}"
+        + (" (parameters only)" if t.init_mode == "params" else ""), flush=True)
   return state
 
 
@@ -274,6 +298,10 @@ def run(config, workdir: str):
   pipeline = lambda docs, seed=data.seed, **kw: make_pipeline(
       docs, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch, seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(), **kw)
+  if data.format == "chat":
+    pipeline = lambda examples, seed=data.seed, **kw: make_chat_pipeline(
+        examples, seq_len=t.seq_len, batch_size=local_batch, seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count(), **kw)
   if built.train_groups is not None:
     train_pipeline = lambda: make_block_pipeline(
         built.train_groups, built.tokenizer, seq_len=t.seq_len, batch_size=local_batch,
@@ -296,7 +324,8 @@ def run(config, workdir: str):
     fresh = train_lib.init_top_k_state(model_cfg, schedule, step)
     return jax.device_put(fresh, shardings.top_k_state)
 
-  config_json = {**config.to_dict(), "fingerprint": fingerprint(built.settings.data.tokenizer)}
+  config_json = {**config.to_dict(), "fingerprint": fingerprint(
+      data.tokenizer, data.chat_template if data.format == "chat" else "")}
   checkpoint_dir = storage.join(workdir, "checkpoints")
   new_checkpointer = lambda: Checkpointer(checkpoint_dir, save_every=t.checkpoint_every,
                                           keep=t.keep_checkpoints,

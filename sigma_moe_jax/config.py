@@ -13,6 +13,7 @@ from sigma_moe_jax.attention import ATTENTIONS
 from sigma_moe_jax.balancing import LBL_MODES
 from sigma_moe_jax.dispatch import DISPATCHES
 from sigma_moe_jax.grouped_matmul import GROUPED_MATMULS
+from sigma_moe_jax.layers import ROPE_SCALINGS
 
 GATE_FUNCTIONS = ("softmax", "sigmoid")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -59,6 +60,12 @@ class ModelConfig:
   # all_to_all (any backend; drops past capacity), or dropless ragged_all_to_all (GPU / TPU).
   expert_exchange: str = "all_to_all"
   rope_theta: float = 10_000.0
+  # Context extension (layers.rope_frequencies): `yarn` stretches the rotations of a model
+  # trained on rope_original_len positions by rope_scaling_factor. Parameters do not depend on
+  # these keys (nor on rope_theta), so a run may change them when it starts from another's.
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_original_len: int = 0
   norm_eps: float = 1e-6
   qk_norm: bool = True
   init_std: float = 0.0125
@@ -111,6 +118,13 @@ class ModelConfig:
              f"must be one of {EXPERT_EXCHANGES}")
     for name in ("rope_theta", "norm_eps", "init_std", "top1_lbl_tau"):
       _require(name, getattr(self, name) > 0, "must be positive")
+    _require("rope_scaling", self.rope_scaling in ROPE_SCALINGS,
+             f"must be one of {ROPE_SCALINGS}")
+    if self.rope_scaling == "yarn":
+      _require("rope_scaling_factor", self.rope_scaling_factor > 1,
+               "must be > 1 with rope_scaling 'yarn' (the context's growth)")
+      _require("rope_original_len", self.rope_original_len > 0,
+               "must be the pre-training context (> 0) with rope_scaling 'yarn'")
     _require("embed_init_std", self.embed_init_std is None or self.embed_init_std > 0,
              "must be positive or None (init_std)")
     _require("dtype", self.dtype in COMPUTE_DTYPES, f"must be one of {COMPUTE_DTYPES}")

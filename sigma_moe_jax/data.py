@@ -169,6 +169,48 @@ def make_pipeline(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, ba
   return _pack(ds.to_iter_dataset(_READ_OPTIONS), tokenizer, seq_len, batch_size)
 
 
+def make_chat_pipeline(examples: Sequence[Any], *, seq_len: int, batch_size: int, seed: int,
+                       process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                       repeat: bool = True) -> grain.DatasetIterator:
+  """Batches of whole encoded conversations (`chat.Example`: tokens and loss mask, each at most
+  `seq_len` long) packed several to a row by grain's first-fit packer: a conversation is never
+  split across rows, so the rest of a row is padding (segment_ids 0).
+
+  Each element holds int32 [batch_size, seq_len] `tokens`, `segment_ids`, `positions` (as in
+  `make_pipeline`) and `loss_mask`. Every conversation keeps its own segment id, so attention
+  and positions stay inside it. `shuffle`, `repeat` and the JSON-serialisable state behave as in
+  `make_pipeline`; without `repeat` the last batch is filled with empty rows.
+  """
+  _check_geometry(seq_len, batch_size, process_index, process_count, None, None)
+  shard = list(examples)[process_index::process_count]
+  if not shard:
+    raise ValueError(f"process {process_index} of {process_count} gets no conversations "
+                     f"({len(examples)} in total); use fewer processes or more conversations")
+  longest = max(len(e.tokens) for e in shard)
+  if longest > seq_len:
+    raise ValueError(f"a conversation of {longest} tokens does not fit a row of {seq_len}")
+  ds = grain.MapDataset.source(shard)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.map(lambda e: {"tokens": np.asarray(e.tokens, np.int32),
+                         "loss_mask": np.asarray(e.loss_mask, np.int32)})
+  # One packing round per batch: a bin per row.
+  packed = grain.experimental.FirstFitPackIterDataset(
+      ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len, "loss_mask": seq_len},
+      num_packing_bins=batch_size, seed=seed, shuffle_bins=shuffle)
+  batched = packed.batch(batch_size, drop_remainder=False)
+  return _JsonStateDataset(batched.map(lambda b: _to_chat_batch(b, batch_size))).__iter__()
+
+
+def _to_chat_batch(packed: Dict[str, np.ndarray], batch_size: int) -> Batch:
+  batch = _to_batch(packed, batch_size)
+  short = batch_size - packed["loss_mask"].shape[0]
+  batch["loss_mask"] = np.pad(packed["loss_mask"], ((0, short), (0, 0))).astype(np.int32)
+  return batch
+
+
 def make_block_pipeline(groups: Sequence[Sequence[str]], tokenizer: Tokenizer, *, seq_len: int,
                         batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1,
@@ -247,7 +289,7 @@ def _check_geometry(seq_len, batch_size, process_index, process_count, tokenizer
       raise ValueError(f"{name}={value} must be a positive integer")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-  if max_vocab is not None:
+  if max_vocab is not None and tokenizer is not None:
     check_vocab(tokenizer, max_vocab)
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigma_moe_jax.config import ModelConfig
+from sigma_moe_jax.layers import YARN_BETA_FAST, YARN_BETA_SLOW
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 MODEL_TYPE = "qwen3_moe"
@@ -56,6 +57,16 @@ def export_refusals(cfg: ModelConfig, top_k: Sequence[int], loss_free: bool) -> 
   return problems
 
 
+def rope_scaling(cfg: ModelConfig) -> Optional[dict]:
+  """config.json's `rope_scaling` (None: plain RoPE). Ours is Hugging Face's `yarn` with its
+  default betas and attention factor (layers.rope_frequencies)."""
+  if cfg.rope_scaling == "none":
+    return None
+  return {"rope_type": "yarn", "factor": float(cfg.rope_scaling_factor),
+          "original_max_position_embeddings": int(cfg.rope_original_len),
+          "beta_fast": YARN_BETA_FAST, "beta_slow": YARN_BETA_SLOW}
+
+
 def hf_config(cfg: ModelConfig, *, top_k: int, max_position_embeddings: int,
               eos_token_id: Optional[int], dtype: str = "float32") -> dict:
   """config.json of the exported model."""
@@ -68,7 +79,8 @@ def hf_config(cfg: ModelConfig, *, top_k: int, max_position_embeddings: int,
       "moe_intermediate_size": cfg.d_ff, "intermediate_size": cfg.d_ff,
       "norm_topk_prob": bool(cfg.renormalize), "decoder_sparse_step": 1, "mlp_only_layers": [],
       "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-      "rope_scaling": None, "max_position_embeddings": int(max_position_embeddings),
+      "rope_scaling": rope_scaling(cfg),
+      "max_position_embeddings": int(max_position_embeddings),
       "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0,
       "use_sliding_window": False, "sliding_window": None, "output_router_logits": False,
       "torch_dtype": dtype, "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
@@ -104,8 +116,21 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
       problems.append(f"{key}={value!r} ({feature})")
   rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
   rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    problems.append(f"rope scaling {rope_type!r} (only plain RoPE)")
+  rope_fields = {}
+  if rope_type == "yarn":
+    unusual = {k: rope[k] for k, default in (("beta_fast", YARN_BETA_FAST),
+                                             ("beta_slow", YARN_BETA_SLOW))
+               if rope.get(k) not in (None, default)}
+    unusual.update({k: rope[k] for k in ("attention_factor", "mscale", "mscale_all_dim")
+                    if rope.get(k) is not None})
+    if unusual or not rope.get("factor") or not rope.get("original_max_position_embeddings"):
+      problems.append(f"yarn RoPE with settings other than a factor, the original length and "
+                      f"the default betas ({unusual or rope})")
+    else:
+      rope_fields = dict(rope_scaling="yarn", rope_scaling_factor=float(rope["factor"]),
+                         rope_original_len=int(rope["original_max_position_embeddings"]))
+  elif rope_type != "default":
+    problems.append(f"rope scaling {rope_type!r} (only plain RoPE and yarn)")
   num_experts = hf.get("num_experts", hf.get("num_local_experts"))
   top_k = int(hf.get("num_experts_per_tok", 1))
   if hf.get("norm_topk_prob") and top_k == 1:
@@ -122,7 +147,8 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
       head_dim=hf.get("head_dim", hf["hidden_size"] // heads), num_experts=num_experts,
       d_ff=hf["moe_intermediate_size"], top_k=top_k,
       renormalize=bool(hf.get("norm_topk_prob", False)), rope_theta=float(theta),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=True, gate_fn="softmax")
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=True, gate_fn="softmax",
+      **rope_fields)
   fields.update(overrides)
   return ModelConfig(**fields)
 

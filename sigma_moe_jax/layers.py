@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sigma_moe_jax import attention, platform
@@ -26,12 +29,49 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotates pairs (i, i + head_dim/2) of x [batch, seq, heads, head_dim] by position."""
-  half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+ROPE_SCALINGS = ("none", "yarn")
+# YaRN's ramp between interpolated and kept frequencies, in rotations over the original context
+# (the defaults of the YaRN paper and of Hugging Face's implementation).
+YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                     original_len: int = 0):
+  """(inverse frequencies float32 [head_dim / 2], attention factor) of rotary embeddings.
+
+  `none`: theta ** (-2i / head_dim). `yarn` (Peng et al. 2023, "YaRN"), extending a model
+  trained on `original_len` positions by `factor`: dimensions that turn more than
+  YARN_BETA_FAST times over the original context keep their frequency, those that turn less
+  than YARN_BETA_SLOW times are divided by `factor` (interpolated), with a linear ramp between;
+  cos and sin are multiplied by 0.1 ln(factor) + 1. This is the formula of Hugging Face's
+  `rope_type: yarn`, so an exported model computes the same rotations.
+  """
+  half = head_dim // 2
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+  if scaling == "none":
+    return jnp.asarray(inv_freq, jnp.float32), 1.0
+  if scaling != "yarn":
+    raise ValueError(f"unknown RoPE scaling {scaling!r}; one of {ROPE_SCALINGS}")
+
+  def dimension(rotations):  # the dimension that turns `rotations` times over original_len
+    return head_dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+  low = max(math.floor(dimension(YARN_BETA_FAST)), 0)
+  high = min(math.ceil(dimension(YARN_BETA_SLOW)), head_dim - 1)
+  high = high + 0.001 if low == high else high
+  interpolated = np.clip((np.arange(half, dtype=np.float32) - low) / (high - low), 0, 1)
+  inv_freq = inv_freq / factor * interpolated + inv_freq * (1 - interpolated)
+  attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+  return jnp.asarray(inv_freq, jnp.float32), attention
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, scaling: str = "none",
+               factor: float = 1.0, original_len: int = 0) -> jax.Array:
+  """Rotates pairs (i, i + head_dim/2) of x [batch, seq, heads, head_dim] by position
+  (frequencies from `rope_frequencies`)."""
+  inv_freq, attention = rope_frequencies(x.shape[-1], theta, scaling, factor, original_len)
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, half]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  sin = attention * jnp.sin(angles)[:, :, None, :]
+  cos = attention * jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
@@ -53,9 +93,11 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                qk_norm: bool, rope_theta: float, norm_eps: float, init_std: float,
-               dtype, rngs: nnx.Rngs, implementation: str = "auto"):
+               dtype, rngs: nnx.Rngs, implementation: str = "auto",
+               rope_scaling: tuple = ("none", 1.0, 0)):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_theta, self.dtype, self.implementation = rope_theta, dtype, implementation
+    self.rope_scaling = tuple(rope_scaling)  # (kind, factor, original length)
     self.wq = normal_param(rngs, (d_model, num_heads, head_dim), init_std)
     self.wk = normal_param(rngs, (d_model, num_kv_heads, head_dim), init_std)
     self.wv = normal_param(rngs, (d_model, num_kv_heads, head_dim), init_std)
@@ -81,8 +123,8 @@ class Attention(nnx.Module):
     v = jnp.einsum("bsd,dkh->bskh", x, cast(self.wv))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    return (apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta),
-            v)
+    rope = lambda t: apply_rope(t, positions, self.rope_theta, *self.rope_scaling)
+    return rope(q), rope(k), v
 
   def output(self, out: jax.Array) -> jax.Array:
     """Attention output [batch, seq, heads, head_dim] -> [batch, seq, d_model]."""

@@ -32,7 +32,9 @@ class Block(nnx.Module):
     self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                           qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
                           init_std=cfg.init_std, dtype=dtype, rngs=rngs,
-                          implementation=cfg.attention)
+                          implementation=cfg.attention,
+                          rope_scaling=(cfg.rope_scaling, cfg.rope_scaling_factor,
+                                        cfg.rope_original_len))
     self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, gate_fn=cfg.gate_fn,
                    renormalize=cfg.renormalize, dispatch=cfg.dispatch,

@@ -3,8 +3,10 @@
   state, metrics = train_step(state, batch)
 
 `state` is a `TrainState` (parameters as a pure dict, optax state, the loss-free balancing bias,
-the per-layer top-k and the adaptive schedule's state, the step); `batch` holds int32 [batch, seq] `tokens`, `segment_ids` and `positions`. Nothing is
-mutated inside jit: the model is rebuilt from its graph definition and the parameters each call.
+the per-layer top-k and the adaptive schedule's state, the step); `batch` holds int32
+[batch, seq] `tokens`, `segment_ids` and `positions`, and for supervised fine-tuning a
+`loss_mask` (1 on the tokens that are targets). Nothing is mutated inside jit: the model is
+rebuilt from its graph definition and the parameters each call.
 """
 
 from __future__ import annotations
@@ -174,12 +176,20 @@ def jit_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
-def lm_loss_terms(logits, tokens, segment_ids):
-  """Summed next-token cross-entropy and the number of targets. Targets that start a new document
-  or are padding are masked."""
-  targets = tokens[:, 1:]
+def target_mask(segment_ids, loss_mask=None):
+  """bool [batch, seq - 1]: which next tokens are targets. Targets that start a new document or
+  are padding never are; with a `loss_mask` [batch, seq] (supervised fine-tuning: 1 on the
+  tokens the model must produce, e.g. assistant replies) only tokens it marks are."""
   mask = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+  if loss_mask is not None:
+    mask = mask & (loss_mask[:, 1:] > 0)
+  return mask
+
+
+def lm_loss_terms(logits, tokens, segment_ids, loss_mask=None):
+  """Summed next-token cross-entropy over the targets of `target_mask`, and their number."""
+  mask = target_mask(segment_ids, loss_mask)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
   return jnp.sum(ce * mask), jnp.sum(mask)
 
 
@@ -211,7 +221,8 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
     model = nnx.merge(graphdef, params)
     logits, stats = model(micro["tokens"], micro["segment_ids"], micro["positions"], top_k=top_k,
                           selection_bias=bias, count_offset=offset)
-    ce_sum, targets = lm_loss_terms(logits, micro["tokens"], micro["segment_ids"])
+    ce_sum, targets = lm_loss_terms(logits, micro["tokens"], micro["segment_ids"],
+                                    micro.get("loss_mask"))
     balance_loss = {"lbl": jnp.sum(stats.lbl), "top1_lbl": jnp.sum(stats.top1_lbl),
                     "none": jnp.zeros(())}[balance.loss]
     z_loss = jnp.sum(stats.router_z_loss)
@@ -224,9 +235,8 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
   def train_step(state: TrainState, batch: Dict[str, jax.Array]):
     top_k = top_k_in_force(state, cfg, schedule)
     bias = state.selection_bias if balance.loss_free else None
-    segments = batch["segment_ids"]
     total_targets = jnp.maximum(
-        jnp.sum((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)), 1)
+        jnp.sum(target_mask(batch["segment_ids"], batch.get("loss_mask"))), 1)
     micro_batches = jax.tree.map(
         lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:]), batch)
 
@@ -299,7 +309,8 @@ def make_eval_step(graphdef):
     logits, stats = nnx.merge(graphdef, params)(batch["tokens"], batch["segment_ids"],
                                                 batch["positions"], top_k=top_k,
                                                 selection_bias=selection_bias)
-    ce_sum, targets = lm_loss_terms(logits, batch["tokens"], batch["segment_ids"])
+    ce_sum, targets = lm_loss_terms(logits, batch["tokens"], batch["segment_ids"],
+                                    batch.get("loss_mask"))
     routing = {"tokens_per_expert": stats.tokens_per_expert,
                "gate_prob_sum": stats.gate_prob_mean * stats.num_tokens[:, None],
                "num_tokens": stats.num_tokens, "dropped": stats.dropped}
