@@ -3,13 +3,18 @@
   python -m experiments.evaluate --workdir=runs/cpu_tiny --task=data/tasks/shakespeare_next_line.jsonl
   python -m experiments.evaluate --workdir=runs/cpu_tiny --task=data/shakespeare.jsonl.gz
   python -m experiments.evaluate --workdir=runs/cpu_tiny --task=... --untrained   # chance baseline
+  python -m experiments.evaluate --workdir=runs/cpu_tiny_sft --task=data/tasks/shakespeare_instruct.jsonl --chat
 
 A task file of JSON lines {"context": ..., "choices": [...], "label": i} is multiple choice (each
-choice is appended to its context as written):
+choice is appended to its context as written); with --chat, each line's "messages" (a
+conversation up to the question) are rendered with the run's chat template (data.chat_template)
+and its generation prompt, and each choice is scored as the assistant's reply:
 accuracy by summed and by length-normalised log-likelihood of each choice given its context,
 with standard errors. Any other file the data pipeline reads (.txt, .jsonl with "text", .gz)
-is a corpus: perplexity and bits per byte. The result goes to --out (default
-<workdir>/eval/<task name>.json) and is printed.
+is a corpus: perplexity and bits per byte, in windows of the run's training context (or
+--context tokens: a longer one checks a context extension). Records with a "task" field are
+also scored per task. The result goes to --out (default <workdir>/eval/<task name>.json) and is
+printed.
 """
 
 import json
@@ -22,7 +27,9 @@ from flax import nnx
 
 from experiments import cli as cli_lib
 from experiments.inference import load_run, token_byte_lengths
+from sigma_moe_jax import chat as chat_lib
 from sigma_moe_jax import generate, scoring, storage
+from sigma_moe_jax.chat import ChatTemplate
 from sigma_moe_jax.data import load_documents
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
@@ -33,11 +40,15 @@ _UNTRAINED = flags.DEFINE_bool("untrained", False, "Score the freshly initialise
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
 _MOE_TOP_K = flags.DEFINE_string("moe_top_k", "", "Experts per token in each layer (default: "
                                  "the last phase of the run's schedule).")
+_CHAT = flags.DEFINE_bool("chat", False, "Multiple choice in the chat format: each record's "
+                          "messages, rendered with the run's chat template, are the context.")
+_CONTEXT = flags.DEFINE_integer("context", 0, "Tokens per window (0: the run's seq_len).")
 flags.mark_flags_as_required(["workdir", "task"])
 
 
-def read_choice_task(path: str) -> List[Tuple[str, List[str], int]]:
-  """(context, choices, label) per line; one error naming the line for anything malformed."""
+def read_choice_task(path: str, chat: bool = False) -> List[Tuple[object, List[str], int, str]]:
+  """(context, choices, label, task) per line: the context is a string, or with `chat` the
+  record's messages; one error naming the line for anything malformed."""
   examples = []
   with storage.open_file(path) as f:
     for number, line in enumerate(f, 1):
@@ -45,18 +56,28 @@ def read_choice_task(path: str) -> List[Tuple[str, List[str], int]]:
         continue
       try:
         record = json.loads(line)
-        context, choices, label = record["context"], record["choices"], record["label"]
-      except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} line {number}: not a {{context, choices, label}} record "
-                         f"({type(e).__name__})") from None
-      if (not isinstance(context, str) or not isinstance(choices, list) or len(choices) < 2
+        choices, label = record["choices"], record["label"]
+        context = (chat_lib.messages_of(record, f"{path} line {number}") if chat
+                   else record["context"])
+      except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} line {number}: not a {{{'messages' if chat else 'context'}, "
+                         f"choices, label}} record ({type(e).__name__})") from None
+      except json.JSONDecodeError:
+        raise ValueError(f"{path} line {number}: invalid JSON") from None
+      if chat:
+        context = context if context[-1]["role"] != "assistant" else None
+        if context is None:
+          raise ValueError(f"{path} line {number}: the messages end with an assistant reply; "
+                           f"the choices are that reply")
+      if (not isinstance(context, (str, list)) or not isinstance(choices, list)
+          or len(choices) < 2
           or not all(isinstance(c, str) and c for c in choices)):
         raise ValueError(f"{path} line {number}: needs a context string and at least two "
                          f"non-empty choice strings")
       if not isinstance(label, int) or not 0 <= label < len(choices):
         raise ValueError(f"{path} line {number}: label {label!r} is not an index into its "
                          f"{len(choices)} choices")
-      examples.append((context, choices, label))
+      examples.append((context, choices, label, str(record.get("task", ""))))
   if not examples:
     raise ValueError(f"{path} holds no example")
   return examples
@@ -83,7 +104,11 @@ def main(argv):
     if _BATCH.value < 1:
       raise ValueError("--batch_size must be >= 1")
     choice_task = storage.isfile(task) and is_choice_task(task)
-    examples = read_choice_task(task) if choice_task else None
+    if _CHAT.value and not choice_task:
+      raise ValueError("--chat scores multiple-choice tasks; a corpus has no conversations")
+    if _CONTEXT.value < 0:
+      raise ValueError("--context must be >= 0 (0: the run's seq_len)")
+    examples = read_choice_task(task, _CHAT.value) if choice_task else None
     documents = None if choice_task else load_documents(task)
     run = load_run(_WORKDIR.value, step=_STEP.value, top_k=_MOE_TOP_K.value,
                    untrained=_UNTRAINED.value)
@@ -96,24 +121,38 @@ def main(argv):
     return generate.token_logprobs(model, tokens, segment_ids, run.top_k)
 
   encode = run.tokenizer.encode
-  width = run.context
+  width = _CONTEXT.value or run.context
   if choice_task:
-    encoded = [(encode(context), [encode(choice) for choice in choices])
-               for context, choices, _ in examples]
     try:
+      if _CHAT.value:
+        template = ChatTemplate.load(run.settings.data.chat_template)
+        contexts = [chat_lib.prompt_ids(c, template, run.tokenizer) for c, _, _, _ in examples]
+      else:
+        contexts = [encode(c) for c, _, _, _ in examples]
+      encoded = [(context, [encode(choice) for choice in choices])
+                 for context, (_, choices, _, _) in zip(contexts, examples)]
       scores = scoring.choice_scores(encoded, logprob_fn, width=width, batch_size=_BATCH.value)
     except ValueError as e:
       sys.exit(f"error: {e}")
-    result = scoring.accuracy(scores, [label for _, _, label in examples])
+    labels = [label for _, _, label, _ in examples]
+    result = scoring.accuracy(scores, labels)
+    tasks = sorted({name for _, _, _, name in examples if name})
+    if tasks:
+      result["by_task"] = {name: scoring.accuracy(
+          [s for s, e in zip(scores, examples) if e[3] == name],
+          [l for l, e in zip(labels, examples) if e[3] == name]) for name in tasks}
   else:
     docs = [encode(doc) + [run.tokenizer.eos_id] for doc in documents]
     result = scoring.corpus_perplexity(docs, token_byte_lengths(run.tokenizer), logprob_fn,
                                        width=width, batch_size=_BATCH.value)
   result = {"task": _TASK.value, "workdir": _WORKDIR.value, "step": run.step,
-            "untrained": _UNTRAINED.value, "top_k": [int(k) for k in run.top_k], **result}
+            "untrained": _UNTRAINED.value, "chat": _CHAT.value, "context": width,
+            "top_k": [int(k) for k in run.top_k], **result}
   out = storage.resolve(_OUT.value or storage.join(
       _WORKDIR.value, "eval", storage.basename(task).split(".")[0]
-      + ("_untrained" if _UNTRAINED.value else f"_step{run.step}") + ".json"))
+      + ("_untrained" if _UNTRAINED.value else f"_step{run.step}")
+      + ("_chat" if _CHAT.value else "")
+      + (f"_context{width}" if width != run.context else "") + ".json"))
   storage.makedirs(storage.parent(out))
   storage.write_text(out, json.dumps(result, indent=1))
   print(json.dumps(result, indent=1))

@@ -153,6 +153,18 @@ def encode(messages: Sequence[Message], template: ChatTemplate, tokenizer: Token
   return Example(np.asarray(tokens, np.int32), np.asarray(mask, np.int32))
 
 
+def prompt_ids(messages: Sequence[Message], template: ChatTemplate,
+               tokenizer: Tokenizer) -> List[int]:
+  """Token ids of `messages` and the generation prompt, encoded piece by piece as in training:
+  what a model continues to answer as the assistant."""
+  ids = [i for text, _ in template.spans(messages) for i in tokenizer.encode(text)]
+  rendered, prompt = template.render(messages), template.prompt(messages)
+  if not prompt.startswith(rendered):
+    raise ValueError(f"{template.name} is not incremental: the generation prompt does not "
+                     f"extend the conversation's text")
+  return ids + tokenizer.encode(prompt[len(rendered):])
+
+
 def load_examples(paths: Sequence[str], template: ChatTemplate, tokenizer: Tokenizer, *,
                   max_len: int, truncate: bool = False) -> List[Example]:
   """Every conversation of the files, encoded."""
