@@ -30,7 +30,7 @@ from experiments.inference import load_run, token_byte_lengths
 from sigma_moe_jax import chat as chat_lib
 from sigma_moe_jax import generate, scoring, storage
 from sigma_moe_jax.chat import ChatTemplate
-from sigma_moe_jax.data import load_documents
+from sigma_moe_jax.data import load_documents, split_documents
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _TASK = flags.DEFINE_string("task", None, "Multiple-choice JSONL, or a corpus.")
@@ -43,6 +43,8 @@ _MOE_TOP_K = flags.DEFINE_string("moe_top_k", "", "Experts per token in each lay
 _CHAT = flags.DEFINE_bool("chat", False, "Multiple choice in the chat format: each record's "
                           "messages, rendered with the run's chat template, are the context.")
 _CONTEXT = flags.DEFINE_integer("context", 0, "Tokens per window (0: the run's seq_len).")
+_HELDOUT = flags.DEFINE_bool("heldout", False, "Corpus only: score the documents the run's "
+                             "data split held out (data.val_fraction, data.seed).")
 flags.mark_flags_as_required(["workdir", "task"])
 
 
@@ -109,9 +111,17 @@ def main(argv):
     if _CONTEXT.value < 0:
       raise ValueError("--context must be >= 0 (0: the run's seq_len)")
     examples = read_choice_task(task, _CHAT.value) if choice_task else None
+    if _HELDOUT.value and choice_task:
+      raise ValueError("--heldout selects documents of a corpus; a task file has none")
     documents = None if choice_task else load_documents(task)
     run = load_run(_WORKDIR.value, step=_STEP.value, top_k=_MOE_TOP_K.value,
                    untrained=_UNTRAINED.value)
+    if _HELDOUT.value:
+      data = run.settings.data
+      documents = split_documents(documents, data.val_fraction, data.seed)[1]
+      if not documents:
+        raise ValueError(f"the run holds out no document (data.val_fraction "
+                         f"{data.val_fraction})")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 
@@ -147,11 +157,12 @@ def main(argv):
                                        width=width, batch_size=_BATCH.value)
   result = {"task": _TASK.value, "workdir": _WORKDIR.value, "step": run.step,
             "untrained": _UNTRAINED.value, "chat": _CHAT.value, "context": width,
+            "heldout": _HELDOUT.value,
             "top_k": [int(k) for k in run.top_k], **result}
   out = storage.resolve(_OUT.value or storage.join(
       _WORKDIR.value, "eval", storage.basename(task).split(".")[0]
       + ("_untrained" if _UNTRAINED.value else f"_step{run.step}")
-      + ("_chat" if _CHAT.value else "")
+      + ("_chat" if _CHAT.value else "") + ("_heldout" if _HELDOUT.value else "")
       + (f"_context{width}" if width != run.context else "") + ".json"))
   storage.makedirs(storage.parent(out))
   storage.write_text(out, json.dumps(result, indent=1))

@@ -6,7 +6,14 @@
 
 Loads the run's config, tokenizer and latest (or --step) checkpoint, prints each continuation,
 and reports prefill and decode tokens/s (compilation excluded). With --prompts_file (one prompt
-per line) the results also go to --out as JSONL.
+per line) the results also go to --out as JSONL. With --chat each prompt is a user message:
+it is rendered with the run's chat template (data.chat_template) and its generation prompt, and
+the reply ends at the end-of-text token:
+
+  python -m experiments.generate --workdir=runs/cpu_tiny_sft --chat --temperature=0 \
+      --prompt="Who speaks next in this scene?  ROMEO. But soft!"
+
+(In a --prompts_file, write a line break inside a prompt as \n.)
 """
 
 import json
@@ -18,7 +25,8 @@ from absl import flags
 
 from experiments import cli as cli_lib
 from experiments.inference import load_run
-from sigma_moe_jax import generate, storage
+from sigma_moe_jax import chat, generate, storage
+from sigma_moe_jax.chat import ChatTemplate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _PROMPT = flags.DEFINE_string("prompt", None, "A prompt.")
@@ -32,6 +40,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).")
 _MOE_TOP_K = flags.DEFINE_string("moe_top_k", "", "Experts per token in each layer, e.g. "
                                  "'[1]*6' (default: the last phase of the run's schedule).")
+_CHAT = flags.DEFINE_bool("chat", False, "Each prompt is a user message in the run's chat "
+                          "template; the reply is generated as the assistant's.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -59,7 +69,13 @@ def main(argv):
     if _MAX_NEW.value < 1:
       raise ValueError("--max_new_tokens must be >= 1")
     run = load_run(_WORKDIR.value, step=_STEP.value, top_k=_MOE_TOP_K.value)
-    encoded = [run.tokenizer.encode(p) for p in prompts]
+    if _CHAT.value:
+      template = ChatTemplate.load(run.settings.data.chat_template)
+      prompts = [p.replace("\\n", "\n") for p in prompts]
+      encoded = [chat.prompt_ids([{"role": "user", "content": p}], template, run.tokenizer)
+                 for p in prompts]
+    else:
+      encoded = [run.tokenizer.encode(p) for p in prompts]
     for prompt, ids in zip(prompts, encoded):
       if not ids:
         raise ValueError(f"prompt {prompt!r} encodes to no tokens")
@@ -92,7 +108,7 @@ def main(argv):
       ids = ids[:-1]
     text = run.tokenizer.decode(ids)
     records.append({"prompt": prompt, "completion": text, "tokens": count})
-    print(f"{prompt}{text}\n")
+    print(f"{prompt}\n>>> {text}\n" if _CHAT.value else f"{prompt}{text}\n")
   print(f"step {run.step} | prefill {int(lengths.sum()) / prefill_seconds:,.0f} tokens/s "
         f"({len(prompts)} prompts, {int(lengths.sum())} tokens) | decode "
         f"{int(generated.sum()) / decode_seconds:,.0f} tokens/s ({int(generated.sum())} tokens)")

@@ -222,7 +222,8 @@ def step_plan(settings: Settings) -> aot.StepPlan:
   t = settings.train
   lr, optimizer = lr_and_optimizer(t)
   return aot.StepPlan(settings.model, settings.schedule, settings.balance, optimizer, lr,
-                      t.batch_size, t.seq_len, t.grad_accum)
+                      t.batch_size, t.seq_len, t.grad_accum,
+                      loss_mask=settings.data.format == "chat")
 
 
 def data_settings(data) -> DataSettings:

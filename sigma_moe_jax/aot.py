@@ -50,6 +50,7 @@ class StepPlan:
   batch_size: int
   seq_len: int
   grad_accum: int = 1
+  loss_mask: bool = False  # the batch carries a loss mask (supervised fine-tuning)
 
 
 def _abstract_inputs(plan: StepPlan, mesh):
@@ -61,7 +62,8 @@ def _abstract_inputs(plan: StepPlan, mesh):
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
   batch = {name: jax.ShapeDtypeStruct((plan.batch_size, plan.seq_len), jnp.int32,
                                       sharding=batch_sharding)
-           for name in ("tokens", "segment_ids", "positions")}
+           for name in ("tokens", "segment_ids", "positions")
+           + (("loss_mask",) if plan.loss_mask else ())}
   step = train_lib.jit_train_step(graphdef, plan.optimizer, plan.lr, plan.model, plan.balance,
                                   shardings, mesh, schedule=plan.schedule,
                                   grad_accum=plan.grad_accum)

@@ -18,11 +18,12 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=2",
         "--config.train.checkpoint_every=3", "--config.train.peak_flops=1e12"]
 
 
-def launch(workdir, *overrides, devices=1, wait=True, cwd=ROOT):
+def launch(workdir, *overrides, devices=1, wait=True, cwd=ROOT,
+           config="experiments/configs/cpu_tiny.py"):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   cmd = [sys.executable, "-m", "experiments.train",
-         "--config=experiments/configs/cpu_tiny.py", f"--workdir={workdir}", *TINY, *overrides]
+         f"--config={config}", f"--workdir={workdir}", *TINY, *overrides]
   proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   if not wait:
@@ -125,3 +126,28 @@ def test_init_from_continues_another_run(tmp_path):
   assert sorted(got) == [4, 5, 6]
   assert sorted(os.listdir(source / "checkpoints")) == saved  # the source is only read
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], atol=1e-6, rtol=0)
+
+
+def test_sft_starts_from_the_parameters_and_refuses_a_resume_with_other_sft_settings(tmp_path):
+  """A chat run from a pre-trained run's parameters begins at step 0 with its own data stream and
+  validates on the held-out conversations; resuming it under other SFT settings is refused
+  naming them."""
+  source, sft = tmp_path / "source", tmp_path / "sft"
+  code, _, err = launch(source, "--config.train.steps=3")
+  assert code == 0, err[-2000:]
+  chat = ["--config.train.steps=3",
+          "--config.train.seq_len=128", "--config.train.eval_every=3",
+          f"--config.train.init_from={source}"]
+  sft_config = "experiments/configs/sft_cpu_tiny.py"
+  code, out, err = launch(sft, *chat, config=sft_config)
+  assert code == 0, err[-2000:]
+  assert "initialized from step 3" in out and "(parameters only)" in out
+  with open(sft / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+  assert any("heldout_val_loss" in r for r in records)
+  # Only reply tokens are targets: far fewer than the tokens of a step.
+  assert all(r["targets"] < 0.3 * 4 * 128 for r in records if "targets" in r)
+  code, _, err = launch(sft, *chat, "--config.train.steps=4", "--config.data.truncate=True",
+                        config=sft_config)
+  assert code != 0 and "data.truncate: checkpoint False, config True" in err
