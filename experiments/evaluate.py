@@ -8,7 +8,8 @@
 A task file of JSON lines {"context": ..., "choices": [...], "label": i} is multiple choice (each
 choice is appended to its context as written); with --chat, each line's "messages" (a
 conversation up to the question) are rendered with the run's chat template (data.chat_template)
-and its generation prompt, and each choice is scored as the assistant's reply:
+and its generation prompt, and each choice is scored as the assistant's reply (a JSONL of
+conversations with --chat gets the negative log-likelihood of its assistant replies instead):
 accuracy by summed and by length-normalised log-likelihood of each choice given its context,
 with standard errors. Any other file the data pipeline reads (.txt, .jsonl with "text", .gz)
 is a corpus: perplexity and bits per byte, in windows of the run's training context (or
@@ -22,6 +23,7 @@ import sys
 from typing import List, Tuple
 
 import jax
+import numpy as np
 from absl import flags
 from flax import nnx
 
@@ -85,6 +87,31 @@ def read_choice_task(path: str, chat: bool = False) -> List[Tuple[object, List[s
   return examples
 
 
+def reply_loss(examples, logprob_fn, *, batch_size: int, width: int) -> dict:
+  """Negative log-likelihood of the assistant replies (the loss-mask targets) of encoded
+  conversations, one per row: per reply token over all, and per conversation (its mean over its
+  reply tokens) averaged, with the standard error over conversations."""
+  sums, counts = [], []
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    tokens = np.zeros((batch_size, width), np.int32)
+    segments, mask = np.zeros_like(tokens), np.zeros_like(tokens)
+    for row, e in enumerate(chunk):
+      tokens[row, :len(e.tokens)], mask[row, :len(e.tokens)] = e.tokens, e.loss_mask
+      segments[row, :len(e.tokens)] = 1
+    logprobs = np.asarray(logprob_fn(tokens, segments))
+    for row in range(len(chunk)):
+      targets = mask[row, 1:] > 0
+      sums.append(-float(logprobs[row][targets].sum()))
+      counts.append(int(targets.sum()))
+  per_conversation = np.asarray(sums) / np.asarray(counts)
+  return {"conversations": len(examples), "reply_tokens": int(sum(counts)),
+          "nll_per_reply_token": sum(sums) / sum(counts),
+          "nll_per_conversation": float(per_conversation.mean()),
+          "nll_per_conversation_stderr": float(per_conversation.std(ddof=1)
+                                               / np.sqrt(len(examples)))}
+
+
 def is_choice_task(path: str) -> bool:
   if not path.endswith(".jsonl"):
     return False
@@ -106,14 +133,13 @@ def main(argv):
     if _BATCH.value < 1:
       raise ValueError("--batch_size must be >= 1")
     choice_task = storage.isfile(task) and is_choice_task(task)
-    if _CHAT.value and not choice_task:
-      raise ValueError("--chat scores multiple-choice tasks; a corpus has no conversations")
+    conversations = _CHAT.value and not choice_task
     if _CONTEXT.value < 0:
       raise ValueError("--context must be >= 0 (0: the run's seq_len)")
     examples = read_choice_task(task, _CHAT.value) if choice_task else None
-    if _HELDOUT.value and choice_task:
+    if _HELDOUT.value and (choice_task or conversations):
       raise ValueError("--heldout selects documents of a corpus; a task file has none")
-    documents = None if choice_task else load_documents(task)
+    documents = None if choice_task or conversations else load_documents(task)
     run = load_run(_WORKDIR.value, step=_STEP.value, top_k=_MOE_TOP_K.value,
                    untrained=_UNTRAINED.value)
     if _HELDOUT.value:
@@ -151,6 +177,13 @@ def main(argv):
       result["by_task"] = {name: scoring.accuracy(
           [s for s, e in zip(scores, examples) if e[3] == name],
           [l for l, e in zip(labels, examples) if e[3] == name]) for name in tasks}
+  elif conversations:
+    try:
+      template = ChatTemplate.load(run.settings.data.chat_template)
+      examples = chat_lib.load_examples([task], template, run.tokenizer, max_len=width)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    result = reply_loss(examples, logprob_fn, batch_size=_BATCH.value, width=width)
   else:
     docs = [encode(doc) + [run.tokenizer.eos_id] for doc in documents]
     result = scoring.corpus_perplexity(docs, token_byte_lengths(run.tokenizer), logprob_fn,
