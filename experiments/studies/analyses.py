@@ -119,6 +119,9 @@ def depth(runs):
           "p_cv": run.last("val_gate_prob_cv").tolist(), "final_val_loss": _final_loss(run)}
 
 
+# Steps after a switch over which its jump in training loss is measured.
+SWITCH_STEPS = 20
+
 def progressive(runs):
   """Progressive sparsification against top-1 from the start, and Table 3: from the phase-1
   checkpoint, keep phase-1 sparsity or convert to top-1."""
@@ -162,6 +165,18 @@ def progressive(runs):
           g: _band([_second_half_balance(r)["max_load_dev"]["lower_layers_mean"] for r in rs])
           for g, rs in groups.items()},
   }
+  # Drops confound quality: the worst layer's share of training assignments dropped after the
+  # first 10% of the steps (the converted runs joined to their phase-1 runs before the branch).
+  converted = groups["converted_to_top1"]
+  results["seeds"]["train_drop_fraction_after_10pct_worst_layer"] = {
+      g: _band([float(_window(r, "drop_fraction", end // 10, end).mean(0).max()) for r in rs])
+      for g, rs in groups.items()}
+  # The switch: training loss of the converted run minus phase 1 kept, on the same batches, over
+  # the SWITCH_STEPS steps after the branch.
+  results["seeds"]["switch_jump_lm_loss"] = _band([
+      float(np.mean(_window(c, "lm_loss", branch, branch + SWITCH_STEPS)
+                    - _window(k, "lm_loss", branch, branch + SWITCH_STEPS)))
+      for k, c in zip(groups["keep_phase1"], converted)])
   return results
 
 

@@ -13,7 +13,8 @@ from experiments.studies import analyses, figures
 from experiments.studies.domain_data import prepare_domains
 from experiments.studies.variants import (DOMAIN_SHARD_VARIANTS, DOMAIN_VARIANTS, FROM_PHASE1,
                                           TRANSITIONS, VARIANTS, split_seed, variant_config)
-from sigma_moe_jax import storage
+from sigma_moe_jax import ModelConfig, storage
+from sigma_moe_jax.train import BalanceSettings
 
 
 class Study(NamedTuple):
@@ -96,7 +97,9 @@ def same_run(stamp: dict, wanted: dict) -> bool:
   added to the config after the run was made may be missing from its stamp when `wanted` holds
   their defaults (they did not exist, so the run had the default behaviour)."""
   defaults = {"train": dataclasses.asdict(TrainSettings()),
-              "data": dataclasses.asdict(DataSettings()), "schedule": SCHEDULE_DEFAULTS}
+              "data": dataclasses.asdict(DataSettings()), "schedule": SCHEDULE_DEFAULTS,
+              "model": {f.name: f.default for f in dataclasses.fields(ModelConfig)},
+              "balance": dataclasses.asdict(BalanceSettings())}
   missing = object()
   for section, values in wanted.items():
     saved = stamp.get(section, missing)
