@@ -84,8 +84,10 @@ def _assert_real_positions_close(ours, theirs, mask, atol=1e-4):
   np.testing.assert_allclose(ours[real], theirs[real], atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("model", [dict(top_k=1), dict(top_k=2, renormalize=True)],
-                         ids=["top1", "top2_renormalized"])
+@pytest.mark.parametrize("model", [dict(top_k=1), dict(top_k=2, renormalize=True),
+                                   dict(top_k=1, rope_scaling="yarn", rope_scaling_factor=2.0,
+                                        rope_original_len=8)],
+                         ids=["top1", "top2_renormalized", "top1_yarn"])
 def test_exported_model_gives_our_logits_in_transformers(tmp_path, model):
   run_dir, out = str(tmp_path / "run"), str(tmp_path / "export")
   _write_run(run_dir, ModelConfig(**TINY, **model))
@@ -94,6 +96,7 @@ def test_exported_model_gives_our_logits_in_transformers(tmp_path, model):
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["num_experts_per_tok"] == model["top_k"]
   assert config["norm_topk_prob"] == model.get("renormalize", False)
+  assert (config["rope_scaling"] or {}).get("factor") == model.get("rope_scaling_factor")
   assert len(json.load(open(os.path.join(out, "model.safetensors.index.json")))
              ["weight_map"]) == len(hf.export_plan(run.settings.model, run.params))
   tokens, mask = _batch(TINY["vocab_size"])
