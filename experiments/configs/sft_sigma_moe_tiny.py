@@ -13,7 +13,7 @@ train.init_from at your files and runs.
 from experiments.configs import sigma_moe_tiny
 
 STAGES = {"short": dict(seq_len=4096, batch_size=256, grad_accum=4),
-          "long": dict(seq_len=16_384, batch_size=64, grad_accum=4)}
+          "long": dict(seq_len=16_384, batch_size=64, grad_accum=1)}
 
 
 def get_config(stage: str = "short"):
