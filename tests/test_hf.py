@@ -185,7 +185,11 @@ def test_export_refuses_what_qwen3_moe_cannot_represent(tmp_path):
     (dict(mlp_only_layers=[1]), "mlp_only_layers=[1]"),
     (dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
     (dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size=64"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling 'yarn'"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), "rope scaling 'dynamic'"),
+    # yarn imports with a factor and the original length (and the default betas) only
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn RoPE with settings other"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                        "beta_fast": 16}), "'beta_fast': 16"),
     (dict(model_type="qwen2_moe"), "model_type 'qwen2_moe'"),
 ])
 def test_import_refuses_features_this_model_lacks(change, named):
@@ -247,3 +251,13 @@ def test_bfloat16_export_is_the_float32_one_rounded(tmp_path):
                                     np.asarray(a.get_tensor(key).astype(jnp.bfloat16)))
   _, info = transformers.Qwen3MoeForCausalLM.from_pretrained(half, output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_yarn_rope_scaling_survives_export_config_and_import():
+  cfg = ModelConfig(**TINY, rope_scaling="yarn", rope_scaling_factor=2.0, rope_original_len=8)
+  exported = hf.hf_config(cfg, top_k=1, max_position_embeddings=16, eos_token_id=0)
+  back = hf.model_config_from_hf(exported)
+  assert (back.rope_scaling, back.rope_scaling_factor, back.rope_original_len) == ("yarn", 2.0, 8)
+  assert hf.model_config_from_hf(hf.hf_config(ModelConfig(**TINY), top_k=1,
+                                              max_position_embeddings=16,
+                                              eos_token_id=0)).rope_scaling == "none"
