@@ -68,11 +68,9 @@ def read_choice_task(path: str, chat: bool = False) -> List[Tuple[object, List[s
                          f"choices, label}} record ({type(e).__name__})") from None
       except json.JSONDecodeError:
         raise ValueError(f"{path} line {number}: invalid JSON") from None
-      if chat:
-        context = context if context[-1]["role"] != "assistant" else None
-        if context is None:
-          raise ValueError(f"{path} line {number}: the messages end with an assistant reply; "
-                           f"the choices are that reply")
+      if chat and context[-1]["role"] == "assistant":
+        raise ValueError(f"{path} line {number}: the messages end with an assistant reply; "
+                         f"the choices are that reply")
       if (not isinstance(context, (str, list)) or not isinstance(choices, list)
           or len(choices) < 2
           or not all(isinstance(c, str) and c for c in choices)):
@@ -158,10 +156,13 @@ def main(argv):
 
   encode = run.tokenizer.encode
   width = _CONTEXT.value or run.context
+  try:
+    template = ChatTemplate.load(run.settings.data.chat_template) if _CHAT.value else None
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   if choice_task:
     try:
       if _CHAT.value:
-        template = ChatTemplate.load(run.settings.data.chat_template)
         contexts = [chat_lib.prompt_ids(c, template, run.tokenizer) for c, _, _, _ in examples]
       else:
         contexts = [encode(c) for c, _, _, _ in examples]
@@ -179,7 +180,6 @@ def main(argv):
           [l for l, e in zip(labels, examples) if e[3] == name]) for name in tasks}
   elif conversations:
     try:
-      template = ChatTemplate.load(run.settings.data.chat_template)
       examples = chat_lib.load_examples([task], template, run.tokenizer, max_len=width)
     except ValueError as e:
       sys.exit(f"error: {e}")

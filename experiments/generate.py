@@ -13,7 +13,7 @@ the reply ends at the end-of-text token:
   python -m experiments.generate --workdir=runs/cpu_tiny_sft --chat --temperature=0 \
       --prompt="Who speaks next in this scene?  ROMEO. But soft!"
 
-(In a --prompts_file, write a line break inside a prompt as \n.)
+(With --chat, write a line break inside a prompt as \n, in --prompt and in a --prompts_file.)
 """
 
 import json

@@ -17,11 +17,10 @@ from experiments.resilience import (Divergence, Preemption, RunStopped, fingerpr
                                     restore_latest_intact, resume_differences, truncate_metrics)
 from experiments.settings import (SCHEDULE_DEFAULTS, Settings, TrainSettings, from_config,
                                   lr_and_optimizer)
-from sigma_moe_jax import ModelConfig, TopKSchedule, generate, sharding, storage
+from sigma_moe_jax import ModelConfig, TopKSchedule, chat, generate, sharding, storage
 from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
-from sigma_moe_jax import chat
 from sigma_moe_jax.chat import ChatTemplate
 from sigma_moe_jax.data import (check_vocab, chunk_documents, data_files, load_documents,
                                 make_block_pipeline, make_chat_pipeline, make_file_pipeline,
@@ -61,13 +60,14 @@ def check_config_keys(config):
       raise ValueError(f"unknown config keys in {section}: {unknown}")
 
 
-def model_differences(saved: dict, current: dict) -> list:
-  """The model.* keys of two config dicts that differ, as "model.k: checkpoint x, config y". A key
-  the checkpoint lacks (written before the field existed) counts as the field's default."""
+def model_differences(saved: dict, current: dict, skip=()) -> list:
+  """The model.* keys of two config dicts that differ, as "model.k: checkpoint x, config y",
+  leaving out the keys in `skip`. A key the checkpoint lacks (written before the field existed)
+  counts as the field's default."""
   defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   saved_model = {**defaults, **saved["model"]}
   return [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {v!r}"
-          for k, v in current["model"].items() if saved_model.get(k) != v]
+          for k, v in current["model"].items() if saved_model.get(k) != v and k not in skip]
 
 
 def check_compatible(saved: dict, current: dict):
@@ -212,9 +212,9 @@ def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
     if step not in steps:
       raise ValueError(f"train.init_from: {t.init_from!r} has no checkpoint at step {step} "
                        f"(it has {steps})")
-    diffs = model_differences(source.saved_config(step), config.to_dict())
-    rope = [d for d in diffs if d.split(":")[0][len("model."):] in ROPE_KEYS]
-    diffs = [d for d in diffs if d not in rope]
+    saved = source.saved_config(step)
+    diffs = model_differences(saved, config.to_dict(), skip=ROPE_KEYS)
+    rope = [d for d in model_differences(saved, config.to_dict()) if d not in diffs]
     if diffs:
       raise ValueError(f"train.init_from {t.init_from!r} holds a different model ("
                        + "; ".join(diffs) + ")")
