@@ -38,6 +38,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Runs, results and figures go he
 _SHIP = flags.DEFINE_string("ship", None, "Also write the analysed runs, compacted, here.")
 _RUNS_FROM = flags.DEFINE_string("runs_from", None, "Train nothing: analyse the runs shipped "
                                  "here (by --ship).")
+_TRAIN_ONLY = flags.DEFINE_list("train_only", None, "Train (and with --ship, ship) only these "
+                                "variants of the selected studies, and analyse nothing: adds "
+                                "runs to a shipped set that --runs_from then analyses whole.")
 flags.mark_flags_as_required(["study", "workdir"])
 
 
@@ -49,9 +52,18 @@ def main(argv):
     names = studies.selected_studies(_STUDY.value)
     if _RUNS_FROM.value and _SHIP.value:
       raise ValueError("--runs_from and --ship exclude each other")
+    order = studies.variant_order(names)
+    if _TRAIN_ONLY.value:
+      if _RUNS_FROM.value:
+        raise ValueError("--train_only and --runs_from exclude each other")
+      unknown = sorted(set(_TRAIN_ONLY.value) - set(order))
+      if unknown:
+        raise ValueError(f"--train_only names {unknown}, not variants of --study "
+                         f"{_STUDY.value!r} ({', '.join(order)})")
+      # A run that starts from phase 1's checkpoint has its phase 1 run trained here too.
+      order = studies.variant_order(names, _TRAIN_ONLY.value)
     if not _RUNS_FROM.value:
-      configs = {v: studies.train_variant(_CONFIG.value, v, workdir)
-                 for v in studies.variant_order(names)}
+      configs = {v: studies.train_variant(_CONFIG.value, v, workdir) for v in order}
     if _SHIP.value:
       storage.makedirs(storage.resolve(_SHIP.value))
 
@@ -67,6 +79,12 @@ def main(argv):
       studies.write_shipped(studies.compact(run), path)
       return studies.read_shipped(path)
 
+    if _TRAIN_ONLY.value:
+      for v in _TRAIN_ONLY.value:
+        load(v)
+      print(f"=== trained {', '.join(_TRAIN_ONLY.value)}; analyse them with --runs_from",
+            flush=True)
+      return
     loaded = {}
     for name in names:
       study = studies.STUDIES[name]

@@ -141,7 +141,7 @@ class MeshSettings:
 SCHEDULE_KINDS = ("fixed", "adaptive")
 # The `schedule` section's keys and defaults (experiments/configs/base.py explains them).
 SCHEDULE_DEFAULTS = dict(kind="fixed", top_k="", target="", deadline=0.7, threshold=0.0,
-                         patience=50, smoothing=10, raise_above=1.0)
+                         patience=50, smoothing=10, raise_above=1.0, calm_fraction=1.0)
 
 
 def model_and_schedule(config) -> Tuple[ModelConfig, Optional[Schedule]]:
@@ -184,7 +184,8 @@ def adaptive_schedule(s, layers: int, top_k: int, steps: int) -> AdaptiveTopK:
   try:
     return AdaptiveTopK(start, target, deadline=max(1, int(round(s.deadline * steps))),
                         threshold=s.threshold, patience=s.patience, smoothing=s.smoothing,
-                        raise_above=s.raise_above)
+                        raise_above=s.raise_above,
+                        calm_fraction=s.get("calm_fraction", SCHEDULE_DEFAULTS["calm_fraction"]))
   except ValueError as e:
     raise ValueError(f"schedule: {e}") from None
 

@@ -8,6 +8,7 @@ top-k. The per-layer top-k may be written as the authors' compact form, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -132,8 +133,10 @@ class AdaptiveTopK:
   average over about `smoothing` steps, summarised by its most loaded expert,
   dev_l = max_i a_{l,i} * E - 1. A layer is *ready* while dev_l is at most the median of dev over
   all layers plus `threshold`: its top-1 routing is then no worse balanced than the model's
-  typical layer. A layer ready for `patience` consecutive steps lowers its k by one; a layer whose
-  dev exceeds the median by more than `raise_above` goes back up by one (never above its start).
+  typical layer. A layer lowers its k by one once it was ready at least `calm_fraction` of the
+  last `patience` steps (all of them since its last change: a full window after each change;
+  `calm_fraction` 1.0 is `patience` ready steps in a row); a layer whose dev exceeds the median
+  by more than `raise_above` goes back up by one (never above its start).
   Whatever the load, a ceiling that falls linearly from `start` at step 0 to `target` at step
   `deadline` caps every layer, so all layers are at their target from `deadline` on. See
   docs/design.md, "Adaptive sparsification".
@@ -150,6 +153,7 @@ class AdaptiveTopK:
   patience: int = 50
   smoothing: int = 10
   raise_above: float = 1.0
+  calm_fraction: float = 1.0
 
   def __post_init__(self):
     if len(self.start) != len(self.target):
@@ -162,6 +166,9 @@ class AdaptiveTopK:
       if not isinstance(getattr(self, name), (int, np.integer)) or getattr(self, name) < 1:
         raise ValueError(f"adaptive top-k: {name} must be a step count >= 1, got "
                          f"{getattr(self, name)!r}")
+    if not 0 < self.calm_fraction <= 1:
+      raise ValueError(f"adaptive top-k: calm_fraction must be in (0, 1], got "
+                       f"{self.calm_fraction!r}")
     if self.raise_above <= self.threshold:
       raise ValueError(f"adaptive top-k: needs threshold < raise_above, got threshold "
                        f"{self.threshold} and raise_above {self.raise_above}")
@@ -181,13 +188,22 @@ class AdaptiveTopK:
     # ceil((start - target) * left / deadline) in integers
     return target + ((start - target) * left + self.deadline - 1) // self.deadline
 
+  @property
+  def calm_needed(self) -> int:
+    """Ready steps out of the last `patience` that lower a layer's k."""
+    return max(1, math.ceil(self.calm_fraction * self.patience - 1e-9))
+
   def init_state(self, num_experts: int, step=0) -> dict:
     """The state of a schedule that begins at `step`: k [layers] int32 (in force at that step:
-    the start, under the ceiling), calm [layers] int32 (consecutive ready steps), load
-    [layers, E] float32 (the moving average of the first-choice load, uniform at first)."""
+    the start, under the ceiling), calm [layers] int32 (ready steps in the window), since
+    [layers] int32 (steps since the layer's last change, at most `patience`), ready [layers,
+    patience] int32 (1 where the layer was ready, oldest first; zero before its last change),
+    load [layers, E] float32 (the moving average of the first-choice load, uniform at first)."""
     layers = len(self.start)
     return {"k": jnp.minimum(jnp.asarray(self.start, jnp.int32), self.ceiling(step)),
             "calm": jnp.zeros((layers,), jnp.int32),
+            "since": jnp.zeros((layers,), jnp.int32),
+            "ready": jnp.zeros((layers, self.patience), jnp.int32),
             "load": jnp.full((layers, num_experts), 1.0 / num_experts, jnp.float32)}
 
   def deviation(self, load: jax.Array) -> jax.Array:
@@ -203,10 +219,18 @@ class AdaptiveTopK:
     load = decay * state["load"] + (1.0 - decay) * f
     deviation = self.deviation(load)
     typical = jnp.median(deviation)
-    calm = jnp.where(deviation <= typical + self.threshold, state["calm"] + 1, 0)
+    ready_now = (deviation <= typical + self.threshold).astype(jnp.int32)
+    ready = jnp.concatenate([state["ready"][:, 1:], ready_now[:, None]], axis=1)
+    since = jnp.minimum(state["since"] + 1, self.patience)
+    calm = jnp.sum(ready, axis=1)
     k = state["k"]
-    lower = (calm >= self.patience) & (k > jnp.asarray(self.target, jnp.int32))
+    lower = ((since >= self.patience) & (calm >= self.calm_needed)
+             & (k > jnp.asarray(self.target, jnp.int32)))
     higher = (deviation > typical + self.raise_above) & (k < jnp.asarray(self.start, jnp.int32))
     new_k = jnp.minimum(k - lower + higher, self.ceiling(step))
-    calm = jnp.where(new_k != k, 0, calm)
-    return {"k": new_k.astype(jnp.int32), "calm": calm.astype(jnp.int32), "load": load}
+    changed = new_k != k
+    ready = jnp.where(changed[:, None], 0, ready)
+    return {"k": new_k.astype(jnp.int32),
+            "calm": jnp.where(changed, 0, calm).astype(jnp.int32),
+            "since": jnp.where(changed, 0, since).astype(jnp.int32),
+            "ready": ready.astype(jnp.int32), "load": load}

@@ -64,8 +64,8 @@ class TrainState(NamedTuple):
   opt_state: Any
   selection_bias: jax.Array  # float32 [layers, experts]; zeros unless loss-free balancing
   # {"k": int32 [layers] in force at `step`, "calm": int32 [layers], "load": float32
-  # [layers, experts]}: the adaptive schedule's state (AdaptiveTopK.init_state); with a fixed
-  # schedule only k moves, following the schedule.
+  # [layers, experts]}; the adaptive schedule's state (AdaptiveTopK.init_state) also holds its
+  # window ("since", "ready"); with a fixed schedule only k moves, following the schedule.
   top_k_state: Any
   step: jax.Array  # int32 scalar
 

@@ -79,10 +79,13 @@ def test_phase1_activated_parameters():
 
 
 def adaptive_reference(start, target, deadline, threshold, patience, smoothing, raise_above,
-                       counts):
-  """The adaptive rule in plain Python, step by step: the k in force at every step."""
+                       counts, calm_fraction=1.0):
+  """The adaptive rule in plain Python, step by step: the k in force at every step. Each layer
+  keeps the list of its ready flags since its last change; it lowers its k when that list is at
+  least `patience` long and its last `patience` flags hold enough ready steps."""
   layers, experts = len(start), len(counts[0][0])
-  k, calm = list(start), [0] * layers
+  needed = max(1, math.ceil(calm_fraction * patience - 1e-9))
+  k, flags = list(start), [[] for _ in range(layers)]
   load = [[1.0 / experts] * experts for _ in range(layers)]
   history = []
   for step, step_counts in enumerate(counts):
@@ -94,45 +97,81 @@ def adaptive_reference(start, target, deadline, threshold, patience, smoothing, 
     deviation = [max(a) * experts - 1 for a in load]
     typical = statistics.median(deviation)
     for l in range(layers):
-      calm[l] = calm[l] + 1 if deviation[l] <= typical + threshold else 0
+      flags[l].append(deviation[l] <= typical + threshold)
       new = k[l]
-      if calm[l] >= patience and k[l] > target[l]:
+      if (len(flags[l]) >= patience and sum(flags[l][-patience:]) >= needed
+          and k[l] > target[l]):
         new -= 1
       elif deviation[l] > typical + raise_above and k[l] < start[l]:
         new += 1
       left = max(deadline - (step + 1), 0)
       new = min(new, target[l] + math.ceil((start[l] - target[l]) * left / deadline))
       if new != k[l]:
-        calm[l] = 0
+        flags[l] = []
       k[l] = new
   return history
 
 
-def test_adaptive_decisions_match_a_plain_python_rule():
+def _adaptive_counts(steps, experts, seed=0):
   """A synthetic first-choice load sequence over four layers: layer 0 balanced, layer 1
   collapsing for a while (and going back up), layer 2 never settling (held only by the ceiling),
   layer 3 balanced at its target (it sets the median with layer 0)."""
-  rng = np.random.default_rng(0)
-  steps, experts = 120, 8
+  rng = np.random.default_rng(seed)
   balanced = lambda: rng.multinomial(256, np.full(experts, 1 / experts))
   collapsed = lambda: rng.multinomial(256, [0.65] + [0.05] * (experts - 1))
-  counts = [[balanced(), collapsed() if 30 <= step < 60 else balanced(), collapsed(), balanced()]
-            for step in range(steps)]
-  params = dict(start=(4, 4, 3, 1), target=(1, 1, 1, 1), deadline=100, threshold=0.3,
-                patience=6, smoothing=4, raise_above=1.5)
-  schedule = AdaptiveTopK(**params)
+  return [[balanced(), collapsed() if 30 <= step < 60 else balanced(), collapsed(), balanced()]
+          for step in range(steps)]
+
+
+def _run_adaptive(schedule, counts, experts):
   update = jax.jit(schedule.update)
   state, got = schedule.init_state(experts), []
-  for step in range(steps):
+  for step in range(len(counts)):
     got.append(np.asarray(state["k"]).tolist())
     state = update(state, jnp.asarray(counts[step]), step + 1)
+  assert update._cache_size() == 1
+  return got
+
+
+def test_adaptive_decisions_match_a_plain_python_rule():
+  steps, experts = 120, 8
+  counts = _adaptive_counts(steps, experts)
+  params = dict(start=(4, 4, 3, 1), target=(1, 1, 1, 1), deadline=100, threshold=0.3,
+                patience=6, smoothing=4, raise_above=1.5)
+  got = _run_adaptive(AdaptiveTopK(**params), counts, experts)
   want = adaptive_reference(counts=[[c.tolist() for c in s] for s in counts], **params)
   assert got == want
   per_layer = np.asarray(got)
   assert per_layer[25, 0] == 1  # lowered early by the rule
   assert (np.diff(per_layer[:, 1]) > 0).any()  # layer 1 went back up during its collapse
   assert per_layer[100, 2] == 1 and per_layer[99, 2] == 2  # layer 2 followed the ceiling
-  assert update._cache_size() == 1
+
+
+def test_adaptive_window_counts_calm_steps_not_runs():
+  """calm_fraction < 1: a layer ready in most but not all steps of its window is lowered, where
+  the in-a-row rule (calm_fraction 1) never lowers it; both agree with the plain loop."""
+  steps, experts, layers = 80, 4, 3
+  rng = np.random.default_rng(1)
+  balanced = lambda: rng.multinomial(400, np.full(experts, 1 / experts)).tolist()
+  skewed = lambda p=0.6: rng.multinomial(400, [p] + [(1 - p) / 3] * 3).tolist()
+  # Layer 0 is badly skewed one step in three (not ready then: above the median layer, layer
+  # 2), ready at the other steps (balanced, at or below the median), so it is never
+  # ready for 6 steps in a row but is ready in 2/3 of every window. Layers 1 and 2: balanced
+  # and skewed throughout (the median sits between them).
+  counts = [[skewed(0.9) if step % 3 == 0 else balanced(), balanced(), skewed()]
+            for step in range(steps)]
+  base = dict(start=(3, 1, 1), target=(1, 1, 1), deadline=1000, threshold=0.0, patience=6,
+              smoothing=1, raise_above=10.0)
+  for fraction in (1.0, 0.6):
+    params = dict(base, calm_fraction=fraction)
+    got = _run_adaptive(AdaptiveTopK(**params), counts, experts)
+    assert got == adaptive_reference(counts=counts, **params), fraction
+    layer0 = [k[0] for k in got]
+    if fraction == 1.0:
+      assert layer0 == [3] * steps
+    else:
+      # 4 ready steps in each full window of 6 (4 needed): 3 -> 2 -> 1, one step per window
+      assert layer0[5] == 3 and layer0[6] == 2 and layer0[11] == 2 and layer0[12] == 1
 
 
 def test_adaptive_config_errors_name_the_key():

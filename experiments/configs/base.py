@@ -35,8 +35,9 @@ def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
   # kind "adaptive" (sigma_moe_jax.schedule.AdaptiveTopK): top_k is the per-layer start (one
   # phase, e.g. "[2]*6"), target the per-layer end (empty: model.top_k everywhere). dev_l: the
   # most loaded expert (max_i a_i * E - 1) of the load layer l would have at top-1, averaged
-  # over ~`smoothing` steps. A layer lowers its k by one after `patience` steps with dev_l at
-  # most the median layer's + `threshold`, goes back up by one above the median + `raise_above`,
+  # over ~`smoothing` steps. A layer lowers its k by one once dev_l was at most the median
+  # layer's + `threshold` in at least `calm_fraction` of the last `patience` steps (1.0: all of
+  # them, in a row), goes back up by one above the median + `raise_above`,
   # and every layer is at its target by `deadline` (a fraction of train.steps).
   c.schedule = dict(SCHEDULE_DEFAULTS)
   c.mesh = dataclasses.asdict(MeshSettings())

@@ -9,7 +9,8 @@ from typing import Dict
 import numpy as np
 
 from experiments.studies.runs import Run, joined
-from experiments.studies.variants import SWITCH_FRACTION, TRANSITIONS, split_seed
+from experiments.studies.variants import (ADAPTIVE_CALM_FRACTION, ADAPTIVE_WINDOW, SWITCH_FRACTION,
+                                          TRANSITIONS, split_seed)
 from sigma_moe_jax.balancing import expert_domain_mutual_information
 from sigma_moe_jax.params import count_params
 
@@ -336,24 +337,75 @@ def _window(run: Run, key: str, lo: int, hi: int) -> np.ndarray:
   return values[(steps > lo) & (steps <= hi)]
 
 
+def rule_driven_changes(run: Run):
+  """[(logged step, layer, k before, k after)] of an adaptive run: every change of a layer's k
+  that its ceiling alone does not explain (the ceiling alone gives min(k before, ceiling)). The
+  record of step n holds the k of the step that ran from state step n - 1."""
+  schedule = run.schedule()
+  logged, top_k = run.series("top_k")
+  ceiling = np.asarray([schedule.ceiling(int(n) - 1) for n in logged[1:]])
+  expected = np.minimum(top_k[:-1], ceiling)
+  return [(int(logged[i + 1]), int(layer), int(top_k[i, layer]), int(top_k[i + 1, layer]))
+          for i, layer in zip(*np.nonzero(top_k[1:] != expected))]
+
+
+def window_shares(run: Run, window: int, fraction: float, until: int) -> list:
+  """Per layer: the share of `window`-step windows up to step `until` in which the layer's
+  per-step first-choice max load was at or below that step's median layer in at least
+  `fraction` of the steps (what a windowed calm count would have seen; unsmoothed)."""
+  logged, dev = run.series("first_choice_max_dev")
+  dev = dev[logged <= until]
+  ready = (dev <= np.median(dev, axis=1, keepdims=True)).astype(np.float64)
+  sums = np.cumsum(np.vstack([np.zeros((1, ready.shape[1])), ready]), axis=0)
+  in_window = (sums[window:] - sums[:-window]) / window
+  return np.mean(in_window >= fraction, axis=0).tolist()
+
+
 def adaptive(runs):
-  """Issue 16: the adaptive schedule against the paper's manual one and top-1 from the start, at
-  equal tokens and equal final top-k, over seeds (each seed its own initialisation and data
-  order, shared by the three schedules, so per-seed differences are paired)."""
-  groups = {g: _seeded(runs, kind) for g, kind in ADAPTIVE_GROUPS.items()}
+  """Issue 16: the adaptive schedule (calm steps in a row) against the paper's manual one and
+  top-1 from the start."""
+  results = _adaptive_study(runs, ADAPTIVE_GROUPS)
+  # What a windowed count would have seen in these runs: the basis of adaptive_window's rule.
+  shares = {}
+  for name, r in zip(("seed0", "seed1", "seed2"), _seeded(runs, "adaptive")):
+    if len(r.series("first_choice_max_dev")[0]):
+      shares[name] = window_shares(r, ADAPTIVE_WINDOW, ADAPTIVE_CALM_FRACTION,
+                                   results["switch_step"])
+  results["window_shares_at_or_above_calm_fraction"] = {
+      "window": ADAPTIVE_WINDOW, "calm_fraction": ADAPTIVE_CALM_FRACTION, "per_layer": shares}
+  return results
+
+
+ADAPTIVE_WINDOW_GROUPS = {"top1_from_start": "lbl", "manual": "progressive", "ramp": "ramp",
+                          "adaptive": "adaptive_window"}
+
+
+def adaptive_window(runs):
+  """Issue 24: the adaptive rule with calm steps counted over a window, against the manual
+  schedule, the linear ramp alone (the same schedule with its rule off) and top-1."""
+  return _adaptive_study(runs, ADAPTIVE_WINDOW_GROUPS)
+
+
+def _adaptive_study(runs, kinds):
+  """An adaptive schedule against the paper's manual one and top-1 from the start (and the ramp
+  alone when `kinds` has one), at equal tokens and equal final top-k, over seeds (each seed its
+  own initialisation and data order, shared by the schedules, so per-seed differences are
+  paired)."""
+  groups = {g: _seeded(runs, kind) for g, kind in kinds.items()}
   seeds = len(groups["top1_from_start"])
   if any(len(g) != seeds for g in groups.values()):
     raise ValueError("the adaptive study needs every schedule at every seed")
   config = groups["manual"][0].config
   steps, switch = config.train.steps, int(round(SWITCH_FRACTION * config.train.steps))
   final = {g: [_final_loss(r) for r in rs] for g, rs in groups.items()}
+  pairs = [(a, b) for i, a in enumerate(reversed(list(groups)))
+           for b in list(reversed(list(groups)))[i + 1:]]
   results = {
-      "seeds": seeds, "switch_step": switch, "steps": steps,
+      "seeds": seeds, "switch_step": switch, "steps": steps, "groups": dict(kinds),
+      "capacity_factor": float(config.model.capacity_factor),
       "final_val_loss": {g: _band(v) for g, v in final.items()},
       "final_val_loss_difference": {
-          f"{a}_minus_{b}": _band(np.subtract(final[a], final[b]))
-          for a, b in (("adaptive", "manual"), ("adaptive", "top1_from_start"),
-                       ("manual", "top1_from_start"))},
+          f"{a}_minus_{b}": _band(np.subtract(final[a], final[b])) for a, b in pairs},
       "mean_active_params": {g: _band([mean_active_params(r) for r in rs])
                              for g, rs in groups.items()},
       "final_active_params": {g: count_params(rs[0].model(), [int(k) for k in
@@ -364,6 +416,7 @@ def adaptive(runs):
   # half of training, and the share of training assignments dropped after the first 10%.
   results["second_half_max_load_dev_per_layer"] = {}
   results["train_drop_fraction_after_10pct_per_layer"] = {}
+  results["train_drop_fraction_after_10pct_worst_layer"] = {}
   for g, rs in groups.items():
     halves, drops = [], []
     for r in rs:
@@ -374,10 +427,11 @@ def adaptive(runs):
         "mean": np.mean(halves, 0).tolist(), "min": np.min(halves, 0).tolist(),
         "max": np.max(halves, 0).tolist()}
     results["train_drop_fraction_after_10pct_per_layer"][g] = np.mean(drops, 0).tolist()
+    results["train_drop_fraction_after_10pct_worst_layer"][g] = float(np.max(drops))
   # The switch: per-step training loss minus top-1-from-start's on the same batch (same seed,
   # same data order), averaged over the 20 steps before and after the manual switch.
   around = {}
-  for g in ("manual", "adaptive"):
+  for g in [g for g in groups if g != "top1_from_start"]:
     before, after = [], []
     for run, ref in zip(groups[g], groups["top1_from_start"]):
       delta = _window(run, "lm_loss", switch - 60, steps) - _window(ref, "lm_loss",
@@ -396,6 +450,9 @@ def adaptive(runs):
     logged, top_k = r.series("top_k")
     reached.append([int(logged[np.argmax(top_k[:, l] <= 1)]) for l in range(top_k.shape[1])])
   results["adaptive_step_reaching_top1_per_layer"] = reached
+  # The changes the rule made, beyond what the ceiling forced: (logged step, layer, from, to).
+  results["adaptive_rule_driven_changes"] = {
+      f"seed{i}": rule_driven_changes(r) for i, r in enumerate(groups["adaptive"])}
   # What the adaptive rule saw: the top-1 (first-choice) load's most loaded expert per layer
   # before the switch, and how often each layer was no worse than that step's median layer.
   seen = {}

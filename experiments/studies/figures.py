@@ -272,9 +272,10 @@ def dense(runs, results, out):
 def adaptive(runs, results, out):
   """Validation loss over training (mean over seeds, band min-max); per-step training loss
   minus top-1's around the switch (mean over seeds, smoothed); the adaptive run's k per layer."""
-  groups = {g: analyses._seeded(runs, kind) for g, kind in analyses.ADAPTIVE_GROUPS.items()}
+  groups = {g: analyses._seeded(runs, kind) for g, kind in results["groups"].items()}
   switch = results["switch_step"]
-  colors = {"top1_from_start": "tab:gray", "manual": "tab:blue", "adaptive": "tab:red"}
+  colors = {"top1_from_start": "tab:gray", "manual": "tab:blue", "ramp": "tab:green",
+            "adaptive": "tab:red"}
   plt = _plt()
   fig, axes = plt.subplots(1, 3, figsize=(16, 4))
   for g, rs in groups.items():

@@ -48,10 +48,10 @@ STUDIES: Dict[str, Study] = {
     "transition": Study("The switch to top-1: when, and abrupt against gradual",
                         _seeds("lbl", "phase1", *TRANSITIONS), analyses.transition,
                         figures.transition),
-    "loss_free": Study("Loss-free balancing (Fig. 3)", ("lbl", "loss_free"), analyses.loss_free,
-                       figures.loss_free),
+    "loss_free": Study("Loss-free balancing (Fig. 3)", _seeds("lbl", "loss_free"),
+                       analyses.loss_free, figures.loss_free),
     "top1_lbl": Study("Top-1 LBL (Fig. 4)",
-                      _seeds("lbl") + ("top1_lbl", "top1_lbl_tau0.3", "top1_lbl_coef1e-2"),
+                      _seeds("lbl", "top1_lbl") + ("top1_lbl_tau0.3", "top1_lbl_coef1e-2"),
                       analyses.top1_lbl, figures.top1_lbl),
     "domains": Study("Global-batch against micro-batch and sequence LBL (Qiu et al.)",
                      DOMAIN_VARIANTS, analyses.domains, figures.domains),
@@ -64,6 +64,10 @@ STUDIES: Dict[str, Study] = {
     "adaptive": Study("Adaptive sparsification against the manual schedule and top-1",
                       _seeds("lbl", "phase1", "progressive", "adaptive"),
                       analyses.adaptive, figures.adaptive),
+    "adaptive_window": Study("Adaptive sparsification, calm steps counted over a window, against "
+                             "the manual schedule, the linear ramp alone and top-1",
+                             _seeds("lbl", "phase1", "progressive", "ramp", "adaptive_window"),
+                             analyses.adaptive_window, figures.adaptive),
 }
 
 
@@ -77,10 +81,12 @@ def selected_studies(spec: str):
   return names
 
 
-def variant_order(names):
-  """Variants of the selected studies, each once, with each phase1 run before the progressive
-  run that starts from it."""
+def variant_order(names, only=None):
+  """Variants of the selected studies (of those, only the ones in `only` if given), each once,
+  with each phase1 run before the progressive run that starts from it."""
   wanted = {v for n in names for v in STUDIES[n].variants}
+  if only is not None:
+    wanted &= set(only)
   wanted |= {v.replace(split_seed(v)[0], "phase1") for v in wanted
              if split_seed(v)[0] in FROM_PHASE1}
   return [v for v in VARIANTS if v in wanted]

@@ -105,6 +105,29 @@ def _adaptive(c, workdir):
   c.schedule.deadline = SWITCH_FRACTION
 
 
+# Issue 24's version of the rule: calm steps counted over a window of ADAPTIVE_WINDOW steps, a
+# layer lowered once it was at or below the median layer in at least ADAPTIVE_CALM_FRACTION of
+# them. Chosen from the signal the in-a-row runs logged (`adaptive` study,
+# "window_shares_at_or_above_calm_fraction"): in 50-step windows layer 0 was ready at least half
+# the time in a third to two thirds of the windows, layer 1 in about a tenth, so the rule can act.
+ADAPTIVE_WINDOW = 50
+ADAPTIVE_CALM_FRACTION = 0.5
+
+
+def _adaptive_window(c, workdir):
+  _adaptive(c, workdir)
+  c.schedule.patience = ADAPTIVE_WINDOW
+  c.schedule.calm_fraction = ADAPTIVE_CALM_FRACTION
+
+
+def _ramp(c, workdir):
+  """The adaptive schedule with its rule switched off: the linear ceiling alone (a layer is
+  never calm for a whole run, and never raised)."""
+  _adaptive(c, workdir)
+  c.schedule.patience = c.train.steps + 1
+  c.schedule.raise_above = 1e9
+
+
 def _no_lbl(c, workdir):
   """The control: top-1 with no balancing at all."""
   del workdir
@@ -163,6 +186,8 @@ VARIANTS: Dict[str, Callable] = {
     "phase1": _phase1,
     "progressive": _progressive,  # after phase1: it starts from phase1's checkpoint
     "adaptive": _adaptive,
+    "adaptive_window": _adaptive_window,
+    "ramp": _ramp,
     # The transition study, also from phase1's checkpoints ("progressive" is the abrupt switch
     # at 90%).
     **{name: _from_phase1(f, g) for name, (g, f) in TRANSITIONS.items() if name != "progressive"},
@@ -182,7 +207,8 @@ VARIANTS: Dict[str, Callable] = {
 
 # "<variant>_seed<n>": the variant with another initialisation and another order of the training
 # documents (train.seed = data.order_seed = n); the validation split stays.
-SEEDED = ("lbl", "phase1", "adaptive") + FROM_PHASE1
+SEEDED = ("lbl", "phase1", "adaptive", "adaptive_window", "ramp", "loss_free",
+          "top1_lbl") + FROM_PHASE1
 SEEDS = (1, 2)
 for _name in SEEDED:
   for _seed in SEEDS:
