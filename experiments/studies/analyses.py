@@ -162,6 +162,13 @@ def progressive(runs):
                                                 final["keep_phase1"])),
       "converted_minus_top1": _band(np.subtract(final["converted_to_top1"],
                                                 final["top1_from_start"])),
+      "keep_minus_top1": _band(np.subtract(final["keep_phase1"], final["top1_from_start"])),
+      # Table 3's question as a share: how much of phase 1's gain over top-1 from the start the
+      # conversion keeps, (top-1 - converted) / (top-1 - kept); None at a seed where phase 1
+      # has no gain to keep.
+      "converted_share_of_phase1_gain": [
+          (t - c) / (t - k) if t - k > 0 else None for t, k, c in zip(
+              final["top1_from_start"], final["keep_phase1"], final["converted_to_top1"])],
       "second_half_max_load_dev_lower_layers": {
           g: _band([_second_half_balance(r)["max_load_dev"]["lower_layers_mean"] for r in rs])
           for g, rs in groups.items()},
@@ -178,14 +185,79 @@ def progressive(runs):
       float(np.mean(_window(c, "lm_loss", branch, branch + SWITCH_STEPS)
                     - _window(k, "lm_loss", branch, branch + SWITCH_STEPS)))
       for k, c in zip(groups["keep_phase1"], converted)])
+  # Layer 0 after the switch, when every layer runs top-1: its most loaded expert on the
+  # training batches, mean over the steps after the branch, against top-1 from the start on the
+  # same batches (before the switch layer 0 of the converted run still routes to 4 experts).
+  after = {g: [float(_window(r, "load_max_dev", branch, end)[:, 0].mean()) for r in rs]
+           for g, rs in (("converted_to_top1", converted),
+                         ("top1_from_start", groups["top1_from_start"]))}
+  results["seeds"]["layer0_train_max_load_dev_after_switch"] = {
+      **{g: _band(v) for g, v in after.items()},
+      "seeds_converted_less_balanced": int(np.sum(np.greater(after["converted_to_top1"],
+                                                             after["top1_from_start"])))}
+  final_layer0 = {g: [float(r.last("val_load_max_dev")[0]) for r in rs]
+                  for g, rs in (("converted_to_top1", converted),
+                                ("top1_from_start", groups["top1_from_start"]))}
+  results["seeds"]["layer0_val_max_load_dev_final"] = {
+      **{g: _band(v) for g, v in final_layer0.items()},
+      "seeds_converted_less_balanced": int(np.sum(np.greater(
+          final_layer0["converted_to_top1"], final_layer0["top1_from_start"])))}
   return results
 
 
+def _drops_after_10pct(run: Run) -> np.ndarray:
+  """Per layer: the share of training assignments dropped after the first 10% of the steps."""
+  end = run.config.train.steps
+  return _window(run, "drop_fraction", end // 10, end).mean(0)
+
+
+def _paired_with_lbl(runs, kind: str) -> dict:
+  """Each seed of `kind` against the plain-LBL run of the same seed (same batches): the final
+  validation loss difference, the second half's most loaded expert per layer of both, the drops
+  after the first 10% of both and their ratio, and the last evaluation's most loaded expert."""
+  lbl = _by_seed(runs, "lbl")
+  out = {}
+  for name, run in _by_seed(runs, kind).items():
+    ref = lbl[name]
+    drops, ref_drops = _drops_after_10pct(run), _drops_after_10pct(ref)
+    out[name] = {
+        "val_loss": _final_loss(run), "lbl_val_loss": _final_loss(ref),
+        "val_loss_minus_lbl": _final_loss(run) - _final_loss(ref),
+        "second_half_max_load_dev_per_layer": _second_half_balance(run)["max_load_dev_per_layer"],
+        "lbl_second_half_max_load_dev_per_layer":
+            _second_half_balance(ref)["max_load_dev_per_layer"],
+        "train_drop_fraction_after_10pct_per_layer": drops.tolist(),
+        "lbl_train_drop_fraction_after_10pct_per_layer": ref_drops.tolist(),
+        "drop_ratio_to_lbl_per_layer": (drops / ref_drops).tolist(),
+        "drop_ratio_to_lbl_all_layers": float(drops.mean() / ref_drops.mean()),
+        "final_max_load_dev_per_layer": run.last("val_load_max_dev").tolist(),
+        "lbl_final_max_load_dev_per_layer": ref.last("val_load_max_dev").tolist()}
+  return out
+
+
+def _paired_summary(seeds: dict) -> dict:
+  """Over the seeds of _paired_with_lbl: the paired loss difference, and in how many layers
+  the second half's most loaded expert is higher than the LBL's (per seed)."""
+  return {"val_loss_minus_lbl": _band([v["val_loss_minus_lbl"] for v in seeds.values()]),
+          "layers_worse_balanced_than_lbl_second_half": {
+              n: int(np.sum(np.greater(v["second_half_max_load_dev_per_layer"],
+                                       v["lbl_second_half_max_load_dev_per_layer"])))
+              for n, v in seeds.items()},
+          "drop_ratio_to_lbl_all_layers": _band([v["drop_ratio_to_lbl_all_layers"]
+                                                 for v in seeds.values()])}
+
+
 def loss_free(runs):
-  """Fig. 3: loss-free balancing: bias magnitude per layer and the load against the LBL's."""
+  """Fig. 3: loss-free balancing: bias magnitude per layer and the load against the LBL's (seed
+  0 in the top-level fields; every seed, paired with the LBL run of the same seed, in
+  `seeds`)."""
   free, lbl = runs["loss_free"], runs["lbl"]
   _, bias = free.series("bias_abs_mean")
   _, spread = free.series("bias_std")
+  seeds = _paired_with_lbl(runs, "loss_free")
+  for name, run in _by_seed(runs, "loss_free").items():
+    seeds[name]["final_bias_abs_mean_per_layer"] = run.last("bias_abs_mean").tolist()
+    seeds[name]["final_bias_std_per_layer"] = run.last("bias_std").tolist()
   return {
       "final_bias_abs_mean_per_layer": bias[-1].tolist(),
       # The spread of b across experts: the part of the bias that changes which expert wins.
@@ -197,7 +269,35 @@ def loss_free(runs):
       "final_min_load_dev_per_layer": {"loss_free": free.last("val_load_min_dev").tolist(),
                                        "lbl": lbl.last("val_load_min_dev").tolist()},
       "val_loss": {"loss_free": _final_loss(free), "lbl": _final_loss(lbl)},
+      "seeds": seeds, "over_seeds": _paired_summary(seeds),
   }
+
+
+def loss_free_long(runs):
+  """The loss-free run trained long enough for the paper's late collapse (Fig. 3: after about
+  2K steps layer 0's least loaded expert gets nothing and the most loaded up to about 40x its
+  share), layer by layer over training, in windows of a tenth of the run."""
+  run = runs["loss_free"]
+  end = run.config.train.steps
+  steps, max_dev = run.series("val_load_max_dev")
+  _, min_dev = run.series("val_load_min_dev")
+  tenths = []
+  for i in range(10):
+    lo, hi = i * end // 10, (i + 1) * end // 10
+    train_max = _window(run, "load_max_dev", lo, hi)
+    tenths.append({"steps": [lo + 1, hi],
+                   "train_max_load_dev_per_layer": train_max.mean(0).tolist(),
+                   "train_drop_fraction_per_layer":
+                       _window(run, "drop_fraction", lo, hi).mean(0).tolist(),
+                   "bias_abs_mean_per_layer": _window(run, "bias_abs_mean", lo, hi)[-1].tolist(),
+                   "bias_std_per_layer": _window(run, "bias_std", lo, hi)[-1].tolist()})
+  return {"steps": int(end), "val_steps": steps.tolist(),
+          "val_max_load_dev_per_layer": max_dev.tolist(),
+          "val_min_load_dev_per_layer": min_dev.tolist(),
+          "val_loss": run.series("val_loss")[1].tolist(),
+          # evaluations at which a layer's least loaded expert got no token at all
+          "evaluations_with_an_empty_expert_per_layer": np.sum(min_dev <= -1.0, 0).tolist(),
+          "tenths": tenths}
 
 
 def top1_lbl(runs):
@@ -226,8 +326,17 @@ def top1_lbl(runs):
   # The sweep: temperature and coefficient, each against the plain LBL's seeds.
   results["sweep"] = {
       name: {"tau": float(r.config.model.top1_lbl_tau), "coef": float(r.config.balance.coef),
-             "final_val_loss": _final_loss(r), **_second_half_balance(r)}
-      for name, r in runs.items() if name.startswith("top1_lbl")}
+             "final_val_loss": _final_loss(r), **_second_half_balance(r),
+             "final_min_load_dev_per_layer": r.last("val_load_min_dev").tolist()}
+      for name, r in runs.items() if split_seed(name)[0].startswith("top1_lbl")
+      and not split_seed(name)[1]}
+  results["seeds"] = _paired_with_lbl(runs, "top1_lbl")
+  results["over_seeds"] = _paired_summary(results["seeds"])
+  lower_of = lambda v, key: float(np.mean(v[key][:lower]))
+  results["over_seeds"]["second_half_lower_layers_max_load_dev"] = {
+      n: {"top1_lbl": lower_of(v, "second_half_max_load_dev_per_layer"),
+          "lbl": lower_of(v, "lbl_second_half_max_load_dev_per_layer")}
+      for n, v in results["seeds"].items()}
   results["lbl_seeds"] = {
       "final_val_loss": _band([_final_loss(r) for r in lbl_seeds.values()]),
       "second_half_lower_layers_max_load_dev": _band(

@@ -139,6 +139,29 @@ def loss_free(runs, results, out):
   return [_save(fig, out, "loss_free.png")]
 
 
+def loss_free_long(runs, results, out):
+  """The long loss-free run: each layer's most and least loaded expert on the validation set over
+  training, and the spread of its bias over experts."""
+  del results
+  run = runs["loss_free"]
+  steps, max_dev = run.series("val_load_max_dev")
+  _, min_dev = run.series("val_load_min_dev")
+  bias_steps, spread = run.series("bias_std")
+  plt = _plt()
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+  for layer, color in enumerate(_layer_colors(max_dev.shape[1])):
+    axes[0].plot(steps, 100 * max_dev[:, layer], color=color, label=f"layer {layer}")
+    axes[1].plot(steps, 100 * min_dev[:, layer], color=color, label=f"layer {layer}")
+    axes[2].plot(bias_steps, spread[:, layer], color=color, label=f"layer {layer}")
+  axes[0].set(xlabel="step", ylabel="most loaded expert (% above its share)", yscale="log",
+              title="loss-free: most loaded expert (validation)")
+  axes[1].set(xlabel="step", ylabel="least loaded expert (%)",
+              title="least loaded expert (−100%: no token)")
+  axes[2].set(xlabel="step", ylabel="spread of b over experts", title="bias spread")
+  axes[0].legend(fontsize=7, ncol=2)
+  return [_save(fig, out, "loss_free_long.png")]
+
+
 def top1_lbl(runs, results, out):
   """Max and min load per layer at the end; the lowest quarter's most loaded expert over
   training against the plain LBL's seeds (band); validation loss."""

@@ -50,6 +50,9 @@ STUDIES: Dict[str, Study] = {
                         figures.transition),
     "loss_free": Study("Loss-free balancing (Fig. 3)", _seeds("lbl", "loss_free"),
                        analyses.loss_free, figures.loss_free),
+    # Trained with --config.train.steps=2400 (docs/reproduction.md, section 4b).
+    "loss_free_long": Study("Loss-free balancing over a longer run (Fig. 3's late collapse)",
+                            ("loss_free",), analyses.loss_free_long, figures.loss_free_long),
     "top1_lbl": Study("Top-1 LBL (Fig. 4)",
                       _seeds("lbl", "top1_lbl") + ("top1_lbl_tau0.3", "top1_lbl_coef1e-2"),
                       analyses.top1_lbl, figures.top1_lbl),
