@@ -21,7 +21,10 @@ def test_study_selection():
   assert studies.selected_studies("all") == list(studies.STUDIES)
   # progressive starts from phase1's checkpoint, so phase1 is trained (first) even when only
   # the progressive study is asked for.
-  assert studies.variant_order(["loss_free"]) == ["lbl", "loss_free"]
+  assert studies.variant_order(["dense"]) == ["lbl", "dense"]
+  # --train_only: only the variants named, with the phase-1 run a conversion starts from.
+  assert studies.variant_order(["transition"], ["switch50_seed1"]) == ["phase1_seed1",
+                                                                       "switch50_seed1"]
   order = studies.variant_order(["progressive"])
   assert sorted(order) == sorted(f"{v}{s}" for v in ("lbl", "phase1", "progressive")
                                  for s in ("", "_seed1", "_seed2"))
@@ -65,6 +68,11 @@ def test_variants_change_only_what_they_compare(tmp_path):
   assert transition.index("phase1_seed1") < transition.index("gradual50_seed1")
   assert changed["adaptive"] == {("schedule", "kind"), ("schedule", "top_k"),
                                  ("schedule", "deadline")}
+  # The windowed rule keeps patience at 50 (the default) and sets the calm fraction; the ramp
+  # is the same schedule with its rule off.
+  assert changed["adaptive_window"] == changed["adaptive"] | {("schedule", "calm_fraction")}
+  assert changed["ramp"] == changed["adaptive"] | {("schedule", "patience"),
+                                                   ("schedule", "raise_above")}
   seeded = studies.variant_config(base, "progressive_seed1", str(tmp_path))
   assert seeded.train.init_from.endswith("phase1_seed1") and seeded.train.seed == 1
   order = studies.variant_order(["adaptive"])
@@ -254,6 +262,55 @@ def test_adaptive_analysis_pairs_seeds_and_counts_compute(tmp_path):
   seen = results["adaptive_first_choice_before_switch"]["seed1"]
   assert seen["steps"] == switch
   assert seen["share_of_steps_at_or_below_median_per_layer"] == [0, 0] + [1] * (layers - 2)
+  # Layers 0-1 go from 2 to 1 at step 51 while their ceiling (start [4, 2], all top-1 by step
+  # 90) is still 3 and 2: the rule's doing, not the ceiling's.
+  assert results["adaptive_rule_driven_changes"]["seed0"] == [(51, 0, 2, 1), (51, 1, 2, 1)]
+  shares = results["window_shares_at_or_above_calm_fraction"]["per_layer"]["seed1"]
+  assert shares == [0, 0] + [1] * (layers - 2)
+
+
+def test_rule_driven_changes_are_those_the_ceiling_does_not_explain(tmp_path):
+  """A run whose k follows its ceiling exactly has no rule-driven change; one lowered early,
+  raised back, then lowered by the ceiling, has exactly the first two."""
+  base = get_config()
+  base.train.steps, base.train.checkpoint_every = 100, 10
+  layers = base.model.num_layers
+  config = studies.variant_config(base, "ramp", str(tmp_path))
+  schedule = model_and_schedule(config)[1]
+  start = np.asarray(schedule.start)
+  # deadline 90: layer 0's ceiling is 1 + ceil(3 (90 - s) / 90), 3 from s = 30, 2 from 60
+  ceiling = np.stack([np.minimum(start, np.asarray(schedule.ceiling(n - 1)))
+                      for n in range(1, 101)])
+  assert ceiling[29, 0] == 4 and ceiling[30, 0] == 3 and ceiling[60, 0] == 2
+  ramp = synthetic_run("ramp", config, list(range(1, 101)), top_k=ceiling)
+  assert studies.analyses.rule_driven_changes(ramp) == []
+  moved = ceiling.copy()
+  moved[10:20, 0] = 3  # lowered at step 11, raised back at step 21
+  moved[40:, 1] = 1  # layer 1 lowered at step 41 (its ceiling stays 2 until step 90)
+  run = synthetic_run("adaptive_window", config, list(range(1, 101)), top_k=moved)
+  assert studies.analyses.rule_driven_changes(run) == [(11, 0, 4, 3), (21, 0, 3, 4),
+                                                       (41, 1, 2, 1)]
+
+
+def test_paired_noise_pools_the_seed_spread_of_each_family(tmp_path):
+  base = get_config()
+  finals = {"lbl": (4.80, 4.90, 4.85), "phase1": (4.78, 4.86, 4.84),
+            "top1_lbl": (4.81, 4.93, 4.85), "progressive": (4.79, 4.88, 4.85)}
+  runs = {}
+  for kind, values in finals.items():
+    for seed, value in enumerate(values):
+      name = kind + (f"_seed{seed}" if seed else "")
+      runs[name] = synthetic_run(name, studies.variant_config(base, name, str(tmp_path)), [600],
+                                 val_loss=[value])
+  noise = studies.analyses.paired_noise(runs)
+  branch, scratch = noise["branch"], noise["from_scratch"]
+  assert branch["per_kind"]["progressive"]["per_seed"] == pytest.approx([0.01, 0.02, 0.01])
+  assert branch["pooled_sd"] == pytest.approx(np.std([0.01, 0.02, 0.01], ddof=1))
+  phase1_sd = np.std([-0.02, -0.04, -0.01], ddof=1)
+  top1_sd = np.std([0.01, 0.03, 0.0], ddof=1)
+  assert scratch["pooled_sd"] == pytest.approx(np.sqrt((phase1_sd ** 2 + top1_sd ** 2) / 2))
+  assert scratch["bar"] == pytest.approx(2 * scratch["pooled_sd"])
+  assert set(scratch["per_kind"]) == {"phase1", "top1_lbl"}  # kinds without runs left out
 
 
 def test_transition_analysis_windows_and_shipped_runs(tmp_path):

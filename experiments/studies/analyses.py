@@ -47,9 +47,22 @@ def imbalance(runs):
       "most_imbalanced_layer": int(np.argmax(final_max)),
       "drop_fraction_per_layer": run.last("drop_fraction").tolist(),
       "seeds": {name: _second_half_balance(r) for name, r in _by_seed(runs, "lbl").items()},
+      "most_imbalanced_layer_by_window": {
+          name: _most_imbalanced_by_window(r) for name, r in _by_seed(runs, "lbl").items()},
       "no_lbl": {**_second_half_balance(runs["no_lbl"]),
                  "final_val_loss": _final_loss(runs["no_lbl"])},
   }
+
+
+def _most_imbalanced_by_window(run: Run) -> dict:
+  """The layer whose most loaded expert (validation) is highest, averaged over different spans
+  of the evaluations: which layer is "the most imbalanced" depends on the span."""
+  steps, max_dev = run.series("val_load_max_dev")
+  end = run.config.train.steps
+  spans = {"last_evaluation": steps == steps[-1], "last_quarter": steps > 0.75 * end,
+           "second_half": steps >= steps[-1] / 2, "after_10pct": steps > 0.1 * end,
+           "first_half": steps < end / 2}
+  return {name: int(np.argmax(max_dev[keep].mean(0))) for name, keep in spans.items()}
 
 
 def _by_seed(runs, kind: str) -> Dict[str, Run]:
@@ -411,7 +424,36 @@ def seed_noise(runs):
       "final_max_load_dev_per_layer": {n: r.last("val_load_max_dev").tolist()
                                        for n, r in seeds.items()},
       "final_lbl_per_layer": {n: r.last("val_lbl_per_layer").tolist() for n, r in seeds.items()},
+      "paired": paired_noise(runs),
   }
+
+
+# Paired comparisons with three seeds: a run branched from phase 1's checkpoint against phase 1
+# kept (they share everything up to the branch), and a run trained from scratch against the
+# plain-LBL run of the same seed (they share only the initialisation seed and the batches).
+BRANCH_KINDS = tuple(TRANSITIONS)
+FROM_SCRATCH_KINDS = ("phase1", "adaptive", "loss_free", "top1_lbl")
+
+
+def paired_noise(runs) -> dict:
+  """The spread over seeds of paired final validation-loss differences: per kind the sample SD
+  (ddof 1) of its per-seed difference, pooled over the kinds of each family, and the bar a
+  single-seed paired difference must clear to count (twice the pooled SD)."""
+  out = {}
+  for family, kinds, reference in (("branch", BRANCH_KINDS, "phase1"),
+                                   ("from_scratch", FROM_SCRATCH_KINDS, "lbl")):
+    per_kind = {}
+    for kind in kinds:
+      pairs = [(runs[n], runs[n.replace(kind, reference, 1)]) for n in runs
+               if split_seed(n)[0] == kind and n.replace(kind, reference, 1) in runs]
+      if len(pairs) >= 2:
+        diffs = [_final_loss(a) - _final_loss(b) for a, b in pairs]
+        per_kind[kind] = {"per_seed": diffs, "sd": float(np.std(diffs, ddof=1))}
+    if per_kind:
+      pooled = float(np.sqrt(np.mean([v["sd"] ** 2 for v in per_kind.values()])))
+      out[family] = {"reference": reference, "per_kind": per_kind, "pooled_sd": pooled,
+                     "bar": 2 * pooled}
+  return out
 
 
 ADAPTIVE_GROUPS = {"top1_from_start": "lbl", "manual": "progressive", "adaptive": "adaptive"}
