@@ -1,5 +1,5 @@
 """Facts about a config's training corpus, as JSON: how many tokens its training split holds,
-what share of an epoch a run reads, and the most frequent tokens' shares (the floor they set on
+what share of an epoch a run reads, the unigram entropy, and the most frequent tokens' shares (the floor they set on
 balance: a router that sends a token by identity cannot spread one that is 10% of the data).
 
   python -m experiments.corpus_report --out=docs/results/corpus.json
@@ -13,6 +13,7 @@ import collections
 import json
 import sys
 
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -43,12 +44,15 @@ def corpus_facts(config, top: int = 10) -> dict:
     counts.update(ids)
     total += len(ids)
   per_run = int(t.steps * t.batch_size * t.seq_len)
+  shares = np.asarray(list(counts.values()), np.float64) / total
   experts = int(config.model.num_experts)
   return {
       "data_path": data.path, "training_documents": len(train),
       "validation_documents": len(val), "training_tokens": total,
       "tokens_per_run": per_run, "epochs_per_run": per_run / total,
       "num_experts": experts,
+      # The loss of a model that knows only token frequencies: a bar any trained model must beat.
+      "unigram_entropy_nats": float(-np.sum(shares * np.log(shares))),
       "most_frequent_tokens": [
           {"token": tokenizer.decode([i]), "id": int(i), "share": n / total,
            "times_an_experts_share": n / total * experts}
