@@ -189,3 +189,6 @@ def test_adaptive_config_errors_name_the_key():
   settings = from_config(config)
   assert settings.schedule.final == (1, 1) and settings.model.max_top_k == (2, 2)
   assert settings.schedule.deadline == round(0.7 * config.train.steps)
+  config.schedule.calm_fraction = 1.5
+  with pytest.raises(ValueError, match="schedule: adaptive top-k: calm_fraction must be in"):
+    from_config(config)
