@@ -444,7 +444,8 @@ def paired_noise(runs) -> dict:
                                    ("from_scratch", FROM_SCRATCH_KINDS, "lbl")):
     per_kind = {}
     for kind in kinds:
-      pairs = [(runs[n], runs[n.replace(kind, reference, 1)]) for n in runs
+      pairs = [(runs[n], runs[n.replace(kind, reference, 1)])
+               for n in sorted(runs, key=lambda n: split_seed(n)[1])
                if split_seed(n)[0] == kind and n.replace(kind, reference, 1) in runs]
       if len(pairs) >= 2:
         diffs = [_final_loss(a) - _final_loss(b) for a, b in pairs]
