@@ -580,6 +580,9 @@ def _adaptive_study(runs, kinds):
         "max": np.max(halves, 0).tolist()}
     results["train_drop_fraction_after_10pct_per_layer"][g] = np.mean(drops, 0).tolist()
     results["train_drop_fraction_after_10pct_worst_layer"][g] = float(np.max(drops))
+  # Layer 0 at top-1 after the switch: its most loaded expert at the last evaluation.
+  results["layer0_val_max_load_dev_final"] = {
+      g: _band([float(r.last("val_load_max_dev")[0]) for r in rs]) for g, rs in groups.items()}
   # The switch: per-step training loss minus top-1-from-start's on the same batch (same seed,
   # same data order), averaged over the 20 steps before and after the manual switch.
   around = {}
