@@ -56,6 +56,9 @@ STUDIES: Dict[str, Study] = {
     "top1_lbl": Study("Top-1 LBL (Fig. 4)",
                       _seeds("lbl", "top1_lbl") + ("top1_lbl_tau0.3", "top1_lbl_coef1e-2"),
                       analyses.top1_lbl, figures.top1_lbl),
+    # The same without the sweep's single-seed runs (the drop-free control has only the seeds).
+    "top1_lbl_paired": Study("Top-1 LBL (Fig. 4) against the LBL, seed by seed",
+                             _seeds("lbl", "top1_lbl"), analyses.top1_lbl, figures.top1_lbl),
     "domains": Study("Global-batch against micro-batch and sequence LBL (Qiu et al.)",
                      DOMAIN_VARIANTS, analyses.domains, figures.domains),
     "domains_by_shard": Study("Global-batch against micro-batch LBL, each batch shard one domain",
