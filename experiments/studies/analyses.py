@@ -256,6 +256,12 @@ def _paired_summary(seeds: dict) -> dict:
               n: int(np.sum(np.greater(v["second_half_max_load_dev_per_layer"],
                                        v["lbl_second_half_max_load_dev_per_layer"])))
               for n, v in seeds.items()},
+          "layers_better_balanced_than_lbl_final": {
+              n: int(np.sum(np.less(v["final_max_load_dev_per_layer"],
+                                    v["lbl_final_max_load_dev_per_layer"])))
+              for n, v in seeds.items()},
+          "worst_layer_second_half": {
+              n: int(np.argmax(v["second_half_max_load_dev_per_layer"])) for n, v in seeds.items()},
           "drop_ratio_to_lbl_all_layers": _band([v["drop_ratio_to_lbl_all_layers"]
                                                  for v in seeds.values()])}
 
