@@ -12,6 +12,7 @@ dict) and figures. Variants are shared: the plain-LBL run serves seven studies a
   figures.py      each study's figures (matplotlib)
   registry.py     the studies by name, and training their variants
   balance.py      the balance search's candidates and measurements (experiments/balance_search.py)
+  corpus.py       facts about a config's training corpus (experiments/corpus_report.py)
 """
 
 from experiments.studies import analyses, figures
