@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob as _glob
 import gzip
 import io
+import math
 import os
 import time
 import uuid
@@ -175,7 +176,8 @@ class Appender:
     self.path, self.min_interval, self.binary = path, min_interval, binary
     self.remote = is_remote(path)
     self._buffer = io.BytesIO() if binary else io.StringIO()
-    self._dirty, self._last_flush = False, 0.0
+    # -inf, not 0: monotonic time starts near 0 at boot, and the first write must always flush.
+    self._dirty, self._last_flush = False, -math.inf
     if self.remote and exists(path):
       self._buffer.write(read_bytes(path) if binary else read_text(path))
 
