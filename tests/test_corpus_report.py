@@ -1,5 +1,5 @@
-"""experiments/corpus_report.py against the training pipeline itself: the tokens one pass of the
-packed batches holds, and their frequencies."""
+"""corpus_facts (experiments/studies/corpus.py, behind experiments/corpus_report.py) against the
+training pipeline itself: the tokens one pass of the packed batches holds, and their frequencies."""
 
 import collections
 import gzip
