@@ -211,7 +211,7 @@ def resolve(dispatch: str, grouped_matmul: str, target, dtype, d_model: int, d_f
   if backend is None:
     return Resolved(padded, capacity_factor or FALLBACK_CAPACITY_FACTOR)
   return Resolved(functools.partial(ragged, backend=backend), capacity_factor,
-                  pallas=backend in ("megablox", "mosaic_gpu"))
+                  pallas=backend in ("megablox", "mosaic_gpu", "triton"))
 
 
 def slot_buckets(max_top_k: int) -> Tuple[int, ...]:

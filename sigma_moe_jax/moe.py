@@ -63,12 +63,13 @@ class MoE(nnx.Module):
     if num_experts % expert_shards:
       raise ValueError(f"{num_experts} experts do not split over mesh axis expert of size "
                        f"{expert_shards}")
+    target = platform.current()  # the devices compiled for, not the host
     if (self.expert_exchange == "ragged_all_to_all" and expert_shards > 1
-        and jax.default_backend() == "cpu"):
+        and target.platform == "cpu"):
       raise ValueError("expert_exchange='ragged_all_to_all' needs a GPU or TPU: "
                        "jax.lax.ragged_all_to_all does not run on CPU; use 'all_to_all'")
     d_model, d_ff = self.w_gate.shape[1:]
-    resolved = dispatch_lib.resolve(self.dispatch, self.grouped_matmul, platform.current(),
+    resolved = dispatch_lib.resolve(self.dispatch, self.grouped_matmul, target,
                                     self.dtype, d_model, d_ff, self.capacity_factor)
     weights = {name: getattr(self, name)[...] for name in _EXPERT_AXES}
     weight_specs = {name: sharding.logical_spec(_EXPERT_AXES[name], w.shape, mesh)

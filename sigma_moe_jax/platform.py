@@ -1,9 +1,13 @@
 """Which accelerator a program is built for, so that kernels are chosen in one place.
 
-Inside jit the target comes from the ambient mesh's devices (`jax.set_mesh`), which may differ
-from the host: a v5p topology compiled ahead of time on a CPU host is a TPU target. Without a
-mesh it is the default backend. `exporting_for` overrides both, for `jax.export` of a GPU
-program on a host without that GPU.
+The target is read from the devices the program is compiled for, never from the host: the
+concrete mesh set with `jax.set_mesh` (its devices carry the platform, NVIDIA's compute
+capability and the SM count, also for compile-only devices of a topology described on a CPU
+host: a v5p slice, or H100s from `gpu_targets`), else the abstract mesh's device (platform and
+SM count; its compute capability is the host's when the host has that kind of device), else the
+default backend. Inside jit, `jax.sharding.get_mesh` refuses to answer, so the concrete mesh is
+read where it lives (`jax._src.mesh.get_concrete_mesh`, what `get_mesh` returns outside jit). `exporting_for` overrides all of
+them, for `jax.export` of a GPU program on a host without that GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ class Target:
   platform: str  # one of PLATFORMS
   # NVIDIA compute capability ("9.0" Hopper, "10.0" Blackwell); None elsewhere or unknown.
   compute_capability: Optional[str] = None
+  # Streaming multiprocessors (GPU) or cores, where the device says; None when unknown.
+  core_count: Optional[int] = None
 
 
 _override: Optional[Target] = None
@@ -32,18 +38,37 @@ def _normalise(platform: str) -> str:
   return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
+def of_device(device) -> Target:
+  """The target a device stands for: a real one, or a compile-only one of a described topology."""
+  platform = _normalise(device.platform)
+  capability = getattr(device, "compute_capability", None) if platform == "gpu" else None
+  cores = getattr(device, "core_count", None) or getattr(device, "num_cores", None)
+  return Target(platform, None if capability is None else str(capability),
+                None if cores is None else int(cores))
+
+
 def current() -> Target:
   """The target of the program being traced."""
   if _override is not None:
     return _override
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else mesh.abstract_device
-  platform = _normalise(device.platform if device is not None else jax.default_backend())
-  capability = None
-  if platform == "gpu":
-    local = jax.local_devices()[0]
-    capability = getattr(local, "compute_capability", None)
-  return Target(platform, capability)
+  mesh = _concrete_mesh()
+  if mesh is not None and not mesh.empty:
+    return of_device(mesh.devices.flat[0])
+  abstract = jax.sharding.get_abstract_mesh()
+  if not abstract.empty:
+    target = of_device(abstract.abstract_device)
+    local = of_device(jax.local_devices()[0])
+    # An abstract device carries no compute capability: it is the host's when they are alike.
+    same = (local.platform == target.platform
+            and jax.local_devices()[0].device_kind == abstract.abstract_device.device_kind)
+    return local if same else target
+  return of_device(jax.local_devices()[0])
+
+
+def _concrete_mesh():
+  from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  get = getattr(mesh_lib, "get_concrete_mesh", None)
+  return None if get is None else get()
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""The accelerator kernels' numerics on the CPU: megablox and splash attention in Pallas interpret
-mode against the XLA paths and plain-loop oracles, values and every gradient."""
+"""The accelerator kernels' numerics on the CPU: megablox, our Triton grouped matmul and splash
+attention in Pallas interpret mode against the XLA paths and plain-loop oracles, values and every
+gradient."""
 
 import functools
 
@@ -26,7 +27,7 @@ def loop_gmm(lhs, rhs, sizes):
   return out
 
 
-@pytest.mark.parametrize("backend", ["xla", "megablox"])
+@pytest.mark.parametrize("backend", ["xla", "megablox", "triton"])
 def test_grouped_matmul_matches_the_loop_oracle(backend):
   keys = jax.random.split(jax.random.key(0), 3)
   lhs = jax.random.normal(keys[0], (M, K))
@@ -55,9 +56,10 @@ def test_megablox_tiling_fits_the_tpu_rules():
     assert 2 * (tm * tk + tk * tn) * itemsize + tm * tn * (4 + 2 * itemsize) <= 12 * 2**20
 
 
-def test_ragged_dispatch_with_megablox_matches_dense_oracle():
-  """The MoE dispatch (sort, grouped matmul, unsort, combine) with the TPU kernel, against the
-  dense every-expert oracle, top-2 with masked slots and padding tokens."""
+@pytest.mark.parametrize("backend", ["megablox", "triton"])
+def test_ragged_dispatch_with_a_kernel_matches_dense_oracle(backend):
+  """The MoE dispatch (sort, grouped matmul, unsort, combine) with the TPU kernel and the Triton
+  one, against the dense every-expert oracle, top-2 with masked slots and padding tokens."""
   tokens, d, f, e = 24, 16, 32, 6
   keys = jax.random.split(jax.random.key(1), 6)
   x = jax.random.normal(keys[0], (tokens, d))
@@ -67,12 +69,12 @@ def test_ragged_dispatch_with_megablox_matches_dense_oracle():
   valid = jnp.ones((tokens, 2), bool).at[::3, 1].set(False).at[-4:].set(False)
   experts = tuple(0.3 * jax.random.normal(k, s) for k, s in
                   zip(keys[3:], [(e, d, f), (e, d, f), (e, f, d)]))
-  megablox = functools.partial(dispatch.ragged, backend="megablox")
+  kernel = functools.partial(dispatch.ragged, backend=backend)
 
   def loss(run, x, gates, experts):
     return jnp.sum(run(x, ids, gates, valid, experts)[0] ** 2)
   want = jax.value_and_grad(functools.partial(loss, dispatch.dense), (0, 1, 2))(x, gates, experts)
-  got = jax.value_and_grad(functools.partial(loss, megablox), (0, 1, 2))(x, gates, experts)
+  got = jax.value_and_grad(functools.partial(loss, kernel), (0, 1, 2))(x, gates, experts)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -80,14 +82,22 @@ def test_ragged_dispatch_with_megablox_matches_dense_oracle():
 def test_auto_picks_a_kernel_per_platform():
   tpu, cpu = platform.Target("tpu"), platform.Target("cpu")
   hopper, ampere = platform.Target("gpu", "9.0"), platform.Target("gpu", "8.0")
+  ada, volta = platform.Target("gpu", "8.9"), platform.Target("gpu", "7.0")
   bf16 = jnp.bfloat16
   assert grouped_matmul.resolve("auto", tpu, bf16, 1536, 768) == "megablox"
   assert grouped_matmul.resolve("auto", hopper, bf16, 1024, 512) == "mosaic_gpu"
-  assert grouped_matmul.resolve("auto", hopper, jnp.float32, 1024, 512) is None
-  assert grouped_matmul.resolve("auto", ampere, bf16, 1024, 512) is None
+  assert grouped_matmul.resolve("auto", hopper, jnp.float32, 1024, 512) == "triton"
+  assert grouped_matmul.resolve("auto", ampere, bf16, 1024, 512) == "triton"
+  assert grouped_matmul.resolve("auto", ada, jnp.float32, 256, 128) == "triton"
+  assert grouped_matmul.resolve("auto", ampere, bf16, 1024, 500) is None
+  assert grouped_matmul.resolve("auto", volta, bf16, 1024, 512) is None
   assert grouped_matmul.resolve("auto", cpu, jnp.float32, 128, 128) == "xla"
-  # No kernel: the ragged dispatch becomes the capacity-padded one, never a dense ragged_dot.
+  # Dropless on every GPU from Ampere on: ragged stays ragged.
   resolved = dispatch.resolve("ragged", "auto", ampere, bf16, 1024, 512, None)
+  assert resolved.run.func is dispatch.ragged and resolved.run.keywords == {"backend": "triton"}
+  assert resolved.capacity_factor is None and resolved.pallas
+  # No kernel: the ragged dispatch becomes the capacity-padded one, never a dense ragged_dot.
+  resolved = dispatch.resolve("ragged", "auto", volta, bf16, 1024, 512, None)
   assert resolved.run is dispatch.padded
   assert resolved.capacity_factor == dispatch.FALLBACK_CAPACITY_FACTOR
   assert attention.resolve("auto", tpu, bf16, 4096, 96) == "splash"
@@ -95,6 +105,25 @@ def test_auto_picks_a_kernel_per_platform():
   assert attention.resolve("auto", hopper, bf16, 2048, 64) == "cudnn"
   assert attention.resolve("auto", ampere, bf16, 2048, 64) == "xla"
   assert attention.resolve("auto", cpu, jnp.float32, 256, 32) == "xla"
+
+
+def test_triton_tile_schedule_visits_every_row_of_every_group_once():
+  """Against a plain loop over groups and tiles: each (tile, group) pair that shares a row is one
+  visit, in group order, and the unused visits write nothing."""
+  rng = np.random.default_rng(3)
+  for sizes in [GROUPS, np.array([64, 0, 1, 127, 0], np.int32), rng.integers(0, 40, 12)]:
+    rows = -(-max(int(sizes.sum()), 1) // 16) * 16 + 16
+    tile, group, lo, hi = map(np.asarray, grouped_matmul.tile_schedule(
+        jnp.asarray(sizes, jnp.int32), rows, 16))
+    want, start = [], 0
+    for g, size in enumerate(sizes):
+      if size:
+        want += [(t, g, start, start + size) for t in range(start // 16, -(-(start + size) // 16))]
+      start += size
+    got = list(zip(tile, group, lo, hi))
+    assert [tuple(map(int, v)) for v in got[:len(want)]] == want
+    assert all(a == b for _, _, a, b in got[len(want):])  # empty row range
+    assert len(got) == rows // 16 + len(sizes)
 
 
 def packed_segments(batch, seq, rng):
