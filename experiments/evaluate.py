@@ -15,9 +15,14 @@ with standard errors. Any other file the data pipeline reads (.txt, .jsonl with 
 is a corpus: perplexity and bits per byte, in windows of the run's training context (or
 --context tokens: a longer one checks a context extension). Records with a "task" field are
 also scored per task. The result goes to --out (default <workdir>/eval/<task name>.json) and is
-printed.
+printed; beside it, <name>.examples.jsonl holds one record per example, so that a result can be
+audited and compared with another harness example by example: multiple choice, the context's
+SHA-256, each choice's log-likelihood and token count, both predictions, the label; corpora, each
+document's summed NLL, predicted tokens and bytes; conversations, each one's reply NLL and tokens.
+The aggregates recompute from it.
 """
 
+import hashlib
 import json
 import sys
 from typing import List, Tuple
@@ -32,7 +37,7 @@ from experiments.inference import load_run, token_byte_lengths
 from sigma_moe_jax import chat as chat_lib
 from sigma_moe_jax import generate, scoring, storage
 from sigma_moe_jax.chat import ChatTemplate
-from sigma_moe_jax.data import load_documents, split_documents
+from sigma_moe_jax.data import load_documents, split_documents, validation_piece_chars
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _TASK = flags.DEFINE_string("task", None, "Multiple-choice JSONL, or a corpus.")
@@ -85,11 +90,12 @@ def read_choice_task(path: str, chat: bool = False) -> List[Tuple[object, List[s
   return examples
 
 
-def reply_loss(examples, logprob_fn, *, batch_size: int, width: int) -> dict:
+def reply_loss(examples, logprob_fn, *, batch_size: int, width: int, records=None) -> dict:
   """Negative log-likelihood of the assistant replies (the loss-mask targets) of encoded
   conversations, one per row: per reply token over all, and per conversation (its mean over its
   reply tokens) averaged, with the standard error over conversations."""
   sums, counts = [], []
+  records = [] if records is None else records
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
     tokens = np.zeros((batch_size, width), np.int32)
@@ -102,12 +108,35 @@ def reply_loss(examples, logprob_fn, *, batch_size: int, width: int) -> dict:
       targets = mask[row, 1:] > 0
       sums.append(-float(logprobs[row][targets].sum()))
       counts.append(int(targets.sum()))
+      records.append({"nll": sums[-1], "tokens": counts[-1]})
   per_conversation = np.asarray(sums) / np.asarray(counts)
   return {"conversations": len(examples), "reply_tokens": int(sum(counts)),
           "nll_per_reply_token": sum(sums) / sum(counts),
           "nll_per_conversation": float(per_conversation.mean()),
           "nll_per_conversation_stderr": float(per_conversation.std(ddof=1)
                                                / np.sqrt(len(examples)))}
+
+
+def digest(context) -> str:
+  """SHA-256 of a context as written (a string, or a conversation as compact JSON)."""
+  text = context if isinstance(context, str) else json.dumps(context, sort_keys=True,
+                                                             separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def choice_records(examples, scores) -> List[dict]:
+  """One record per multiple-choice example: what `scoring.accuracy` decides from."""
+  records = []
+  for index, ((context, _, label, task), choices) in enumerate(zip(examples, scores)):
+    loglik = [s for s, _ in choices]
+    lengths = [n for _, n in choices]
+    by_sum = int(np.argmax(loglik))
+    by_mean = int(np.argmax([s / n for s, n in choices]))
+    records.append({"index": index, "context_sha256": digest(context), "task": task,
+                    "label": label, "loglikelihoods": loglik, "choice_tokens": lengths,
+                    "prediction": by_sum, "prediction_length_normalised": by_mean,
+                    "correct": by_sum == label})
+  return records
 
 
 def is_choice_task(path: str) -> bool:
@@ -142,7 +171,8 @@ def main(argv):
                    untrained=_UNTRAINED.value)
     if _HELDOUT.value:
       data = run.settings.data
-      documents = split_documents(documents, data.val_fraction, data.seed)[1]
+      documents = split_documents(documents, data.val_fraction, data.seed,
+                                  validation_piece_chars(data.chunk_chars))[1]
       if not documents:
         raise ValueError(f"the run holds out no document (data.val_fraction "
                          f"{data.val_fraction})")
@@ -173,6 +203,7 @@ def main(argv):
       sys.exit(f"error: {e}")
     labels = [label for _, _, label, _ in examples]
     result = scoring.accuracy(scores, labels)
+    records = choice_records(examples, scores)
     tasks = sorted({name for _, _, _, name in examples if name})
     if tasks:
       result["by_task"] = {name: scoring.accuracy(
@@ -183,11 +214,18 @@ def main(argv):
       examples = chat_lib.load_examples([task], template, run.tokenizer, max_len=width)
     except ValueError as e:
       sys.exit(f"error: {e}")
-    result = reply_loss(examples, logprob_fn, batch_size=_BATCH.value, width=width)
+    records = []
+    result = reply_loss(examples, logprob_fn, batch_size=_BATCH.value, width=width,
+                        records=records)
+    records = [{"index": i, **r} for i, r in enumerate(records)]
   else:
     docs = [encode(doc) + [run.tokenizer.eos_id] for doc in documents]
+    records = []
     result = scoring.corpus_perplexity(docs, token_byte_lengths(run.tokenizer), logprob_fn,
-                                       width=width, batch_size=_BATCH.value)
+                                       width=width, batch_size=_BATCH.value,
+                                       per_document=records)
+    records = [{"index": i, "text_sha256": digest(doc), **r}
+               for i, (doc, r) in enumerate(zip(documents, records))]
   result = {"task": _TASK.value, "workdir": _WORKDIR.value, "step": run.step,
             "untrained": _UNTRAINED.value, "chat": _CHAT.value, "context": width,
             "heldout": _HELDOUT.value,
@@ -197,7 +235,10 @@ def main(argv):
       + ("_untrained" if _UNTRAINED.value else f"_step{run.step}")
       + ("_chat" if _CHAT.value else "") + ("_heldout" if _HELDOUT.value else "")
       + (f"_context{width}" if width != run.context else "") + ".json"))
+  examples_out = (out[:-len(".json")] if out.endswith(".json") else out) + ".examples.jsonl"
+  result["examples_file"] = storage.basename(examples_out)
   storage.makedirs(storage.parent(out))
+  storage.write_text(examples_out, "".join(json.dumps(r) + "\n" for r in records))
   storage.write_text(out, json.dumps(result, indent=1))
   print(json.dumps(result, indent=1))
 

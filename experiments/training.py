@@ -22,9 +22,11 @@ from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.balancing import load_statistics
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.chat import ChatTemplate
-from sigma_moe_jax.data import (check_vocab, chunk_documents, data_files, load_documents,
-                                make_block_pipeline, make_chat_pipeline, make_file_pipeline,
-                                make_pipeline, read_documents, split_documents)
+from sigma_moe_jax.data import (check_vocab, chunk_documents, data_files,
+                                holds_out_pieces, load_documents, make_block_pipeline,
+                                make_chat_pipeline, make_file_pipeline, make_pipeline,
+                                read_documents, split_documents,
+                                validation_piece_chars)
 from sigma_moe_jax.metrics import (MetricsWriter, flops_per_token, format_duration,
                                    peak_flops_per_device)
 from sigma_moe_jax.tokenizer import load_tokenizer
@@ -116,6 +118,7 @@ class Training(NamedTuple):
   eval_sets: dict  # name -> documents; "" is the split held out from data.path
   lr: Any
   optimizer: Any
+  held_out: str = ""  # what the validation split holds out, in words (said once at the start)
 
 
 def parse_eval_sets(spec: str, read=load_documents) -> dict:
@@ -147,6 +150,7 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
   tokenizer = load_tokenizer(data.tokenizer)
   check_vocab(tokenizer, model_cfg.vocab_size)
   train_files = train_groups = None
+  pieces, piece_chars = [], validation_piece_chars(data.chunk_chars)
   read = load_documents
   if data.format == "chat":
     template = ChatTemplate.load(data.chat_template)
@@ -166,7 +170,10 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
                        f"got {data.path!r}")
     train_groups, val_docs = [], []
     for path in paths:  # each path split on its own: every one keeps training documents
-      train, val = split_documents(load_documents(path), data.val_fraction, data.seed)
+      docs = load_documents(path)
+      if holds_out_pieces(len(docs), data.val_fraction):
+        pieces.append(f"{path} ({len(docs)} document{'s' if len(docs) > 1 else ''})")
+      train, val = split_documents(docs, data.val_fraction, data.seed, piece_chars)
       train_groups.append(chunk_documents(train, data.chunk_chars) if data.chunk_chars else train)
       val_docs += val
     train_docs = [d for group in train_groups for d in group]
@@ -177,6 +184,18 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
     if not data.rows_by_path:
       train_groups = None
   eval_sets = {"": val_docs} if val_docs else {}
+  if data.val_fraction == 0:
+    held_out = "validation: off (data.val_fraction=0)"
+  else:
+    unit = "files' documents" if train_files else "pieces" if pieces else "documents"
+    held_out = f"validation: {len(val_docs)} {unit} held out"
+    if train_docs is not None and data.format != "chat":
+      chars = sum(map(len, val_docs))
+      share = chars / max(1, chars + sum(map(len, train_docs)))
+      held_out += f" ({chars:,} characters, {share:.1%} of the text)"
+    if pieces:
+      held_out += (f"; too few documents to hold out whole ones in {', '.join(pieces)}: cut "
+                   f"at line breaks into pieces of at most {piece_chars:,} characters")
   eval_sets.update(parse_eval_sets(data.eval_sets, read))
   lr, optimizer = lr_and_optimizer(t)
   for name, docs in eval_sets.items():
@@ -188,7 +207,7 @@ def build_training(config, workdir: Optional[str] = None) -> Training:
     raise ValueError("train.init_from names the run's own workdir; a run resumes from its own "
                      "checkpoints without it")
   return Training(settings, model_cfg, schedule, balance, mesh, tokenizer, train_docs,
-                  train_groups, train_files, eval_sets, lr, optimizer)
+                  train_groups, train_files, eval_sets, lr, optimizer, held_out)
 
 
 # Keys of the model that parameters do not depend on: a run started from another's checkpoint
@@ -314,6 +333,9 @@ def run(config, workdir: str):
         seed=order_seed, process_index=jax.process_index(),
         process_count=jax.process_count(), chunk_chars=data.chunk_chars)
   train_iter = train_pipeline()
+  if jax.process_index() == 0:
+    print(built.held_out + (f"; more sets: {', '.join(n for n in built.eval_sets if n)}"
+                            if any(built.eval_sets) else ""), flush=True)
 
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
   graphdef, state, shardings = train_lib.init_sharded_state(model_cfg, t.seed, optimizer, mesh,

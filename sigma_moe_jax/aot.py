@@ -2,13 +2,20 @@
 
 TPU: with libtpu installed, `tpu_devices("v5p:4x4x4")` describes a real topology on any host, and
 `compile_train_step` runs the real XLA:TPU compiler over a mesh of those devices (kernels,
-shardings and all); the result's memory and cost analyses are per device. GPU: `export_train_step`
-lowers the same step with `jax.export` for CUDA, as it would be built on a Hopper GPU.
+shardings and all); the result's memory and cost analyses are per device.
+
+GPU: with the CUDA plugin installed (`requirements-gpu-aot.txt`; no GPU, driver or CUDA toolkit
+needed, `JAX_PLATFORMS=cpu`), `gpu_devices("h100", 8)` describes eight compile-only GPUs from an
+XLA target config (`sigma_moe_jax/gpu_targets/`), and `compile_train_step` runs the real XLA:GPU
+compiler for them: Mosaic GPU, Triton and cuDNN kernels included; memory analysis per device (XLA
+gives no cost analysis there). `export_train_step` only lowers the step with `jax.export`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.resources
 import re
 import time
 from typing import Dict, List, Optional, Sequence
@@ -25,6 +32,44 @@ from sigma_moe_jax.schedule import TopKSchedule
 # High-bandwidth memory per chip, bytes, by `device_kind`.
 HBM_BYTES = {"TPU v4": 32e9, "TPU v5 lite": 16e9, "TPU v5": 95e9, "TPU v6 lite": 32e9,
              "TPU7x": 192e9}
+
+
+# GPU target configs shipped in sigma_moe_jax/gpu_targets (sources named in each file).
+GPU_TARGETS = ("h100", "h200", "a100", "rtx4090")
+
+
+def gpu_target_config(gpu: str) -> str:
+  """The XLA GpuTargetConfig text proto of a GPU in GPU_TARGETS, or a path to one."""
+  if gpu in GPU_TARGETS:
+    return (importlib.resources.files("sigma_moe_jax") / "gpu_targets" / f"{gpu}.txtpb").read_text()
+  try:
+    with open(gpu) as f:
+      return f.read()
+  except OSError:
+    raise ValueError(f"unknown GPU {gpu!r}: expected one of {GPU_TARGETS} or the path of an XLA "
+                     f"GpuTargetConfig text proto") from None
+
+
+def gpu_devices(gpu: str, count: int) -> Sequence:
+  """`count` compile-only devices of one host of GPUs (needs the CUDA plugin, not a GPU)."""
+  config = gpu_target_config(gpu)
+  try:
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="cuda", target_config=config,
+                                        topology=f"1x1x{count}").devices
+  except Exception as e:  # plugin missing, or a target config it cannot parse
+    raise ValueError(f"cannot describe {count} x {gpu} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); install the CUDA plugin with "
+                     f"`pip install --no-deps -r requirements-gpu-aot.txt` and run with "
+                     f"JAX_PLATFORMS=cpu") from None
+
+
+def gpu_memory_bytes(gpu: str) -> float:
+  """The card's memory as its target config states it (`device_memory_size`)."""
+  found = re.search(r"device_memory_size:\s*(\d+)", gpu_target_config(gpu))
+  if not found:
+    raise ValueError(f"the target config of {gpu!r} states no device_memory_size")
+  return float(found.group(1))
 
 
 def tpu_devices(topology: str) -> Sequence:
@@ -81,16 +126,29 @@ class CompileReport:
   hbm_bytes: Optional[float]
   flops_per_device: Optional[float]
   kernels: List[str]
+  dense_ragged_dot: bool = False  # a ragged_dot left for XLA (dense on GPUs and CPUs)
 
 
-def compile_train_step(plan: StepPlan, mesh) -> CompileReport:
-  """Lowers and compiles the train step for the mesh's devices (e.g. a TPU topology)."""
-  with jax.set_mesh(mesh):
+# XLA:GPU rewrites large sorts (the dispatch's sort by expert) into CUB radix sorts, and sizes
+# their scratch by calling the CUDA libraries while compiling, which a host without CUDA cannot
+# ("Error loading CUDA libraries"). Compile-only, XLA's own sort is used instead; on a GPU the CUB
+# sort runs, with a scratch buffer of a few MB that the memory figures leave out.
+_GPU_COMPILE_ONLY_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False}
+
+
+def compile_train_step(plan: StepPlan, mesh, hbm_bytes: Optional[float] = None) -> CompileReport:
+  """Lowers and compiles the train step for the mesh's devices (a TPU topology, compile-only
+  GPUs). `hbm_bytes`: the device's memory where the device kind table has none (GPUs)."""
+  device = mesh.devices.flat[0]
+  gpu = platform.of_device(device).platform == "gpu"
+  with (jax.set_mesh(mesh),
+        attention.cudnn_checks_answered_for_export() if gpu else contextlib.nullcontext()):
     step, state, batch = _abstract_inputs(plan, mesh)
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
+    dense_ragged_dot = "chlo.ragged_dot" in lowered.as_text()
+    compiled = lowered.compile(compiler_options=_GPU_COMPILE_ONLY_OPTIONS if gpu else None)
     done = time.perf_counter()
   stats = compiled.memory_analysis()
   memory = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
@@ -99,15 +157,18 @@ def compile_train_step(plan: StepPlan, mesh) -> CompileReport:
   # Donated state is aliased to the outputs: count it once.
   memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
                      + memory["temporaries"] + memory["code"])
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  device = mesh.devices.flat[0]
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # XLA:GPU for compile-only devices has none
+    cost = None
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  text = compiled.as_text()
   return CompileReport(
       target=device.platform, devices=mesh.devices.size, device_kind=device.device_kind,
       lower_seconds=lowered_at - start, compile_seconds=done - lowered_at, memory=memory,
-      hbm_bytes=HBM_BYTES.get(device.device_kind),
+      hbm_bytes=hbm_bytes or HBM_BYTES.get(device.device_kind),
       flops_per_device=cost.get("flops") if cost else None,
-      kernels=tpu_kernels(compiled.as_text()))
+      kernels=gpu_kernels(text) if gpu else tpu_kernels(text), dense_ragged_dot=dense_ragged_dot)
 
 
 def tpu_kernels(hlo_text: str) -> List[str]:
@@ -117,6 +178,23 @@ def tpu_kernels(hlo_text: str) -> List[str]:
     if 'custom_call_target="tpu_custom_call"' in line:
       name = line.split("=")[0].strip().lstrip("%")
       names.add(re.sub(r"\.\d+$", "", name))
+  return sorted(names)
+
+
+def gpu_kernels(hlo_text: str) -> List[str]:
+  """Kernels in a compiled GPU program: cuDNN and other library custom calls by target, Pallas
+  kernels (Mosaic GPU, Triton) by the name of the kernel function."""
+  names = set()
+  for line in hlo_text.splitlines():
+    found = re.search(r'custom_call_target="([^"]+)"', line)
+    if not found:
+      continue
+    target = found.group(1)
+    kernel = re.search(r'\bname = "([\w.]+)"', line)
+    if target == "__gpu$xla.gpu.triton" or target.startswith("mosaic_gpu"):
+      names.add(f"{target.split('.')[-1]}:{kernel.group(1)}" if kernel else target)
+    else:
+      names.add(target)
   return sorted(names)
 
 

@@ -85,16 +85,38 @@ def read_documents(path: str) -> List[str]:
   return [d for d in docs if d.strip()]
 
 
-def split_documents(docs: Sequence[str], val_fraction: float,
-                    seed: int) -> Tuple[List[str], List[str]]:
+# Piece size when a corpus has too few documents to hold out whole ones and data.chunk_chars is 0.
+VALIDATION_PIECE_CHARS = 2000
+
+
+def validation_piece_chars(chunk_chars: int) -> int:
+  """The piece size of a split that holds out pieces: data.chunk_chars, or the default."""
+  return chunk_chars or VALIDATION_PIECE_CHARS
+
+
+def holds_out_pieces(num_docs: int, val_fraction: float) -> bool:
+  """Whether `split_documents` with pieces allowed holds out pieces of documents: validation is
+  on, and the fraction of the documents is less than one whole document."""
+  return val_fraction > 0 and val_fraction * num_docs < 1
+
+
+def split_documents(docs: Sequence[str], val_fraction: float, seed: int,
+                    piece_chars: int = 0) -> Tuple[List[str], List[str]]:
   """Holds out whole documents for validation, so no validation text is seen in training.
 
   The held-out set is `round(val_fraction * len(docs))` documents chosen by `seed`, at least
   one when `val_fraction > 0` and there are >= 2 documents; training keeps at least one.
   Both lists keep the input order.
+
+  With `piece_chars` > 0 and too few documents to hold out whole ones (`holds_out_pieces`: one
+  big text file, a handful of books), the documents are first cut at line breaks into pieces of
+  at most `piece_chars` characters (`chunk_documents`), and pieces are held out by the same rule,
+  so that `val_fraction` is still about the share of the text held out.
   """
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+  if piece_chars > 0 and holds_out_pieces(len(docs), val_fraction):
+    docs = chunk_documents(docs, piece_chars)
   n = len(docs)
   if n == 0:
     raise ValueError("cannot split an empty document list")

@@ -182,15 +182,19 @@ _HOPPER_SMS = 132  # H100 / H200 SXM
 
 @contextlib.contextmanager
 def _sm_count_for_export(module):
-  """The weight-gradient kernel sizes its grid from `jax.devices()[0].core_count` while tracing.
-  On a host without a GPU (`jax.export` for cuda) that attribute is missing; the kernel module
-  then sees a device list reporting a Hopper's SM count. On a GPU nothing changes."""
-  if hasattr(jax.devices()[0], "core_count"):
+  """The weight-gradient kernel sizes its grid from `jax.devices()[0].core_count` while tracing,
+  the host's device. Compiled for other devices (compile-only GPUs, `jax.export`), the kernel
+  module sees a device list reporting the target's SM count (a Hopper's where it is unknown).
+  On the GPU it is built for, nothing changes."""
+  target = platform.current()
+  host = jax.devices()[0]
+  if host.platform == "gpu" and getattr(host, "core_count", None) == target.core_count:
     yield
     return
   proxy = types.ModuleType("jax")
   proxy.__getattr__ = lambda name: getattr(jax, name)
-  proxy.devices = lambda *args, **kwargs: [types.SimpleNamespace(core_count=_HOPPER_SMS)]
+  cores = target.core_count or _HOPPER_SMS
+  proxy.devices = lambda *args, **kwargs: [types.SimpleNamespace(core_count=cores)]
   saved, module.jax = module.jax, proxy
   try:
     yield

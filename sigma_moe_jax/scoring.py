@@ -10,7 +10,7 @@ per byte, which do not depend on the tokenizer.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -81,19 +81,30 @@ def accuracy(scores: Sequence[Sequence[Tuple[float, int]]], labels: Sequence[int
 
 
 def corpus_perplexity(documents: Sequence[List[int]], token_bytes: np.ndarray,
-                      logprob_fn: LogprobFn, *, width: int, batch_size: int) -> Dict:
+                      logprob_fn: LogprobFn, *, width: int, batch_size: int,
+                      per_document: Optional[list] = None) -> Dict:
   """documents: token ids (end-of-text included), cut into windows of `width` tokens; every
   token but the first of a window is predicted from the window before it. Returns the mean
   negative log-likelihood (nats per token), perplexity, and bits per byte over the predicted
-  tokens, whose bytes are `token_bytes[id]` (UTF-8 length of each token)."""
-  windows = [doc[i:i + width] for doc in documents for i in range(0, len(doc), width)]
-  windows = [w for w in windows if len(w) > 1]
+  tokens, whose bytes are `token_bytes[id]` (UTF-8 length of each token).
+
+  `per_document` (a list) receives one record per document: its summed NLL, predicted tokens and
+  their bytes; their sums are the totals the averages come from."""
+  windows = [(d, doc[i:i + width]) for d, doc in enumerate(documents)
+             for i in range(0, len(doc), width)]
+  windows = [(d, w) for d, w in windows if len(w) > 1]
   if not windows:
     raise ValueError("the corpus has no text to score")
-  logprobs = _batched(windows, width, batch_size, logprob_fn)
-  nll = -float(sum(np.sum(lp) for lp in logprobs))
-  tokens = sum(len(w) - 1 for w in windows)
-  predicted_bytes = int(sum(token_bytes[np.asarray(w[1:])].sum() for w in windows))
+  logprobs = _batched([w for _, w in windows], width, batch_size, logprob_fn)
+  nll_of, tokens_of, bytes_of = (np.zeros(len(documents)) for _ in range(3))
+  for (d, w), lp in zip(windows, logprobs):
+    nll_of[d] -= float(np.sum(lp))
+    tokens_of[d] += len(w) - 1
+    bytes_of[d] += int(token_bytes[np.asarray(w[1:])].sum())
+  nll, tokens, predicted_bytes = float(nll_of.sum()), int(tokens_of.sum()), int(bytes_of.sum())
+  if per_document is not None:
+    per_document.extend({"nll": float(n), "tokens": int(t), "bytes": int(b)}
+                        for n, t, b in zip(nll_of, tokens_of, bytes_of))
   return {"tokens": tokens, "bytes": predicted_bytes, "nll_per_token": nll / tokens,
           "perplexity": math.exp(nll / tokens),
           "bits_per_byte": nll / math.log(2) / max(predicted_bytes, 1)}

@@ -1,6 +1,7 @@
 """A lowering failure fails here, not on the pod: a tiny model's train step compiled by the real
-XLA:TPU compiler for a v5p topology (libtpu, no TPU needed) and exported for a Hopper GPU, with
-the accelerator kernels inside."""
+XLA:TPU compiler for a v5p topology (libtpu, no TPU needed) and by the real XLA:GPU compiler for
+H100s and an A100 (the CUDA plugin, no GPU needed), and exported for a Hopper GPU, with the
+accelerator kernels inside, chosen from the devices compiled for (nothing forced)."""
 
 import functools
 import os
@@ -10,7 +11,7 @@ import sys
 import optax
 import pytest
 
-from sigma_moe_jax import ModelConfig, TopKSchedule, aot, sharding
+from sigma_moe_jax import ModelConfig, TopKSchedule, aot, platform, sharding
 from sigma_moe_jax import train as train_lib
 
 # Sizes the kernels accept: sequence a multiple of 128 (splash), 16-bit compute and widths that
@@ -44,6 +45,65 @@ def test_train_step_compiles_for_tpu_with_megablox_and_splash():
   assert any(k.startswith("splash_mha_dkv") for k in kernels), kernels
   assert 0 < report.memory["total"] < report.hbm_bytes
   assert report.flops_per_device > 0
+
+
+def gpu_devices(gpu, count):
+  try:
+    return aot.gpu_devices(gpu, count)
+  except ValueError as e:  # the CUDA plugin is missing: requirements-gpu-aot.txt
+    pytest.skip(str(e))
+
+
+def test_shipped_gpu_targets_describe_their_cards():
+  for gpu, kind, capability, cores, memory in [
+      ("h100", "NVIDIA H100 80GB HBM3", "9.0", 132, 84942979072),
+      ("h200", "NVIDIA H200 141GB HBM3e", "9.0", 132, 151397597184),
+      ("a100", "NVIDIA A100-SXM4-80GB", "8.0", 108, 85100068864),
+      ("rtx4090", "NVIDIA GeForce RTX 4090", "8.9", 128, 25757220864)]:
+    device = gpu_devices(gpu, 1)[0]
+    assert device.device_kind == kind
+    assert platform.of_device(device) == platform.Target("gpu", capability, cores)
+    assert aot.gpu_memory_bytes(gpu) == memory
+
+
+def test_train_step_compiles_for_h100s_with_mosaic_gpu_cudnn_and_ragged_all_to_all():
+  """Two H100s with the experts split between them and the dropless exchange: the Hopper
+  kernels and ragged_all_to_all come from the devices compiled for, not from this CPU host."""
+  mesh = sharding.make_mesh(data=1, expert=2, devices=gpu_devices("h100", 2))
+  model = CFG.replace(expert_exchange="ragged_all_to_all")
+  report = aot.compile_train_step(plan(batch_size=4, model=model), mesh,
+                                  aot.gpu_memory_bytes("h100"))
+  assert report.target == "gpu" and report.device_kind == "NVIDIA H100 80GB HBM3"
+  assert any(k.startswith("mosaic_gpu") for k in report.kernels), report.kernels
+  assert {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"} <= set(report.kernels)
+  assert not report.dense_ragged_dot
+  assert report.hbm_bytes == 84942979072
+  # The state is donated: arguments and outputs alias, and the total counts them once.
+  m = report.memory
+  assert m["aliased"] > 0 and m["temporaries"] > 0
+  assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] + m["code"]
+  assert m["total"] < 0.01 * report.hbm_bytes
+
+
+def test_train_step_compiles_for_an_a100_with_the_triton_grouped_matmul():
+  mesh = sharding.make_mesh(data=1, devices=gpu_devices("a100", 1))
+  report = aot.compile_train_step(plan(batch_size=2), mesh, aot.gpu_memory_bytes("a100"))
+  assert report.device_kind == "NVIDIA A100-SXM4-80GB"
+  assert {"triton:_triton_gmm_kernel", "triton:_triton_tgmm_kernel"} <= set(report.kernels)
+  assert not any(k.startswith(("mosaic_gpu", "__cudnn")) for k in report.kernels)
+  assert not report.dense_ragged_dot  # dropless without XLA's dense ragged_dot
+
+
+def test_compile_check_names_an_unknown_gpu_in_one_line():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.compile_check", "--config=experiments/configs/cpu_tiny.py",
+       "--platform=cuda", "--gpu=gtx480"],
+      cwd=root, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: unknown GPU 'gtx480'"), result.stderr[-2000:]
 
 
 def test_unknown_topology_is_one_clear_error():

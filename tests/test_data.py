@@ -211,6 +211,31 @@ def test_split_holds_out_whole_documents():
     data.split_documents(docs, 1.0, seed=0)
 
 
+def test_one_file_corpus_holds_out_pieces_of_about_val_fraction():
+  """A corpus of one (or a handful of) documents cannot hold out whole ones: pieces cut at line
+  breaks are held out instead, about val_fraction of the text, by the seed, and nothing is lost
+  or seen twice."""
+  rng = np.random.default_rng(0)
+  lines = [" ".join("w" * int(rng.integers(1, 9)) for _ in range(rng.integers(1, 12))) + "\n"
+           for _ in range(4000)]
+  book = "".join(lines)
+  assert data.holds_out_pieces(1, 0.05) and not data.holds_out_pieces(20, 0.05)
+  assert not data.holds_out_pieces(1, 0.0)
+  train, val = data.split_documents([book], 0.05, seed=3, piece_chars=500)
+  pieces = data.chunk_documents([book], 500)
+  assert sorted(train + val) == sorted(pieces) and "".join(pieces) == book
+  assert len(val) == round(0.05 * len(pieces)) and not set(train) & set(val)
+  share = sum(map(len, val)) / len(book)
+  assert 0.03 < share < 0.07, share
+  assert (train, val) == data.split_documents([book], 0.05, seed=3, piece_chars=500)
+  assert val != data.split_documents([book], 0.05, seed=4, piece_chars=500)[1]
+  # Without piece_chars the old rule stands: one document, nothing held out.
+  assert data.split_documents([book], 0.05, seed=3) == ([book], [])
+  # Enough documents: whole ones, as before, pieces or not.
+  docs = [f"doc {i}\n" * 300 for i in range(40)]
+  assert data.split_documents(docs, 0.05, 0, 500) == data.split_documents(docs, 0.05, 0)
+
+
 def test_load_documents_formats(tmp_path):
   (tmp_path / "b.txt").write_text("beta")
   with gzip.open(tmp_path / "a.txt.gz", "wt") as f:

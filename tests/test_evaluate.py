@@ -2,6 +2,7 @@
 evaluate launchers on a trained tiny run, bad input included."""
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -67,16 +68,25 @@ def test_corpus_perplexity_is_the_mean_over_windows():
   rng = np.random.default_rng(1)
   docs = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (20, 7, 1)]
   token_bytes = np.arange(CFG.vocab_size) % 3 + 1
-  result = scoring.corpus_perplexity(docs, token_bytes, logprob_fn, width=8, batch_size=4)
+  per_document = []
+  result = scoring.corpus_perplexity(docs, token_bytes, logprob_fn, width=8, batch_size=4,
+                                     per_document=per_document)
   nll, tokens, nbytes = 0.0, 0, 0
-  for doc in docs:
+  for doc, record in zip(docs, per_document):
+    doc_nll = doc_tokens = 0
     for i in range(0, len(doc), 8):
       window = doc[i:i + 8]
       if len(window) > 1:
-        nll -= direct_logprob_sum(window, 1)
-        tokens += len(window) - 1
+        doc_nll -= direct_logprob_sum(window, 1)
+        doc_tokens += len(window) - 1
         nbytes += int(token_bytes[window[1:]].sum())
+    np.testing.assert_allclose(record["nll"], doc_nll, rtol=1e-5, atol=1e-5)
+    assert record["tokens"] == doc_tokens
+    nll, tokens = nll + doc_nll, tokens + doc_tokens
+  assert len(per_document) == len(docs) and per_document[2] == {"nll": 0.0, "tokens": 0,
+                                                                 "bytes": 0}
   assert result["tokens"] == tokens and result["bytes"] == nbytes
+  assert sum(r["bytes"] for r in per_document) == nbytes
   np.testing.assert_allclose(result["nll_per_token"], nll / tokens, rtol=1e-5)
   np.testing.assert_allclose(result["bits_per_byte"], nll / math.log(2) / nbytes, rtol=1e-5)
 
@@ -124,6 +134,19 @@ def test_evaluate_launcher_multiple_choice_and_corpus(trained, tmp_path):
   result = json.loads(out.read_text())
   assert result["examples"] == 2 and 0 <= result["accuracy"] <= 1 and result["step"] == 3
   assert result["chance"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+  # One record per example beside the aggregate, from which the accuracy recomputes.
+  assert result["examples_file"] == "result.examples.jsonl"
+  records = [json.loads(line) for line in (tmp_path / "result.examples.jsonl").open()]
+  assert [r["index"] for r in records] == [0, 1] and [r["label"] for r in records] == [0, 1]
+  assert records[0]["context_sha256"] == hashlib.sha256(b"To be, or not").hexdigest()
+  for r in records:
+    assert r["prediction"] == int(np.argmax(r["loglikelihoods"]))
+    assert r["prediction_length_normalised"] == int(np.argmax(
+        np.asarray(r["loglikelihoods"]) / np.asarray(r["choice_tokens"])))
+    assert all(n >= 1 for n in r["choice_tokens"]) and all(s < 0 for s in r["loglikelihoods"])
+  assert result["accuracy"] == np.mean([r["prediction"] == r["label"] for r in records])
+  assert result["accuracy_length_normalised"] == np.mean(
+      [r["prediction_length_normalised"] == r["label"] for r in records])
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("Now is the winter of our discontent\nMade glorious summer by this sun.\n")
   code, _, err = run_module("experiments.evaluate", f"--workdir={trained}", f"--task={corpus}",
@@ -131,6 +154,10 @@ def test_evaluate_launcher_multiple_choice_and_corpus(trained, tmp_path):
   assert code == 0, err[-2000:]
   result = json.loads(out.read_text())
   assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
+  records = [json.loads(line) for line in (tmp_path / "result.examples.jsonl").open()]
+  assert len(records) == 1 and records[0]["tokens"] == result["tokens"]
+  assert records[0]["bytes"] == result["bytes"]
+  assert records[0]["nll"] / records[0]["tokens"] == pytest.approx(result["nll_per_token"])
 
 
 @pytest.mark.parametrize("case", ["no_checkpoint", "long_prompt", "bad_line", "bad_label",

@@ -72,6 +72,27 @@ def test_launcher_runs_from_another_directory(tmp_path):
   assert losses(elsewhere / "run") and (elsewhere / "run" / "checkpoints").is_dir()
 
 
+def test_one_file_corpus_is_validated_and_says_what_it_held_out(tmp_path):
+  """One big .txt file is one document: the run holds out pieces of it, says so once, and logs
+  val_loss at every eval_every; with val_fraction 0 it says validation is off."""
+  import gzip
+  with gzip.open(os.path.join(ROOT, "data", "shakespeare.jsonl.gz"), "rt") as f:
+    text = "".join(json.loads(line)["text"] for _, line in zip(range(3), f))
+  (tmp_path / "book.txt").write_text(text)
+  code, out, err = launch(tmp_path / "run", "--config.train.steps=4",
+                          "--config.train.eval_every=2", f"--config.data.path={tmp_path}/book.txt")
+  assert code == 0, err[-2000:]
+  said = [line for line in out.splitlines() if line.startswith("validation:")]
+  assert len(said) == 1 and "pieces held out" in said[0] and "book.txt (1 document)" in said[0]
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    evals = [r["step"] for r in map(json.loads, f) if "val_loss" in r]
+  assert evals == [2, 4], evals
+  code, out, err = launch(tmp_path / "off", "--config.train.steps=1",
+                          "--config.data.val_fraction=0", f"--config.data.path={tmp_path}/book.txt")
+  assert code == 0, err[-2000:]
+  assert "validation: off (data.val_fraction=0)" in out.splitlines()
+
+
 def test_unknown_config_key_is_rejected(tmp_path):
   code, _, err = launch(tmp_path / "run", "--config.train.stepz=3")
   assert code != 0

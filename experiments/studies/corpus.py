@@ -13,7 +13,8 @@ import collections
 import numpy as np
 
 from experiments import cli as cli_lib
-from sigma_moe_jax.data import chunk_documents, load_documents, split_documents
+from sigma_moe_jax.data import (chunk_documents, load_documents, split_documents,
+                                validation_piece_chars)
 from sigma_moe_jax.tokenizer import load_tokenizer
 
 
@@ -23,7 +24,8 @@ def corpus_facts(config, top: int = 10) -> dict:
     raise ValueError("corpus_report reads plain-text configs with one data.path")
   tokenizer = load_tokenizer(cli_lib.project_path(data.tokenizer))
   train, val = split_documents(load_documents(cli_lib.project_path(data.path)),
-                               data.val_fraction, data.seed)
+                               data.val_fraction, data.seed,
+                               validation_piece_chars(data.get("chunk_chars", 0)))
   if data.chunk_chars:
     train = chunk_documents(train, data.chunk_chars)
   counts, total = collections.Counter(), 0
