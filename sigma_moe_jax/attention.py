@@ -81,14 +81,10 @@ def _splash(q, k, v, segment_ids):
   """Runs per device inside a shard_map (Pallas TPU kernels cannot be partitioned by XLA): batch
   over the mesh's batch axes, heads over `tensor` where it divides both head counts."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
-  seq, num_heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
+  seq, head_dim = q.shape[1], q.shape[3]
   if seq % 128:
     raise ValueError(f"splash attention needs a sequence length that is a multiple of 128, got "
                      f"{seq}")
-  mesh = sharding.current_mesh()
-  tensor = sharding.axis_size(mesh, "tensor")
-  heads = "tensor" if tensor > 1 and not (num_heads % tensor or k.shape[2] % tensor) else None
-  batch = sharding.batch_axes(mesh) or None
   block = next(b for b in _SPLASH_BLOCKS if seq % b == 0)
   blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -106,6 +102,17 @@ def _splash(q, k, v, segment_ids):
         scaled, heads_first(k), heads_first(v), segment_ids)
     return heads_first(out)
 
+  return _per_device(local, q, k, v, segment_ids)
+
+
+def _per_device(local, q, k, v, segment_ids):
+  """`local` run on each device's share inside a shard_map: batch over the mesh's batch axes,
+  heads over `tensor` where it divides both head counts. For kernels XLA cannot partition
+  (Pallas TPU), or whose partitioner refuses a batch split over several axes (cuDNN's)."""
+  mesh = sharding.current_mesh()
+  tensor = sharding.axis_size(mesh, "tensor")
+  heads = "tensor" if tensor > 1 and not (q.shape[2] % tensor or k.shape[2] % tensor) else None
+  batch = sharding.batch_axes(mesh) or None
   spec = P(batch, None, heads, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch)), out_specs=spec,
                        check_vma=False)(q, k, v, segment_ids)
@@ -132,11 +139,17 @@ def document_lengths_and_offsets(segment_ids: Int[Array, "B S"], max_documents: 
 
 
 def _cudnn(q, k, v, segment_ids):
+  """Per device inside a shard_map: cuDNN attention's own partitioner fails an assertion when the
+  batch is split over a mesh axis other than its first (experts x 8 on H100s, compiled)."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
-  lengths, offsets = document_lengths_and_offsets(segment_ids, cudnn_max_documents(q.shape[1]))
-  return cudnn.dot_product_attention(
-      q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
-      scale=1 / math.sqrt(q.shape[-1]), mask_type=cudnn.MaskType.CAUSAL, qkv_layout="BTNH")
+
+  def local(q, k, v, segment_ids):
+    lengths, offsets = document_lengths_and_offsets(segment_ids, cudnn_max_documents(q.shape[1]))
+    return cudnn.dot_product_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+        scale=1 / math.sqrt(q.shape[-1]), mask_type=cudnn.MaskType.CAUSAL, qkv_layout="BTNH")
+
+  return _per_device(local, q, k, v, segment_ids)
 
 
 @contextlib.contextmanager
