@@ -127,6 +127,7 @@ class CompileReport:
   flops_per_device: Optional[float]
   kernels: List[str]
   dense_ragged_dot: bool = False  # a ragged_dot left for XLA (dense on GPUs and CPUs)
+  collectives: Dict[str, int] = dataclasses.field(default_factory=dict)  # op -> count
 
 
 # XLA:GPU rewrites large sorts (the dispatch's sort by expert) into CUB radix sorts, and sizes
@@ -168,7 +169,8 @@ def compile_train_step(plan: StepPlan, mesh, hbm_bytes: Optional[float] = None) 
       lower_seconds=lowered_at - start, compile_seconds=done - lowered_at, memory=memory,
       hbm_bytes=hbm_bytes or HBM_BYTES.get(device.device_kind),
       flops_per_device=cost.get("flops") if cost else None,
-      kernels=gpu_kernels(text) if gpu else tpu_kernels(text), dense_ragged_dot=dense_ragged_dot)
+      kernels=gpu_kernels(text) if gpu else tpu_kernels(text), dense_ragged_dot=dense_ragged_dot,
+      collectives=collectives(text))
 
 
 def tpu_kernels(hlo_text: str) -> List[str]:
@@ -179,6 +181,20 @@ def tpu_kernels(hlo_text: str) -> List[str]:
       name = line.split("=")[0].strip().lstrip("%")
       names.add(re.sub(r"\.\d+$", "", name))
   return sorted(names)
+
+
+_COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce",
+                "collective-permute")
+
+
+def collectives(hlo_text: str) -> Dict[str, int]:
+  """Collective operations in a compiled program, by HLO op name (async starts counted once)."""
+  found = {}
+  for op in re.findall(r"= [^=]*? ([a-z-]+)\(", hlo_text):
+    op = op[:-len("-start")] if op.endswith("-start") else op
+    if op in _COLLECTIVES:
+      found[op] = found.get(op, 0) + 1
+  return found
 
 
 def gpu_kernels(hlo_text: str) -> List[str]:

@@ -249,11 +249,16 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
       counts = counts + stats.tokens_per_expert.astype(jnp.float32)
       return (grads_sum, counts), (objective, ce_sum, stats)
 
-    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     zero_counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)
-    (grads, _), (objective, ce_sum, stats) = jax.lax.scan(
-        accumulate, (zero_grads, zero_counts), micro_batches)
-    stats = _combine_stats(stats)
+    if grad_accum == 1:  # no loop, no zero-initialised gradient sum to add into
+      offset = zero_counts if balance.accumulate_counts else None
+      (objective, (ce_sum, stats)), grads = grad_fn(state.params, batch, top_k, bias, offset,
+                                                    total_targets)
+    else:
+      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, _), (objective, ce_sum, stats) = jax.lax.scan(
+          accumulate, (zero_grads, zero_counts), micro_batches)
+      stats = _combine_stats(stats)
     loss, grad_norm = jnp.sum(objective), optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -77,6 +77,7 @@ def test_train_step_compiles_for_h100s_with_mosaic_gpu_cudnn_and_ragged_all_to_a
   assert any(k.startswith("mosaic_gpu") for k in report.kernels), report.kernels
   assert {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"} <= set(report.kernels)
   assert not report.dense_ragged_dot
+  assert report.collectives.get("ragged-all-to-all", 0) > 0, report.collectives
   assert report.hbm_bytes == 84942979072
   # The state is donated: arguments and outputs alias, and the total counts them once.
   m = report.memory
