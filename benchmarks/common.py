@@ -33,8 +33,9 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
           "positions": positions_from_segments(segments)}
 
 
-def train_step_call(cfg, batch, *, schedule=None):
-  """A zero-argument call running one jitted train step (AdamW, global-batch LBL) on `batch`."""
+def train_step_call(cfg, batch, *, schedule=None, with_hlo: bool = False):
+  """A zero-argument call running one jitted train step (AdamW, global-batch LBL) on `batch`;
+  with `with_hlo`, (the call, the compiled step's HLO text)."""
   graphdef, params = train_lib.init_model(cfg, 0)
   lr = train_lib.learning_rate_schedule(lr=1e-3, steps=10**6, warmup_steps=10, kind="wsd")
   optimizer = train_lib.make_optimizer(lr)
@@ -43,6 +44,9 @@ def train_step_call(cfg, batch, *, schedule=None):
     state = state._replace(step=jnp.asarray(schedule.starts[-1], jnp.int32))
   step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, cfg,
                                            train_lib.BalanceSettings(), schedule=schedule))
+  if with_hlo:
+    compiled = step.lower(state, batch).compile()
+    return (lambda: compiled(state, batch)), compiled.as_text()
   return lambda: step(state, batch)
 
 

@@ -26,7 +26,7 @@ SHAPES = {
 LBL_COEF = 1e-3
 
 
-def ours(shape, tokens):
+def ours(shape, tokens, with_hlo: bool = False):
   import jax
   import jax.numpy as jnp
   from benchmarks.common import train_step_call
@@ -41,7 +41,9 @@ def ours(shape, tokens):
   segments = jnp.ones_like(tokens)
   batch = {"tokens": tokens, "segment_ids": segments,
            "positions": positions_from_segments(segments)}
-  call = train_step_call(cfg, batch)
+  call = train_step_call(cfg, batch, with_hlo=with_hlo)
+  if with_hlo:  # (call, the compiled step's HLO text)
+    return (lambda: jax.block_until_ready(call[0]())), call[1]
   return lambda: jax.block_until_ready(call())
 
 

@@ -24,9 +24,10 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
+    with jax.named_scope("norm"):
+      x32 = x.astype(jnp.float32)
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+      return (y * self.scale[...]).astype(x.dtype)
 
 
 ROPE_SCALINGS = ("none", "yarn")

@@ -105,8 +105,9 @@ class Transformer(nnx.Module):
     """
     x, stats = self.hidden_states(tokens, segment_ids, positions, top_k, selection_bias,
                                   count_offset)
-    logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(x.dtype),
-                        preferred_element_type=jnp.float32)
+    with jax.named_scope("lm_head"):
+      logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
     return logits, stats
 
   def hidden_states(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None,
@@ -129,7 +130,8 @@ class Transformer(nnx.Module):
     token_mask = segment_ids > 0
     dtype = jnp.dtype(cfg.dtype)
 
-    x = sharding.constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(dtype))
+    with jax.named_scope("embed"):
+      x = sharding.constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(dtype))
     graphdef, stacked = nnx.split(self.blocks)
     all_outputs = []
     for start, stop, group_max_top_k in scan_groups(cfg.max_top_k_per_layer):

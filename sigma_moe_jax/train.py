@@ -188,9 +188,10 @@ def target_mask(segment_ids, loss_mask=None):
 
 def lm_loss_terms(logits, tokens, segment_ids, loss_mask=None):
   """Summed next-token cross-entropy over the targets of `target_mask`, and their number."""
-  mask = target_mask(segment_ids, loss_mask)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
-  return jnp.sum(ce * mask), jnp.sum(mask)
+  with jax.named_scope("loss"):
+    mask = target_mask(segment_ids, loss_mask)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+    return jnp.sum(ce * mask), jnp.sum(mask)
 
 
 def _combine_stats(stats: MoEStats) -> MoEStats:
