@@ -73,7 +73,8 @@ def check(settings, devices, label: str, hbm_bytes=None) -> bool:
           f"left out")
   print(f"kernels: {', '.join(report.kernels) or 'none'}")
   if report.collectives:
-    print("collectives: " + ", ".join(f"{op} x{n}" for op, n in report.collectives.items()))
+    print("collectives: " + ", ".join(f"{op} x{n}" for op, n in report.collectives.items())
+          + (" (ragged_all_to_all in the lowered program)" if report.ragged_all_to_all else ""))
   ok = True
   if report.hbm_bytes and m["total"] > _HEADROOM.value * report.hbm_bytes:
     print(f"error: the step needs {m['total'] / GB:.1f} GB per device, more than "

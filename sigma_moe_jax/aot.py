@@ -128,6 +128,8 @@ class CompileReport:
   kernels: List[str]
   dense_ragged_dot: bool = False  # a ragged_dot left for XLA (dense on GPUs and CPUs)
   collectives: Dict[str, int] = dataclasses.field(default_factory=dict)  # op -> count
+  # The dropless exchange as jax lowered it; XLA:GPU may compile it into all-to-all operations.
+  ragged_all_to_all: bool = False
 
 
 # XLA:GPU rewrites large sorts (the dispatch's sort by expert) into CUB radix sorts, and sizes
@@ -148,7 +150,9 @@ def compile_train_step(plan: StepPlan, mesh, hbm_bytes: Optional[float] = None) 
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     lowered_at = time.perf_counter()
-    dense_ragged_dot = "chlo.ragged_dot" in lowered.as_text()
+    lowered_text = lowered.as_text()
+    dense_ragged_dot = "chlo.ragged_dot" in lowered_text
+    ragged_exchange = "@ragged_all_to_all" in lowered_text
     compiled = lowered.compile(compiler_options=_GPU_COMPILE_ONLY_OPTIONS if gpu else None)
     done = time.perf_counter()
   stats = compiled.memory_analysis()
@@ -170,7 +174,7 @@ def compile_train_step(plan: StepPlan, mesh, hbm_bytes: Optional[float] = None) 
       hbm_bytes=hbm_bytes or HBM_BYTES.get(device.device_kind),
       flops_per_device=cost.get("flops") if cost else None,
       kernels=gpu_kernels(text) if gpu else tpu_kernels(text), dense_ragged_dot=dense_ragged_dot,
-      collectives=collectives(text))
+      collectives=collectives(text), ragged_all_to_all=ragged_exchange)
 
 
 def tpu_kernels(hlo_text: str) -> List[str]:
