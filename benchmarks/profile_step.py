@@ -43,9 +43,12 @@ def part_of(op_name: str) -> str:
   if "jvp(" not in op_name and "transpose(" not in op_name:
     return "update"
   direction = "backward" if "transpose(" in op_name else "forward"
-  # The innermost scope names the part: experts sit inside dispatch, norms inside attention.
-  found = max(((op_name.rfind(f"/{p}/"), p) for p in PARTS), default=(-1, "other"))
-  return f"{found[1] if found[0] >= 0 else 'other'} ({direction})"
+  # The innermost scope names the part: experts sit inside dispatch, norms inside attention. A
+  # scope reads "/name/" or, as the outermost scope under a transformation, "jvp(name)/".
+  found = max((m.start(), p) for p in PARTS
+              for m in [None, *re.finditer(rf"[/(]{p}[/)]", op_name)] if m is not None
+              ) if re.search(r"[/(](" + "|".join(PARTS) + r")[/)]", op_name) else None
+  return f"{found[1] if found else 'other'} ({direction})"
 
 
 def main():
