@@ -138,41 +138,38 @@ def packed_segments(batch, seq, rng):
   return jnp.asarray(np.stack(rows))
 
 
+def attention_case(batch, seq, heads, kv_heads, head_dim, seed):
+  """q, k, v, a cotangent of the output, and packed segments with padding."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, seq, heads, head_dim))
+  k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim))
+  v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim))
+  cotangent = jax.random.normal(keys[3], q.shape)
+  return (q, k, v), cotangent, packed_segments(batch, seq, np.random.default_rng(seed))
+
+
+def assert_same_values_and_gradients(got_fn, want_fn, qkv, cotangent, tolerance):
+  loss = lambda f: lambda *qkv: jnp.sum(f(*qkv) * cotangent)
+  want = jax.value_and_grad(loss(want_fn), (0, 1, 2))(*qkv)
+  got = jax.value_and_grad(loss(got_fn), (0, 1, 2))(*qkv)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
+
+
 def test_xla_attention_matches_the_library_attention_values_and_gradients():
   """Our grouped-query attention against jax.nn.dot_product_attention with the same causal,
   document-local mask: packed documents, padding, 2 query heads per KV head."""
-  batch, seq, heads, kv_heads, head_dim = 2, 48, 4, 2, 8
-  keys = jax.random.split(jax.random.key(5), 4)
-  q = jax.random.normal(keys[0], (batch, seq, heads, head_dim))
-  k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim))
-  v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim))
-  cotangent = jax.random.normal(keys[3], q.shape)
-  segments = packed_segments(batch, seq, np.random.default_rng(2))
+  qkv, cotangent, segments = attention_case(2, 48, 4, 2, 8, seed=5)
   library = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, mask=attention.causal_document_mask(segments))
   ours = lambda q, k, v: attention.attend(q, k, v, segments, "xla")
-  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cotangent)
-  want = jax.value_and_grad(loss(library), (0, 1, 2))(q, k, v)
-  got = jax.value_and_grad(loss(ours), (0, 1, 2))(q, k, v)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert_same_values_and_gradients(ours, library, qkv, cotangent, 1e-5)
 
 
 def test_splash_attention_matches_xla_values_and_gradients():
-  batch, seq, heads, kv_heads, head_dim = 2, 256, 4, 2, 32
-  keys = jax.random.split(jax.random.key(2), 4)
-  q = jax.random.normal(keys[0], (batch, seq, heads, head_dim))
-  k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim))
-  v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim))
-  cotangent = jax.random.normal(keys[3], q.shape)
-  segments = packed_segments(batch, seq, np.random.default_rng(0))
-
-  def loss(impl, q, k, v):
-    return jnp.sum(attention.attend(q, k, v, segments, impl) * cotangent)
-  want = jax.value_and_grad(functools.partial(loss, "xla"), (0, 1, 2))(q, k, v)
-  got = jax.value_and_grad(functools.partial(loss, "splash"), (0, 1, 2))(q, k, v)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
+  qkv, cotangent, segments = attention_case(2, 256, 4, 2, 32, seed=2)
+  impl = lambda name: lambda q, k, v: attention.attend(q, k, v, segments, name)
+  assert_same_values_and_gradients(impl("splash"), impl("xla"), qkv, cotangent, 2e-4)
 
 
 def test_cudnn_document_layout_matches_a_loop():
