@@ -427,6 +427,7 @@ def run(config, workdir: str):
                        f"complete checkpoint is {completed_step()}", storage_failed=True) from None
   # Rates and the ETA count from the end of the first step, which includes the compilation.
   steady_step, steady_time, interval_step, interval_time = None, None, step, None
+  stopping = False
   try:
     while step < t.steps:
       batch = to_global(next(train_iter))
@@ -462,7 +463,12 @@ def run(config, workdir: str):
         logged.update(val)
         line = (line + " | " if line else f"step {step}/{t.steps} | ") + text
       if logged:
-        writer.write(step, logged, line)
+        try:
+          writer.write(step, logged, line)
+        except OSError as e:  # a full disk may hit the metrics before a checkpoint
+          raise RunStopped(f"writing the metrics failed by step {step} ({short_reason(e)}); "
+                           f"the last complete checkpoint is {completed_step()}",
+                           storage_failed=True) from None
       if step % t.checkpoint_every == 0:
         divergence.flush()  # never save a step whose check is pending
         save(step)
@@ -474,6 +480,7 @@ def run(config, workdir: str):
     divergence.flush()
     save(step, force=True, wait=True)  # the final step, unless saved already; then wait
   except RunStopped as stopped:
+    stopping = True
     # After a failed save, closing the checkpointer would wait on the storage layer's pending
     # writes, whose callbacks then fail noisily; the process exits instead (see train.py).
     if not stopped.storage_failed:
@@ -483,5 +490,12 @@ def run(config, workdir: str):
     checkpointer.close()
   finally:
     preemption.restore()
-    writer.close()
+    try:
+      writer.close()
+    except OSError as e:
+      # When the run is already stopping, its own message stands; else this one is the reason.
+      if not stopping:
+        raise RunStopped(f"writing the metrics failed at step {step} ({short_reason(e)}); the "
+                         f"last complete checkpoint is {completed_step()}",
+                         storage_failed=True) from None
 
