@@ -425,6 +425,11 @@ def run(config, workdir: str):
       # With asynchronous saves the failure may be an earlier save's, reported here.
       raise RunStopped(f"a checkpoint save failed by step {step} ({short_reason(e)}); the last "
                        f"complete checkpoint is {completed_step()}", storage_failed=True) from None
+
+  def metrics_failed(error):
+    return RunStopped(f"writing the metrics failed by step {step} ({short_reason(error)}); the "
+                      f"last complete checkpoint is {completed_step()}", storage_failed=True)
+
   # Rates and the ETA count from the end of the first step, which includes the compilation.
   steady_step, steady_time, interval_step, interval_time = None, None, step, None
   stopping = False
@@ -466,9 +471,7 @@ def run(config, workdir: str):
         try:
           writer.write(step, logged, line)
         except OSError as e:  # a full disk may hit the metrics before a checkpoint
-          raise RunStopped(f"writing the metrics failed by step {step} ({short_reason(e)}); "
-                           f"the last complete checkpoint is {completed_step()}",
-                           storage_failed=True) from None
+          raise metrics_failed(e) from None
       if step % t.checkpoint_every == 0:
         divergence.flush()  # never save a step whose check is pending
         save(step)
@@ -495,7 +498,5 @@ def run(config, workdir: str):
     except OSError as e:
       # When the run is already stopping, its own message stands; else this one is the reason.
       if not stopping:
-        raise RunStopped(f"writing the metrics failed at step {step} ({short_reason(e)}); the "
-                         f"last complete checkpoint is {completed_step()}",
-                         storage_failed=True) from None
+        raise metrics_failed(e) from None
 

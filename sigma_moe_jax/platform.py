@@ -6,8 +6,8 @@ capability and the SM count, also for compile-only devices of a topology describ
 host: a v5p slice, or H100s from `gpu_targets`), else the abstract mesh's device (platform and
 SM count; its compute capability is the host's when the host has that kind of device), else the
 default backend. Inside jit, `jax.sharding.get_mesh` refuses to answer, so the concrete mesh is
-read where it lives (`jax._src.mesh.get_concrete_mesh`, what `get_mesh` returns outside jit). `exporting_for` overrides all of
-them, for `jax.export` of a GPU program on a host without that GPU.
+read where it lives (`jax._src.mesh.get_concrete_mesh`, what `get_mesh` returns outside jit).
+`exporting_for` overrides all of them, for `jax.export` of a GPU program on a host without it.
 """
 
 from __future__ import annotations
