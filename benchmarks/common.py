@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.layers import positions_from_segments
 from sigma_moe_jax.moe import MoE
+from sigma_moe_jax.training import step as train_lib
 
 
 def time_interleaved(calls, repeats: int = 10, warmup: int = 2):

@@ -54,13 +54,13 @@ def main(argv):
   import jax  # noqa: PLC0415 -- after the platform is set
   import numpy as np  # noqa: PLC0415
 
-  from experiments.configs.base import make_config  # noqa: PLC0415
+  from sigma_moe_jax.training.settings import make_config  # noqa: PLC0415
   from experiments.hf_interop import export  # noqa: PLC0415
   from experiments.inference import load_run  # noqa: PLC0415
-  from experiments.resilience import fingerprint  # noqa: PLC0415
-  from experiments.settings import from_config, lr_and_optimizer  # noqa: PLC0415
+  from sigma_moe_jax.training.resume import fingerprint  # noqa: PLC0415
+  from sigma_moe_jax.training.settings import from_config, lr_and_optimizer  # noqa: PLC0415
   from sigma_moe_jax import ModelConfig, hf  # noqa: PLC0415
-  from sigma_moe_jax import train as train_lib  # noqa: PLC0415
+  from sigma_moe_jax.training import step as train_lib  # noqa: PLC0415
   from sigma_moe_jax.checkpoint import Checkpointer  # noqa: PLC0415
 
   cfg = ModelConfig(vocab_size=4096, d_model=_D_MODEL.value, num_layers=_LAYERS.value,

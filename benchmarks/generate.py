@@ -13,7 +13,7 @@ from flax import nnx
 
 from benchmarks.common import time_interleaved
 from sigma_moe_jax import ModelConfig, generate
-from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.training import step as train_lib
 
 
 def main():

@@ -21,11 +21,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli as cli_lib
-from experiments import training
-from experiments.resilience import RunStopped
 from experiments.studies.balance import (CANDIDATES, PAPER_BALANCE, initial_routing, summarize,
                                          summarize_rate)
 from sigma_moe_jax import storage
+from sigma_moe_jax.training import run as training
+from sigma_moe_jax.training.hooks import RunStopped
 
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -63,7 +63,7 @@ def main(argv):
       CANDIDATES[name](config)
       run_dir = storage.join(workdir, name)
       print(f"=== {name}", flush=True)
-      training.run(config, run_dir)
+      training.train(config, run_dir)
       results[name] = {"config": {k: config[k].to_dict() for k in ("balance", "schedule")},
                        **initial_routing(config),
                        "model": {k: config.model[k] for k in (

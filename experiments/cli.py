@@ -17,21 +17,7 @@ from typing import Callable
 from absl import app, flags, logging
 
 from sigma_moe_jax import storage
-
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def project_path(path: str) -> str:
-  """`path` itself, unless it is relative, matches nothing here, and matches from the project root
-  (globs and comma-separated lists are resolved part by part)."""
-  def one(part: str) -> str:
-    part = part.strip()
-    if not part or os.path.isabs(part) or storage.is_remote(part) or storage.glob(part):
-      return part
-    rooted = os.path.join(PROJECT_ROOT, part)
-    return rooted if storage.glob(rooted) else part
-  return ",".join(one(p) for p in path.split(",")) if path else path
-
+from sigma_moe_jax.storage import project_path
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Keep the libraries' INFO logging (Orbax's "
                              "lines at every save and restore).")
@@ -77,7 +63,7 @@ def run(main: Callable) -> None:
 
 def unknown_key_error(key: str) -> str:
   """'' when `key` (e.g. "train.steps") is a config key, else a message naming the closest ones."""
-  from experiments.configs.base import make_config  # configs import this module
+  from sigma_moe_jax.training.settings import make_config  # configs import this module
   from sigma_moe_jax import ModelConfig
   reference = make_config(ModelConfig())
   known = [f"{section}.{name}" for section in reference for name in reference[section]]

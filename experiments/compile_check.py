@@ -26,9 +26,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli as cli_lib
-from experiments.settings import flag_names, from_config, step_plan
 from sigma_moe_jax import aot, attention, grouped_matmul, platform, sharding
 from sigma_moe_jax.metrics import flops_per_token
+from sigma_moe_jax.training.settings import flag_names, from_config, step_plan
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)

@@ -12,13 +12,13 @@ import numpy as np
 import safetensors.numpy
 from safetensors import safe_open
 
-from experiments.resilience import fingerprint
-from experiments.settings import from_config, lr_and_optimizer
 from sigma_moe_jax import ModelConfig, hf, storage
-from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.checkpoint import Checkpointer
 from sigma_moe_jax.data import check_vocab
 from sigma_moe_jax.tokenizer import EOS_TOKEN, load_tokenizer
+from sigma_moe_jax.training import step as train_lib
+from sigma_moe_jax.training.resume import fingerprint
+from sigma_moe_jax.training.settings import from_config, lr_and_optimizer
 
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 

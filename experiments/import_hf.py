@@ -22,9 +22,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli as cli_lib
-from experiments.configs.base import make_config
 from experiments.hf_interop import import_model
 from sigma_moe_jax import ModelConfig, storage
+from sigma_moe_jax.training.settings import make_config
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Directory with config.json and safetensors.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory to create.")

@@ -11,15 +11,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from experiments.resilience import fingerprint
-from experiments.settings import Settings, from_config, lr_and_optimizer
 from sigma_moe_jax import generate, sharding, storage
-from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.data import check_vocab
 from sigma_moe_jax.schedule import parse_per_layer
 from sigma_moe_jax.tokenizer import Tokenizer, load_tokenizer
+from sigma_moe_jax.training import step as train_lib
+from sigma_moe_jax.training.resume import fingerprint
+from sigma_moe_jax.training.settings import Settings, from_config
 
 
 class LoadedRun(NamedTuple):
@@ -59,9 +60,10 @@ def load_run(workdir: str, *, step: int = -1, top_k: str = "", untrained: bool =
       raise ValueError(f"the tokenizer file {settings.data.tokenizer!r} has changed since the "
                        f"run was trained (sha256 {now[:12]}..., trained with "
                        f"{trained_with[:12]}...): its ids would not match the model's")
-    _, optimizer = lr_and_optimizer(settings.train)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
-    graphdef, abstract, shardings = train_lib.abstract_sharded_state(model_cfg, optimizer, mesh)
+    # Only the parameters and the bias are read: the optimizer state's shape does not matter.
+    graphdef, abstract, shardings = train_lib.abstract_sharded_state(model_cfg, optax.identity(),
+                                                                     mesh)
     if untrained:
       params = train_lib.init_model(model_cfg, seed)[1]
       bias, chosen = None, 0

@@ -27,9 +27,9 @@ from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
 from experiments import cli as cli_lib
-from experiments.settings import from_config, model_and_schedule, step_plan
 from sigma_moe_jax import aot, attention, platform, sharding
 from sigma_moe_jax.params import abstract_model
+from sigma_moe_jax.training.settings import from_config, model_and_schedule, step_plan
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Number of devices of the mesh.")

@@ -26,8 +26,8 @@ from ml_collections import config_flags
 
 from experiments import cli as cli_lib
 from experiments import studies
-from experiments.resilience import RunStopped
 from sigma_moe_jax import storage
+from sigma_moe_jax.training.hooks import RunStopped
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", cli_lib.project_path("experiments/configs/reproduce.py"),

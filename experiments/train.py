@@ -14,9 +14,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli as cli_lib
-from experiments.resilience import RunStopped
-from experiments.settings import flag_names
-from experiments.training import run
+from sigma_moe_jax.training.hooks import RunStopped
+from sigma_moe_jax.training.run import train
+from sigma_moe_jax.training.settings import flag_names
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -29,7 +29,7 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   try:
     with flag_names():
-      run(_CONFIG.value, _WORKDIR.value)
+      train(_CONFIG.value, _WORKDIR.value)
   except RunStopped as e:
     if e.storage_failed:
       print(f"error: {e}", file=sys.stderr, flush=True)

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from sigma_moe_jax import attention, platform, sharding
-from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.schedule import TopKSchedule
+from sigma_moe_jax.training import step as train_lib
 
 # High-bandwidth memory per chip, bytes, by `device_kind`.
 HBM_BYTES = {"TPU v4": 32e9, "TPU v5 lite": 16e9, "TPU v5": 95e9, "TPU v6 lite": 32e9,
@@ -85,7 +85,7 @@ def tpu_devices(topology: str) -> Sequence:
 
 @dataclasses.dataclass
 class StepPlan:
-  """Everything a train step is built from (what `experiments.settings` describes)."""
+  """Everything a train step is built from (what `sigma_moe_jax.training.settings` describes)."""
 
   model: ModelConfig
   schedule: Optional[TopKSchedule]

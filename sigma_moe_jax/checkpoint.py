@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sigma_moe_jax import storage
-from sigma_moe_jax.train import TrainState
+from sigma_moe_jax.training.step import TrainState
 
 
 class Checkpointer:
@@ -24,9 +24,6 @@ class Checkpointer:
         save_interval_steps=save_every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(storage.as_epath(directory), options=options)
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
 
   def all_steps(self) -> List[int]:
     return sorted(self.manager.all_steps())

@@ -1,7 +1,7 @@
 """Inference: prefill with a KV cache, a jitted decode loop, sampling, and log-likelihood scoring.
 
   model_cfg = inference_config(train_cfg)           # dropless, no remat
-  prefill, decode = make_generate(graphdef, model_cfg, max_new_tokens, Sampling(...), eos_id)
+  prefill, decode = make_generate(graphdef, max_new_tokens, Sampling(...), eos_id)
   logits, cache = prefill(params, tokens, lengths, top_k)           # tokens [B, P], right-padded
   new_tokens, new_lengths = decode(params, logits, cache, lengths, top_k, key)
 

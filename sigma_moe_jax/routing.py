@@ -12,16 +12,12 @@ class Routing(NamedTuple):
   """Routing decisions for `tokens` tokens and `max_top_k` slots, slot 0 the best expert.
 
   expert_ids [tokens, max_top_k] int32; gate_weights [tokens, max_top_k] float32 (zero where masked);
-  valid [tokens, max_top_k] bool: slot rank < top_k and the token is not padding;
-  gate_probs [tokens, experts] float32: softmax of the router logits (what the load-balancing
-  loss uses, whatever the gate function); logits [tokens, experts] float32.
+  valid [tokens, max_top_k] bool: slot rank < top_k and the token is not padding.
   """
 
   expert_ids: jax.Array
   gate_weights: jax.Array
   valid: jax.Array
-  gate_probs: jax.Array
-  logits: jax.Array
 
 
 def router_logits(x: jax.Array, router: jax.Array) -> jax.Array:
@@ -39,9 +35,8 @@ def route(logits: jax.Array, top_k: jax.Array, max_top_k: int, *, gate_fn: str, 
   logits [tokens, experts] must already be float32. `selection_bias` [experts] (the loss-free
   balancing bias) shifts which experts are chosen but never the gate weights.
   """
-  gate_probs = jax.nn.softmax(logits, axis=-1)
   if gate_fn == "softmax":
-    scores = gate_probs
+    scores = jax.nn.softmax(logits, axis=-1)
   elif gate_fn == "sigmoid":
     scores = jax.nn.sigmoid(logits)
   else:
@@ -60,5 +55,5 @@ def route(logits: jax.Array, top_k: jax.Array, max_top_k: int, *, gate_fn: str, 
     total = jnp.sum(gate_weights, axis=-1, keepdims=True)
     gate_weights = jnp.where(top_k > 1, gate_weights / jnp.where(total > 0, total, 1.0),
                              gate_weights)
-  return Routing(expert_ids.astype(jnp.int32), gate_weights, valid, gate_probs, logits)
+  return Routing(expert_ids.astype(jnp.int32), gate_weights, valid)
 

@@ -34,6 +34,11 @@ REMOTE_SCHEMES = ("gs://",)
 fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
+# The source checkout (the folder holding this package): the shipped configs, corpus and
+# tokenizer are found from there when a relative path matches nothing in the current directory.
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def is_remote(path: str) -> bool:
   return str(path).startswith(REMOTE_SCHEMES)
 
@@ -204,3 +209,16 @@ class Appender:
 
   def close(self) -> None:
     self.flush(force=True)
+
+
+def project_path(path: str) -> str:
+  """`path` itself, unless it is relative, matches nothing here, and matches from the project
+  root (globs and comma-separated lists are resolved part by part). So the shipped configs,
+  corpus and tokenizer are found whatever the current directory."""
+  def one(part: str) -> str:
+    part = part.strip()
+    if not part or os.path.isabs(part) or is_remote(part) or glob(part):
+      return part
+    rooted = os.path.join(PROJECT_ROOT, part)
+    return rooted if glob(rooted) else part
+  return ",".join(one(p) for p in path.split(",")) if path else path

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from sigma_moe_jax import ModelConfig, TopKSchedule, aot, platform, sharding
-from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.training import step as train_lib
 
 # Sizes the kernels accept: sequence a multiple of 128 (splash), 16-bit compute and widths that
 # are multiples of 128 (Mosaic GPU). Two layers at top-2 then top-1 exercise the slot buckets.

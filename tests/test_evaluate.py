@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from sigma_moe_jax import ModelConfig, generate, scoring
-from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.training import step as train_lib
 from tests.test_launcher import ROOT, launch
 
 CFG = generate.inference_config(ModelConfig(

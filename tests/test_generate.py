@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from sigma_moe_jax import ModelConfig, generate
-from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.training import step as train_lib
 
 # Per-layer top-k above 1 in the first layer (built for 2), softmax gate, float32.
 CFG = generate.inference_config(ModelConfig(

@@ -13,13 +13,13 @@ from flax import nnx
 from safetensors import safe_open
 
 from experiments import hf_interop
-from experiments.configs.base import make_config
 from experiments.inference import load_run
-from experiments.resilience import fingerprint
-from experiments.settings import from_config, lr_and_optimizer
 from sigma_moe_jax import ModelConfig, generate, hf
-from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.checkpoint import Checkpointer
+from sigma_moe_jax.training import step as train_lib
+from sigma_moe_jax.training.resume import fingerprint
+from sigma_moe_jax.training.settings import make_config
+from sigma_moe_jax.training.settings import from_config, lr_and_optimizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

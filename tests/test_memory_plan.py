@@ -7,7 +7,7 @@ import jax
 from experiments import memory_plan
 from experiments.configs import cpu_tiny
 from sigma_moe_jax import ModelConfig, sharding
-from sigma_moe_jax import train as train_lib
+from sigma_moe_jax.training import step as train_lib
 
 
 def test_parameter_bytes_match_the_shards_of_real_arrays():

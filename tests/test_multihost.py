@@ -13,11 +13,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from experiments import training as launcher
 from experiments.configs import cpu_tiny
 from sigma_moe_jax import sharding
-from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.data import make_pipeline
+from sigma_moe_jax.training import step as train_lib
+from sigma_moe_jax.training.run import build_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Constant learning rate after warm-up, so that a run of 4 steps resumed to 6 sees the same
@@ -62,13 +62,13 @@ def one_process_losses(steps):
   document shards."""
   config = cpu_tiny.get_config()
   config.update_from_flattened_dict({**OVERRIDES, "train.steps": steps})
-  built = launcher.build_training(config)
-  shards = [make_pipeline(built.train_docs, built.tokenizer, seq_len=32, batch_size=4, seed=0,
+  built = build_training(config)
+  shards = [make_pipeline(built.inputs.train_docs, built.inputs.tokenizer, seq_len=32, batch_size=4, seed=0,
                           process_index=i, process_count=2) for i in range(2)]
-  graphdef, state, _ = train_lib.init_sharded_state(built.model_cfg, 0, built.optimizer,
+  graphdef, state, _ = train_lib.init_sharded_state(built.settings.model, 0, built.optimizer,
                                                     built.mesh)
   step = jax.jit(train_lib.make_train_step(graphdef, built.optimizer, built.lr,
-                                           built.model_cfg, built.balance))
+                                           built.settings.model, built.settings.balance))
   batch_sharding = NamedSharding(built.mesh, sharding.batch_spec(built.mesh))
   losses, first_docs = [], []
   with jax.set_mesh(built.mesh):

@@ -3,7 +3,7 @@
 import pytest
 
 from experiments.configs import cpu_tiny
-from experiments.settings import Settings, from_config
+from sigma_moe_jax.training.settings import Settings, from_config
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sigma_moe_jax import ModelConfig
 from sigma_moe_jax import sharding
-from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.layers import positions_from_segments
+from sigma_moe_jax.training import step as train_lib
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   num_experts=8, d_ff=16, top_k=1, init_std=0.2, capacity_factor=None)

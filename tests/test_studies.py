@@ -11,8 +11,8 @@ import pytest
 
 from experiments import studies
 from experiments.configs.reproduce import get_config
-from experiments.settings import model_and_schedule
 from sigma_moe_jax.data import load_documents
+from sigma_moe_jax.training.settings import model_and_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

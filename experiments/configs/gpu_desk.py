@@ -6,8 +6,8 @@ The 24 GB check: `python -m experiments.compile_check --config=experiments/confi
 experts run on the Triton grouped matmul (dropless) and attention on XLA.
 """
 
-from experiments.configs.base import make_config
 from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.training.settings import make_config
 
 
 def get_config():

@@ -6,8 +6,8 @@ card's 84.9 and XLA's rematerialisation pass reports that it could not get below
 way; two micro-batches of 32 sequences halve the activations.
 """
 
-from experiments.configs.base import make_config
 from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.training.settings import make_config
 
 
 def get_config():

@@ -4,8 +4,8 @@
 2 CPU cores. A study changes only what it compares (experiments/studies/).
 """
 
-from experiments.configs.base import make_config
 from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.training.settings import make_config
 
 
 def get_config():

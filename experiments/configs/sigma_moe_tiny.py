@@ -1,8 +1,8 @@
 """The paper's model and schedule (20B total, 0.5B active) for a TPU pod: phase 1 activates
 [8,8,6,6,4,4,2,2]+[1]*48 experts, then every layer is top-1 for the last 10% of steps."""
 
-from experiments.configs.base import make_config
 from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.training.settings import make_config
 
 
 def get_config():

@@ -7,10 +7,10 @@ from typing import Callable, Dict
 import numpy as np
 from flax import nnx
 
-from experiments import training
 from sigma_moe_jax import storage
-from sigma_moe_jax import train as train_lib
 from sigma_moe_jax.data import make_pipeline
+from sigma_moe_jax.training import run as training
+from sigma_moe_jax.training import step as train_lib
 
 
 def _set(**changes) -> Callable:
@@ -101,9 +101,9 @@ def initial_routing(config, batches: int = 4) -> dict:
   training."""
   built = training.build_training(config)
   t = built.settings.train
-  graphdef, params = train_lib.init_model(built.model_cfg, t.seed)
+  graphdef, params = train_lib.init_model(built.settings.model, t.seed)
   model = nnx.merge(graphdef, params)
-  pipeline = make_pipeline(built.train_docs, built.tokenizer, seq_len=t.seq_len,
+  pipeline = make_pipeline(built.inputs.train_docs, built.inputs.tokenizer, seq_len=t.seq_len,
                            batch_size=t.batch_size, seed=built.settings.data.seed)
   counts = 0
   for _, batch in zip(range(batches), pipeline):

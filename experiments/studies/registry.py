@@ -7,14 +7,14 @@ import dataclasses
 import json
 from typing import Callable, Dict, NamedTuple, Optional
 
-from experiments import training
-from experiments.settings import SCHEDULE_DEFAULTS, DataSettings, TrainSettings
 from experiments.studies import analyses, figures
 from experiments.studies.domain_data import prepare_domains
 from experiments.studies.variants import (DOMAIN_SHARD_VARIANTS, DOMAIN_VARIANTS, FROM_PHASE1,
                                           TRANSITIONS, VARIANTS, split_seed, variant_config)
 from sigma_moe_jax import ModelConfig, storage
-from sigma_moe_jax.train import BalanceSettings
+from sigma_moe_jax.training import run as training
+from sigma_moe_jax.training.settings import SCHEDULE_DEFAULTS, DataSettings, TrainSettings
+from sigma_moe_jax.training.step import BalanceSettings
 
 
 class Study(NamedTuple):
@@ -152,5 +152,5 @@ def train_variant(base, name: str, workdir: str):
                    for line in storage.read_text(metrics).splitlines())
   if not finished:
     print(f"=== training {name} in {run_dir}", flush=True)
-    training.run(config, run_dir)
+    training.train(config, run_dir)
   return config

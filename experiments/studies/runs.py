@@ -9,10 +9,10 @@ from typing import Dict, NamedTuple
 import ml_collections
 import numpy as np
 
-from experiments.settings import model_and_schedule
 from sigma_moe_jax import ModelConfig
 from sigma_moe_jax import storage
 from sigma_moe_jax.params import count_params
+from sigma_moe_jax.training.settings import model_and_schedule
 
 
 class Run(NamedTuple):

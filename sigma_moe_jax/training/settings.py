@@ -1,8 +1,8 @@
-"""Typed launch settings: the `train`, `data` and `mesh` sections of a config as frozen
-dataclasses, validated once, and the translation of library errors into flag names.
+"""Typed run settings: the `train`, `data` and `mesh` sections of a config as frozen
+dataclasses, validated once, and the translation of library errors into config keys.
 
-Config files and the command line stay ml_collections (`experiments/configs/base.py` lists every
-key with its default); `from_config` turns a config into these types, so the trainer reads
+Config files and the command line stay ml_collections (`make_config` lists every key with its
+default); `from_config` turns a config into these types, so the trainer reads
 `settings.train.steps`, never an untyped dict.
 """
 
@@ -12,11 +12,15 @@ import dataclasses
 import re
 from typing import Any, NamedTuple, Optional, Tuple
 
-from experiments.cli import project_path
-from sigma_moe_jax import ModelConfig, TopKSchedule, aot
-from sigma_moe_jax import train as train_lib
-from sigma_moe_jax.schedule import AdaptiveTopK, parse_per_layer, parse_phases
-from sigma_moe_jax.train import LR_SCHEDULES, BalanceSettings, Schedule
+import ml_collections
+from ml_collections import config_dict
+
+from sigma_moe_jax import aot
+from sigma_moe_jax.config import ModelConfig
+from sigma_moe_jax.schedule import AdaptiveTopK, TopKSchedule, parse_per_layer, parse_phases
+from sigma_moe_jax.storage import project_path
+from sigma_moe_jax.training import step as train_lib
+from sigma_moe_jax.training.step import LR_SCHEDULES, BalanceSettings, Schedule
 
 
 INIT_MODES = ("continue", "params")
@@ -139,7 +143,7 @@ class MeshSettings:
 
 
 SCHEDULE_KINDS = ("fixed", "adaptive")
-# The `schedule` section's keys and defaults (experiments/configs/base.py explains them).
+# The `schedule` section's keys and defaults (`make_config` explains them).
 SCHEDULE_DEFAULTS = dict(kind="fixed", top_k="", target="", deadline=0.7, threshold=0.0,
                          patience=50, smoothing=10, raise_above=1.0, calm_fraction=1.0)
 
@@ -255,3 +259,35 @@ class flag_names:
 def _check(settings, section: str, name: str, ok: bool, rule: str) -> None:
   if not ok:
     raise ValueError(f"{section}.{name} {rule}, got {getattr(settings, name)!r}")
+
+
+# Fields whose default is None need a typed placeholder to be overridable from the command line.
+_OPTIONAL_MODEL_FIELDS = {"head_dim": int, "capacity_factor": float, "embed_init_std": float}
+
+
+def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
+  """Every key a training config has, with its default, around `model`: config files start
+  here and the command line overrides its keys."""
+  fields = dataclasses.asdict(model)
+  # The static per-layer maximum top-k comes from the schedule, never from the config.
+  fields.pop("max_top_k")
+  for name, kind in _OPTIONAL_MODEL_FIELDS.items():
+    if fields[name] is None:
+      fields[name] = config_dict.placeholder(kind)
+  c = ml_collections.ConfigDict()
+  c.model = fields
+  c.train = dataclasses.asdict(TrainSettings())
+  c.data = dataclasses.asdict(DataSettings())
+  c.balance = dataclasses.asdict(BalanceSettings())
+  # kind "fixed": per-layer top-k phases in top_k, "start:per_layer; start:per_layer" (start: a
+  # step, or a fraction of train.steps when it has a '.'); empty: model.top_k in every layer.
+  # kind "adaptive" (sigma_moe_jax.schedule.AdaptiveTopK): top_k is the per-layer start (one
+  # phase, e.g. "[2]*6"), target the per-layer end (empty: model.top_k everywhere). dev_l: the
+  # most loaded expert (max_i a_i * E - 1) of the load layer l would have at top-1, averaged
+  # over ~`smoothing` steps. A layer lowers its k by one once dev_l was at most the median
+  # layer's + `threshold` in at least `calm_fraction` of the last `patience` steps (1.0: all of
+  # them, in a row), goes back up by one above the median + `raise_above`,
+  # and every layer is at its target by `deadline` (a fraction of train.steps).
+  c.schedule = dict(SCHEDULE_DEFAULTS)
+  c.mesh = dataclasses.asdict(MeshSettings())
+  return c

@@ -1,105 +1,29 @@
-"""What keeps a run's work safe: preemption, divergence, damaged checkpoints, changed inputs.
+"""Resuming a run: the newest intact checkpoint, what must match it, and starting from another
+run's checkpoint.
 
-- `Preemption`: SIGTERM (a preempted TPU VM, a scheduler) or Ctrl-C sets a flag; the loop stops
-  at the next step on which every process agrees, saves there, and exits non-zero.
-- `Divergence`: a step with a non-finite loss or gradient norm is never applied (the train step
-  skips its update); past `train.max_bad_steps` such steps in a row the run stops without saving.
 - `restore_latest_intact`: resumes from the newest checkpoint that restores; a damaged one is moved
   to `<workdir>/damaged_checkpoints/` (never deleted) with one line saying so.
+- `check_compatible`: the model, the schedule and the data stream must match the checkpoint's.
 - `fingerprint`: what the data stream depends on besides the config (the tokenizer's content),
   saved with every checkpoint and compared on resume.
+- `restore_initial`: `train.init_from`, another run's checkpoint as this one's start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import signal
 from typing import Callable, Optional, Tuple
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from sigma_moe_jax import storage
-
-
-class RunStopped(Exception):
-  """The run stopped before train.steps; the message says why and what was kept.
-  `storage_failed`: a background save failed, and the process should exit without waiting for
-  the storage layer's other background work (whose teardown would only print noise)."""
-
-  def __init__(self, message: str, storage_failed: bool = False):
-    super().__init__(message)
-    self.storage_failed = storage_failed
-
-
-class Preemption:
-  """Turns SIGTERM and SIGINT into a flag the training loop polls once per step; a second
-  signal interrupts at once (e.g. during a long compilation), losing the steps since the last
-  checkpoint."""
-
-  def __init__(self):
-    self.signal_name: Optional[str] = None
-    self._previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal_name is not None:  # a second signal: stop now, without saving
-      raise KeyboardInterrupt
-    self.signal_name = signal.Signals(signum).name
-
-  def requested(self) -> bool:
-    """Whether any process was signalled. Every process calls this at the same step; with
-    several processes they agree through one small all-gather, so all stop at the same step."""
-    local = self.signal_name is not None
-    if jax.process_count() == 1:
-      return local
-    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
-
-  def reason(self) -> str:
-    return self.signal_name or "a signal to another process of the run"
-
-  def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
-class Divergence:
-  """Counts consecutive steps whose update was skipped as non-finite. Reads each step's flag one
-  step late, so the host never waits for the device just to check it."""
-
-  def __init__(self, max_bad_steps: int):
-    self.max_bad_steps = max_bad_steps
-    self.in_a_row = 0
-    self._pending = None
-
-  def observe(self, step: int, metrics) -> None:
-    """Checks the previous step's flag, then holds this one's; raises RunStopped past the limit."""
-    pending, self._pending = self._pending, (step, metrics["finite"], metrics["loss"],
-                                             metrics["grad_norm"])
-    if pending is not None:
-      self._check(*pending)
-
-  def flush(self) -> None:
-    if self._pending is not None:
-      pending, self._pending = self._pending, None
-      self._check(*pending)
-
-  def _check(self, step, finite, loss, grad_norm):
-    if bool(finite):
-      self.in_a_row = 0
-      return
-    self.in_a_row += 1
-    print(f"step {step}: non-finite loss {float(loss)} or gradient norm {float(grad_norm)}; "
-          f"the update was skipped ({self.in_a_row} in a row)", flush=True)
-    if self.in_a_row > self.max_bad_steps:
-      raise RunStopped(
-          f"training diverged: non-finite loss or gradient norm at step {step} "
-          f"({self.in_a_row} step(s) in a row, train.max_bad_steps={self.max_bad_steps}); no "
-          f"non-finite update was applied or saved, the checkpoints are as they were")
+from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
+from sigma_moe_jax.config import ModelConfig
+from sigma_moe_jax.training.hooks import RunStopped
+from sigma_moe_jax.training.settings import SCHEDULE_DEFAULTS, TrainSettings
 
 
 def fingerprint(tokenizer_path: str, chat_template_path: str = "") -> dict:
@@ -137,6 +61,82 @@ def resume_differences(saved: dict, current: dict) -> list:
       diffs.append(f"{what} content (sha256): checkpoint {saved_hash[:12]}..., config "
                    f"{current_hash[:12]}...")
   return diffs
+
+
+def model_differences(saved: dict, current: dict, skip=()) -> list:
+  """The model.* keys of two config dicts that differ, as "model.k: checkpoint x, config y",
+  leaving out the keys in `skip`. A key the checkpoint lacks (written before the field existed)
+  counts as the field's default."""
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  saved_model = {**defaults, **saved["model"]}
+  return [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {v!r}"
+          for k, v in current["model"].items() if saved_model.get(k) != v and k not in skip]
+
+
+def check_compatible(saved: dict, current: dict):
+  """The model, the schedule, the data stream (paths, split, tokenizer content) and the batch
+  geometry must match the checkpoint's."""
+  diffs = model_differences(saved, current)
+  # Checkpoints written before the key was named top_k hold it as "topk"; those written before
+  # the other keys existed had their defaults.
+  saved_schedule = dict(saved["schedule"])
+  if "topk" in saved_schedule:
+    saved_schedule["top_k"] = saved_schedule.pop("topk")
+  saved_schedule = {**SCHEDULE_DEFAULTS, **saved_schedule}
+  current_schedule = current["schedule"]
+  if saved_schedule["kind"] == current_schedule.get("kind", "fixed") == "fixed":
+    # The adaptive schedule's settings mean nothing to a fixed one.
+    current_schedule = {k: current_schedule[k] for k in ("kind", "top_k")}
+  diffs += [f"schedule.{k}: checkpoint {saved_schedule.get(k)!r}, config {v!r}"
+            for k, v in current_schedule.items() if saved_schedule.get(k) != v]
+  diffs += resume_differences(saved, current)
+  if diffs:
+    raise ValueError("the workdir holds a checkpoint from an incompatible config ("
+                     + "; ".join(diffs) + "); use another --workdir")
+
+
+# Keys of the model that parameters do not depend on: a run started from another's checkpoint
+# may change them (context extension: a new RoPE base or scaling at a longer seq_len).
+ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_scaling_factor", "rope_original_len")
+
+
+def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
+  """train.init_from: starts a new run from another run's checkpoint. With init_mode `continue`
+  it takes the train state and the data position (the step carries on, so step-keyed schedules
+  continue where the other run stood, e.g. a branch under a different top-k schedule); with
+  `params` the parameters and the loss-free bias only (fine-tuning, context extension): the
+  step, the optimizer and the data start afresh. The model must match, but for its RoPE keys."""
+  directory = storage.join(storage.resolve(t.init_from), "checkpoints")
+  if not storage.isdir(directory):
+    raise ValueError(f"train.init_from: no checkpoints directory in {t.init_from!r}")
+  source = Checkpointer(directory, save_every=1, keep=1, async_save=False)
+  try:
+    steps = source.all_steps()
+    step = steps[-1] if steps and t.init_step < 0 else t.init_step
+    if step not in steps:
+      raise ValueError(f"train.init_from: {t.init_from!r} has no checkpoint at step {step} "
+                       f"(it has {steps})")
+    saved = source.saved_config(step)
+    diffs = model_differences(saved, config.to_dict(), skip=ROPE_KEYS)
+    rope = [d for d in model_differences(saved, config.to_dict()) if d not in diffs]
+    if diffs:
+      raise ValueError(f"train.init_from {t.init_from!r} holds a different model ("
+                       + "; ".join(diffs) + ")")
+    if rope:
+      print(f"train.init_from: RoPE changed ({'; '.join(rope)})", flush=True)
+    if t.init_mode == "params":
+      loaded = source.restore_state(step, abstract_like(state, shardings), params_only=True)
+      state = state._replace(params=loaded.params, selection_bias=(
+          state.selection_bias if loaded.selection_bias is None else loaded.selection_bias))
+    elif source.has_data_position(step):
+      state = source.restore(step, abstract_like(state, shardings), train_iter)
+    else:  # an imported model: its state, and the data stream from its start
+      state = source.restore_state(step, abstract_like(state, shardings))
+  finally:
+    source.close()
+  print(f"initialized from step {step} of {t.init_from}"
+        + (" (parameters only)" if t.init_mode == "params" else ""), flush=True)
+  return state
 
 
 def restore_latest_intact(checkpointer_factory: Callable, workdir: str, restore: Callable,
