@@ -1,4 +1,4 @@
-"""Memory of a Hugging Face export: what `experiments.export_hf` adds to the loaded model.
+"""Memory of a Hugging Face export: what `sigma_moe_jax.cli.export_hf` adds to the loaded model.
 
   python -m benchmarks.export_memory [--layers=8 --d_model=512 --experts=32 --d_ff=512]
 
@@ -55,8 +55,8 @@ def main(argv):
   import numpy as np  # noqa: PLC0415
 
   from sigma_moe_jax.training.settings import make_config  # noqa: PLC0415
-  from experiments.hf_interop import export  # noqa: PLC0415
-  from experiments.inference import load_run  # noqa: PLC0415
+  from sigma_moe_jax.hf_runs import export  # noqa: PLC0415
+  from sigma_moe_jax.inference import load_run  # noqa: PLC0415
   from sigma_moe_jax.training.resume import fingerprint  # noqa: PLC0415
   from sigma_moe_jax.training.settings import from_config, lr_and_optimizer  # noqa: PLC0415
   from sigma_moe_jax import ModelConfig, hf  # noqa: PLC0415

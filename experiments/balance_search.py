@@ -20,16 +20,16 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli as cli_lib
 from experiments.studies.balance import (CANDIDATES, PAPER_BALANCE, initial_routing, summarize,
                                          summarize_rate)
 from sigma_moe_jax import storage
+from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.training import run as training
 from sigma_moe_jax.training.hooks import RunStopped
 
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", cli_lib.project_path("experiments/configs/cpu_tiny.py"),
+    "config", cli_lib.project_path("configs/cpu_tiny.py"),
     "Base config of every candidate.", lock_config=True)
 _FROM_PAPER = flags.DEFINE_bool(
     "from_paper", True, "Start every candidate from the paper's balance settings (capacity "

@@ -27,9 +27,9 @@ import sys
 
 from absl import flags
 
-from experiments import cli as cli_lib
 from sigma_moe_jax import storage
 from sigma_moe_jax.chat import ChatTemplate
+from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.data import load_documents, split_documents
 from sigma_moe_jax.tokenizer import load_tokenizer
 

@@ -17,12 +17,12 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from experiments import cli as cli_lib
-from experiments.inference import load_run
 from sigma_moe_jax import generate
+from sigma_moe_jax.cli import common as cli_lib
+from sigma_moe_jax.inference import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Its export (experiments.export_hf --out).")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Its export (sigma_moe_jax.cli.export_hf --out).")
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).")
 _PROMPT = flags.DEFINE_string("prompt", "ROMEO:\nBut soft, what light through yonder window "
                               "breaks?", "Prompt of the comparison.")

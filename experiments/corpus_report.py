@@ -10,12 +10,12 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli as cli_lib
 from experiments.studies.corpus import corpus_facts
 from sigma_moe_jax import storage
+from sigma_moe_jax.cli import common as cli_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", cli_lib.project_path("experiments/configs/reproduce.py"),
+    "config", cli_lib.project_path("configs/reproduce.py"),
     "The run whose corpus is described.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here (and print it).")
 _TOP = flags.DEFINE_integer("top", 10, "How many of the most frequent tokens to list.")

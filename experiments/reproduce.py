@@ -24,13 +24,13 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli as cli_lib
 from experiments import studies
 from sigma_moe_jax import storage
+from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.training.hooks import RunStopped
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", cli_lib.project_path("experiments/configs/reproduce.py"),
+    "config", cli_lib.project_path("configs/reproduce.py"),
     "Base config of every run.", lock_config=True)
 _STUDY = flags.DEFINE_string("study", None, f"Studies to run: {', '.join(studies.STUDIES)}, or "
                              "all.")

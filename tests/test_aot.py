@@ -122,8 +122,8 @@ def test_compile_check_refuses_an_unknown_target_in_one_line(flags, message):
     pytest.importorskip("libtpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.compile_check",
-       "--config=experiments/configs/cpu_tiny.py", *flags],
+      [sys.executable, "-m", "sigma_moe_jax.cli.compile_check",
+       "--config=configs/cpu_tiny.py", *flags],
       cwd=root, capture_output=True, text=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode != 0

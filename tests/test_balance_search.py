@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments.studies import balance
-from experiments.configs.cpu_tiny import get_config
+from configs.cpu_tiny import get_config
 
 
 def test_candidates_start_from_the_paper_balance():

@@ -106,14 +106,14 @@ def trained(tmp_path_factory):
 
 
 def test_generate_launcher(trained, tmp_path):
-  code, out, err = run_module("experiments.generate", f"--workdir={trained}", "--prompt=ROMEO:",
+  code, out, err = run_module("sigma_moe_jax.cli.generate", f"--workdir={trained}", "--prompt=ROMEO:",
                               "--max_new_tokens=8", "--temperature=0")
   assert code == 0, err[-2000:]
   assert out.startswith("ROMEO:") and "decode" in out and "tokens/s" in out
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("To be\nO Romeo, Romeo\n")
   out_file = tmp_path / "out.jsonl"
-  code, _, err = run_module("experiments.generate", f"--workdir={trained}",
+  code, _, err = run_module("sigma_moe_jax.cli.generate", f"--workdir={trained}",
                             f"--prompts_file={prompts}", f"--out={out_file}", "--max_new_tokens=4",
                             "--seed=3")
   assert code == 0, err[-2000:]
@@ -128,7 +128,7 @@ def test_evaluate_launcher_multiple_choice_and_corpus(trained, tmp_path):
                           for c, ch, label in [("To be, or not", [" to be", " a cat"], 0),
                                                ("O Romeo", [" Romeo", " dog", " x"], 1)]))
   out = tmp_path / "result.json"
-  code, _, err = run_module("experiments.evaluate", f"--workdir={trained}", f"--task={task}",
+  code, _, err = run_module("sigma_moe_jax.cli.evaluate", f"--workdir={trained}", f"--task={task}",
                             f"--out={out}", "--batch_size=2")
   assert code == 0, err[-2000:]
   result = json.loads(out.read_text())
@@ -149,7 +149,7 @@ def test_evaluate_launcher_multiple_choice_and_corpus(trained, tmp_path):
       [r["prediction_length_normalised"] == r["label"] for r in records])
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("Now is the winter of our discontent\nMade glorious summer by this sun.\n")
-  code, _, err = run_module("experiments.evaluate", f"--workdir={trained}", f"--task={corpus}",
+  code, _, err = run_module("sigma_moe_jax.cli.evaluate", f"--workdir={trained}", f"--task={corpus}",
                             f"--out={out}")
   assert code == 0, err[-2000:]
   result = json.loads(out.read_text())
@@ -165,7 +165,7 @@ def test_evaluate_launcher_multiple_choice_and_corpus(trained, tmp_path):
 def test_bad_input_is_one_line(trained, tmp_path, case):
   task = tmp_path / "task.jsonl"
   if case == "no_checkpoint":
-    args = ("experiments.generate", f"--workdir={tmp_path / 'empty'}", "--prompt=hi")
+    args = ("sigma_moe_jax.cli.generate", f"--workdir={tmp_path / 'empty'}", "--prompt=hi")
     message = "no checkpoints in"
   elif case == "tokenizer_changed":
     tokenizer = tmp_path / "tokenizer.json"
@@ -175,17 +175,17 @@ def test_bad_input_is_one_line(trained, tmp_path, case):
     assert code == 0, err[-2000:]
     with open(tokenizer, "a") as f:
       f.write("\n")
-    args = ("experiments.generate", f"--workdir={tmp_path / 'run'}", "--prompt=hi")
+    args = ("sigma_moe_jax.cli.generate", f"--workdir={tmp_path / 'run'}", "--prompt=hi")
     message = "has changed since the run was trained"
   elif case == "long_prompt":
-    args = ("experiments.generate", f"--workdir={trained}", "--prompt=" + "word " * 40)
+    args = ("sigma_moe_jax.cli.generate", f"--workdir={trained}", "--prompt=" + "word " * 40)
     message = "exceeds the model's context of 32"
   else:
     record = ({"context": "a", "choices": ["b", "c"], "label": 5} if case == "bad_label"
               else "{not json")
     task.write_text(json.dumps({"context": "a", "choices": ["b", "c"], "label": 0}) + "\n"
                     + (json.dumps(record) if case == "bad_label" else record) + "\n")
-    args = ("experiments.evaluate", f"--workdir={trained}", f"--task={task}")
+    args = ("sigma_moe_jax.cli.evaluate", f"--workdir={trained}", f"--task={task}")
     message = "line 2:"
   code, _, err = run_module(*args)
   assert code != 0

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from experiments import hf_interop
-from experiments.inference import load_run
+from sigma_moe_jax import hf_runs as hf_interop
 from sigma_moe_jax import ModelConfig, generate, hf
 from sigma_moe_jax.checkpoint import Checkpointer
+from sigma_moe_jax.inference import load_run
 from sigma_moe_jax.training import step as train_lib
 from sigma_moe_jax.training.resume import fingerprint
 from sigma_moe_jax.training.settings import make_config

@@ -19,10 +19,10 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=2",
 
 
 def launch(workdir, *overrides, devices=1, wait=True, cwd=ROOT,
-           config="experiments/configs/cpu_tiny.py"):
+           config="configs/cpu_tiny.py"):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  cmd = [sys.executable, "-m", "experiments.train",
+  cmd = [sys.executable, "-m", "sigma_moe_jax.cli.train",
          f"--config={config}", f"--workdir={workdir}", *TINY, *overrides]
   proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -106,7 +106,7 @@ def test_unknown_config_key_is_rejected(tmp_path):
   assert own_lines(err) == [
       "error: unknown config key 'train.stepz'; did you mean train.steps?"], err[-2000:]
   assert not (tmp_path / "run").exists()
-  code, _, err = launch(tmp_path / "run", "--config=experiments/configs/no_such.py")
+  code, _, err = launch(tmp_path / "run", "--config=configs/no_such.py")
   assert code != 0 and err.strip().splitlines()[-1].startswith("error: config file")
 
 
@@ -166,7 +166,7 @@ def test_sft_starts_from_the_parameters_and_refuses_a_resume_with_other_sft_sett
   chat = ["--config.train.steps=3",
           "--config.train.seq_len=128", "--config.train.eval_every=3",
           f"--config.train.init_from={source}"]
-  sft_config = "experiments/configs/sft_cpu_tiny.py"
+  sft_config = "configs/sft_cpu_tiny.py"
   code, out, err = launch(sft, *chat, config=sft_config)
   assert code == 0, err[-2000:]
   assert "initialized from step 3" in out and "(parameters only)" in out

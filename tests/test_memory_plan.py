@@ -4,8 +4,8 @@ import math
 
 import jax
 
-from experiments import memory_plan
-from experiments.configs import cpu_tiny
+from sigma_moe_jax.cli import memory_plan
+from configs import cpu_tiny
 from sigma_moe_jax import ModelConfig, sharding
 from sigma_moe_jax.training import step as train_lib
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from experiments.configs import cpu_tiny
+from configs import cpu_tiny
 from sigma_moe_jax import sharding
 from sigma_moe_jax.data import make_pipeline
 from sigma_moe_jax.training import step as train_lib
@@ -46,7 +46,7 @@ def launch_two(workdir, steps, wait=True):
            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
            "JAX_PROCESS_ID": str(pid)}
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/cpu_tiny.py",
+        [sys.executable, "-m", "sigma_moe_jax.cli.train", "--config=configs/cpu_tiny.py",
          f"--workdir={workdir}", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True))
   if not wait:

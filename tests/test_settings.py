@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.configs import cpu_tiny
+from configs import cpu_tiny
 from sigma_moe_jax.training.settings import Settings, from_config
 
 
@@ -52,7 +52,7 @@ def test_settings_carry_every_config_value():
 def test_post_training_presets_build_and_split_their_batches():
   """The paper-scale SFT stages: top-1 everywhere, chat data, and batches that split over 64
   devices (expert 8 x fsdp 8) into their micro-batches; the long stage stretches RoPE by YaRN."""
-  from experiments.configs import sft_cpu_tiny, sft_sigma_moe_tiny
+  from configs import sft_cpu_tiny, sft_sigma_moe_tiny
   for stage, seq_len in (("short", 4096), ("long", 16_384)):
     settings = from_config(sft_sigma_moe_tiny.get_config(stage))
     assert settings.schedule is None and settings.model.max_top_k_per_layer == (1,) * 56

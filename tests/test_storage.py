@@ -147,8 +147,8 @@ def _byte_tokenizer(path):
 def _launch(workdir, cwd, *overrides, wait=True):
   env = {**os.environ, **GCS_ENV, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  cmd = [sys.executable, "-m", "experiments.train",
-         f"--config={os.path.join(ROOT, 'experiments/configs/cpu_tiny.py')}",
+  cmd = [sys.executable, "-m", "sigma_moe_jax.cli.train",
+         f"--config={os.path.join(ROOT, 'configs/cpu_tiny.py')}",
          f"--workdir={workdir}", *TINY, f"--config.train.steps={STEPS}", *overrides]
   proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import studies
-from experiments.configs.reproduce import get_config
+from configs.reproduce import get_config
 from sigma_moe_jax.data import load_documents
 from sigma_moe_jax.training.settings import model_and_schedule
 

@@ -1,7 +1,7 @@
 """The paper's findings as studies at small scale: the runs each study needs and what it measures
 from their metrics (see docs/reproduction.md and docs/design.md, "What the paper observed").
 
-A run ("variant") is the base config of experiments/configs/reproduce.py with a few changes; a
+A run ("variant") is the base config of configs/reproduce.py with a few changes; a
 study names the variants it compares and turns their metrics.jsonl into results (a JSON-ready
 dict) and figures. Variants are shared: the plain-LBL run serves seven studies and is trained once.
 

@@ -12,7 +12,7 @@ import collections
 
 import numpy as np
 
-from experiments import cli as cli_lib
+from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.data import (chunk_documents, load_documents, split_documents,
                                 validation_piece_chars)
 from sigma_moe_jax.tokenizer import load_tokenizer

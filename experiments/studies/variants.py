@@ -1,5 +1,5 @@
 """The runs ("variants") the studies compare: each is the base config of
-experiments/configs/reproduce.py with a few changes. Building a config writes nothing; the data
+configs/reproduce.py with a few changes. Building a config writes nothing; the data
 files a variant reads are written by `registry.prepare_data`.
 """
 

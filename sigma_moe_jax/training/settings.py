@@ -9,6 +9,8 @@ default); `from_config` turns a config into these types, so the trainer reads
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import re
 from typing import Any, NamedTuple, Optional, Tuple
 
@@ -291,3 +293,20 @@ def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
   c.schedule = dict(SCHEDULE_DEFAULTS)
   c.mesh = dataclasses.asdict(MeshSettings())
   return c
+
+
+def load_config(path: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of a config file, as `--config=path[:arg]` loads it. A config file built
+  on another names it relative to itself: `load_config(sibling(__file__, "cpu_tiny.py"))`."""
+  spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+def sibling(file: str, name: str) -> str:
+  """The path of `name` in the folder of `file` (a config file's own `__file__`)."""
+  return os.path.join(os.path.dirname(os.path.abspath(file)), name)

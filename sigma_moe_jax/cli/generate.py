@@ -1,8 +1,8 @@
 """Samples text from a trained run.
 
-  python -m experiments.generate --workdir=runs/cpu_tiny --prompt="ROMEO:" [--max_new_tokens=64
+  python -m sigma_moe_jax.cli.generate --workdir=runs/cpu_tiny --prompt="ROMEO:" [--max_new_tokens=64
       --temperature=0.8 --top_p=0.95 --top_k=0 --seed=0 --step=-1 --moe_top_k="[1]*6"]
-  python -m experiments.generate --workdir=runs/cpu_tiny --prompts_file=prompts.txt --out=out.jsonl
+  python -m sigma_moe_jax.cli.generate --workdir=runs/cpu_tiny --prompts_file=prompts.txt --out=out.jsonl
 
 Loads the run's config, tokenizer and latest (or --step) checkpoint, prints each continuation,
 and reports prefill and decode tokens/s (compilation excluded). With --prompts_file (one prompt
@@ -10,7 +10,7 @@ per line) the results also go to --out as JSONL. With --chat each prompt is a us
 it is rendered with the run's chat template (data.chat_template) and its generation prompt, and
 the reply ends at the end-of-text token:
 
-  python -m experiments.generate --workdir=runs/cpu_tiny_sft --chat --temperature=0 \
+  python -m sigma_moe_jax.cli.generate --workdir=runs/cpu_tiny_sft --chat --temperature=0 \
       --prompt="Who speaks next in this scene?  ROMEO. But soft!"
 
 (With --chat, write a line break inside a prompt as \n, in --prompt and in a --prompts_file.)
@@ -23,10 +23,10 @@ import time
 import jax
 from absl import flags
 
-from experiments import cli as cli_lib
-from experiments.inference import load_run
 from sigma_moe_jax import chat, generate, storage
 from sigma_moe_jax.chat import ChatTemplate
+from sigma_moe_jax.cli import common as cli_lib
+from sigma_moe_jax.inference import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _PROMPT = flags.DEFINE_string("prompt", None, "A prompt.")

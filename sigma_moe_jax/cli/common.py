@@ -2,7 +2,7 @@
 
 A relative path that does not exist from the current directory but does from the project root
 (the shipped configs, corpus and tokenizer) is taken from the project root, so
-`python -m experiments.train --config=experiments/configs/cpu_tiny.py` and the console scripts
+`python -m sigma_moe_jax.cli.train --config=configs/cpu_tiny.py` and the console scripts
 work wherever they are started.
 """
 
@@ -63,8 +63,8 @@ def run(main: Callable) -> None:
 
 def unknown_key_error(key: str) -> str:
   """'' when `key` (e.g. "train.steps") is a config key, else a message naming the closest ones."""
-  from sigma_moe_jax.training.settings import make_config  # configs import this module
-  from sigma_moe_jax import ModelConfig
+  from sigma_moe_jax import ModelConfig  # noqa: PLC0415 -- the launchers import this module
+  from sigma_moe_jax.training.settings import make_config  # noqa: PLC0415
   reference = make_config(ModelConfig())
   known = [f"{section}.{name}" for section in reference for name in reference[section]]
   if key in known:

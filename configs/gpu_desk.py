@@ -1,7 +1,7 @@
 """gpu_desk: a reduced Sigma-MoE (0.5B parameters, 64 experts, top-1) for one 24 GB card at a
 researcher's desk (RTX 4090, L4, A10; RTX 3090 / A5000 likewise from Ampere on), bf16 compute.
 
-The 24 GB check: `python -m experiments.compile_check --config=experiments/configs/gpu_desk.py
+The 24 GB check: `python -m sigma_moe_jax.cli.compile_check --config=configs/gpu_desk.py
 --platform=cuda --gpu=rtx4090` (README "GPU"). These cards have no Mosaic GPU kernels: the
 experts run on the Triton grouped matmul (dropless) and attention on XLA.
 """

@@ -2,18 +2,18 @@
 build_instruction_set.py): conversations in the chat format of data/chat_template.jinja, loss on
 the assistant replies only, several conversations packed to a row. Train the quickstart first:
 
-  python -m experiments.train --config=experiments/configs/cpu_tiny.py --workdir=runs/cpu_tiny
-  python -m experiments.train --config=experiments/configs/sft_cpu_tiny.py --workdir=runs/cpu_tiny_sft
+  python -m sigma_moe_jax.cli.train --config=configs/cpu_tiny.py --workdir=runs/cpu_tiny
+  python -m sigma_moe_jax.cli.train --config=configs/sft_cpu_tiny.py --workdir=runs/cpu_tiny_sft
 
 The run starts from the quickstart's parameters (a fresh optimizer and data stream, step 0) and
 validates on conversations from the two plays no run trains on (logged as heldout_val_*).
 """
 
-from experiments.configs import cpu_tiny
+from sigma_moe_jax.training.settings import load_config, sibling
 
 
 def get_config():
-  c = cpu_tiny.get_config()
+  c = load_config(sibling(__file__, "cpu_tiny.py"))
   c.train.update(steps=300, batch_size=16, seq_len=128, lr=1e-3, warmup_steps=20,
                  log_every=20, eval_every=100, eval_batches=8, checkpoint_every=100,
                  init_from="runs/cpu_tiny", init_mode="params")

@@ -1,6 +1,6 @@
 """Parameter counts of a preset (from shapes only) and, for small presets, a timed forward pass.
 
-  python -m experiments.model_report --preset=cpu_tiny
+  python -m sigma_moe_jax.cli.model_report --preset=cpu_tiny
 """
 
 import time
@@ -9,8 +9,8 @@ import jax
 from absl import flags
 from flax import nnx
 
-from experiments import cli as cli_lib
 from sigma_moe_jax import ModelConfig, Transformer, count_params
+from sigma_moe_jax.cli import common as cli_lib
 
 PRESETS = {"sigma_moe_tiny": ModelConfig.sigma_moe_tiny, "gpu_small": ModelConfig.gpu_small,
            "cpu_tiny": ModelConfig.cpu_tiny}

@@ -1,5 +1,5 @@
 """Hugging Face Qwen3-MoE checkpoints from runs and runs from them (the work behind
-`experiments.export_hf` and `experiments.import_hf`; the format itself is in sigma_moe_jax/hf.py)."""
+`sigma_moe_jax.cli.export_hf` and `sigma_moe_jax.cli.import_hf`; the format itself is in sigma_moe_jax/hf.py)."""
 
 import json
 import os
@@ -98,7 +98,7 @@ RUNTIME_FIELDS = ("dispatch", "grouped_matmul", "attention", "lbl_mode", "top1_l
                   "capacity_factor", "expert_exchange", "init_std", "embed_init_std", "dtype",
                   "remat")
 
-_CONFIG_PY = '''"""The config of a model imported from {source} by experiments.import_hf."""
+_CONFIG_PY = '''"""The config of a model imported from {source} by sigma_moe_jax.cli.import_hf."""
 
 import json
 

@@ -1,10 +1,10 @@
 """Per-device memory of a training config on a mesh, from abstract shapes and shardings only.
 
-  python -m experiments.memory_plan --config=experiments/configs/sigma_moe_tiny.py \
+  python -m sigma_moe_jax.cli.memory_plan --config=configs/sigma_moe_tiny.py \
       --devices=64 --hbm_gb=95 --config.mesh.fsdp=8 --config.mesh.expert=8
-  python -m experiments.memory_plan --config=experiments/configs/sigma_moe_tiny.py --table
+  python -m sigma_moe_jax.cli.memory_plan --config=configs/sigma_moe_tiny.py --table
 
-  python -m experiments.memory_plan --config=experiments/configs/sigma_moe_tiny.py \
+  python -m sigma_moe_jax.cli.memory_plan --config=configs/sigma_moe_tiny.py \
       --topology=v5p:4x4x4
 
 Parameters are float32 master weights; AdamW keeps two float32 moments; gradients are float32.
@@ -12,7 +12,7 @@ Activations are an estimate: with remat, each layer's input is kept and one laye
 is live at a time; without remat every layer's working set is kept. Attention scores
 ([heads, seq, seq] per sequence) are counted where the platform runs XLA attention; the fused
 kernels (splash on TPU, cuDNN on Hopper) keep O(seq) per head. With --topology the estimate is
-printed beside XLA's own per-device figures for the compiled train step (experiments.compile_check;
+printed beside XLA's own per-device figures for the compiled train step (sigma_moe_jax.cli.compile_check;
 needs libtpu).
 """
 
@@ -26,8 +26,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-from experiments import cli as cli_lib
 from sigma_moe_jax import aot, attention, platform, sharding
+from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.params import abstract_model
 from sigma_moe_jax.training.settings import from_config, model_and_schedule, step_plan
 

@@ -1,7 +1,7 @@
 """Imports a Hugging Face Qwen3-MoE checkpoint directory as a run that can be trained on.
 
-  python -m experiments.import_hf --hf_dir=path/to/qwen3_moe --workdir=runs/imported \
-      [--config=experiments/configs/cpu_tiny.py --config.train.steps=...]
+  python -m sigma_moe_jax.cli.import_hf --hf_dir=path/to/qwen3_moe --workdir=runs/imported \
+      [--config=configs/cpu_tiny.py --config.train.steps=...]
 
 Reads config.json and the safetensors weights (one file, or shards with their index; per-expert
 or fused expert tensors), refuses, by name, the features this model lacks (sliding windows,
@@ -10,8 +10,8 @@ dense layers, shared experts, attention biases, scaled RoPE), and writes to `--w
   tokenizer.json   the model's tokenizer, when the directory has one;
   config.py        the config to continue with: --config's training, data and mesh settings
                    (the defaults without it) and the imported model.
-Then `experiments.generate --workdir=<workdir>` samples from it, and
-  python -m experiments.train --config=<workdir>/config.py --config.train.init_from=<workdir> \
+Then `sigma_moe_jax.cli.generate --workdir=<workdir>` samples from it, and
+  python -m sigma_moe_jax.cli.train --config=<workdir>/config.py --config.train.init_from=<workdir> \
       --workdir=runs/finetune
 trains it, starting from step 0 and from the beginning of the data.
 """
@@ -21,9 +21,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli as cli_lib
-from experiments.hf_interop import import_model
 from sigma_moe_jax import ModelConfig, storage
+from sigma_moe_jax.cli import common as cli_lib
+from sigma_moe_jax.hf_runs import import_model
 from sigma_moe_jax.training.settings import make_config
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Directory with config.json and safetensors.")

@@ -1,8 +1,8 @@
 """Checks a training config against the hardware it is meant for, before launching it there.
 
-  python -m experiments.compile_check --config=experiments/configs/sigma_moe_tiny.py \\
+  python -m sigma_moe_jax.cli.compile_check --config=configs/sigma_moe_tiny.py \\
       --topology=v5p:4x4x4 [--config.train.batch_size=... --config.mesh.fsdp=...]
-  python -m experiments.compile_check --config=experiments/configs/gpu_small.py \\
+  python -m sigma_moe_jax.cli.compile_check --config=configs/gpu_small.py \\
       --platform=cuda --gpu=h100 [--gpus=8]
 
 Both compile the real train step (model, mesh, shardings, kernels) with the real compiler for
@@ -25,8 +25,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli as cli_lib
 from sigma_moe_jax import aot, attention, grouped_matmul, platform, sharding
+from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.metrics import flops_per_token
 from sigma_moe_jax.training.settings import flag_names, from_config, step_plan
 

@@ -1,6 +1,6 @@
 """gpu_small (about 1.6B parameters, 96 experts, top-1) on one 80 GB GPU, bf16 compute.
 
-Sized from XLA:GPU's own figures for an H100 (`experiments.compile_check --platform=cuda
+Sized from XLA:GPU's own figures for an H100 (`sigma_moe_jax.cli.compile_check --platform=cuda
 --gpu=h100`, README "GPU"): the whole batch of 64 x 2048 in one micro-batch needs 63.0 GB of the
 card's 84.9 and XLA's rematerialisation pass reports that it could not get below 93.7 GiB on the
 way; two micro-batches of 32 sequences halve the activations.

@@ -1,9 +1,9 @@
 """Evaluates a trained run by log-likelihood and writes the result as JSON.
 
-  python -m experiments.evaluate --workdir=runs/cpu_tiny --task=data/tasks/shakespeare_next_line.jsonl
-  python -m experiments.evaluate --workdir=runs/cpu_tiny --task=data/shakespeare.jsonl.gz
-  python -m experiments.evaluate --workdir=runs/cpu_tiny --task=... --untrained   # chance baseline
-  python -m experiments.evaluate --workdir=runs/cpu_tiny_sft --task=data/tasks/shakespeare_instruct.jsonl --chat
+  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny --task=data/tasks/shakespeare_next_line.jsonl
+  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny --task=data/shakespeare.jsonl.gz
+  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny --task=... --untrained   # chance baseline
+  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny_sft --task=data/tasks/shakespeare_instruct.jsonl --chat
 
 A task file of JSON lines {"context": ..., "choices": [...], "label": i} is multiple choice (each
 choice is appended to its context as written); with --chat, each line's "messages" (a
@@ -32,12 +32,12 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from experiments import cli as cli_lib
-from experiments.inference import load_run, token_byte_lengths
 from sigma_moe_jax import chat as chat_lib
 from sigma_moe_jax import generate, scoring, storage
 from sigma_moe_jax.chat import ChatTemplate
+from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.data import load_documents, split_documents, validation_piece_chars
+from sigma_moe_jax.inference import load_run, token_byte_lengths
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _TASK = flags.DEFINE_string("task", None, "Multiple-choice JSONL, or a corpus.")

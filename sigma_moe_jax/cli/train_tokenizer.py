@@ -1,6 +1,6 @@
 """Trains a byte-level BPE tokenizer on the training split of a corpus.
 
-  python -m experiments.train_tokenizer --data=data/shakespeare.jsonl.gz --vocab_size=4096 \
+  python -m sigma_moe_jax.cli.train_tokenizer --data=data/shakespeare.jsonl.gz --vocab_size=4096 \
       --out=data/shakespeare_bpe4096.json
 
 The validation documents (same `--val_fraction` and `--split_seed` as training) are left out,
@@ -10,8 +10,8 @@ so validation text stays unseen by the tokenizer as well as by the model.
 
 from absl import flags
 
-from experiments import cli as cli_lib
 from sigma_moe_jax import data, storage, tokenizer
+from sigma_moe_jax.cli import common as cli_lib
 
 _DATA = flags.DEFINE_string("data", None, "Path, comma-separated paths or glob of documents.",
                             required=True)

@@ -1,6 +1,6 @@
 """Exports a run to the Hugging Face Qwen3-MoE format (`Qwen3MoeForCausalLM`).
 
-  python -m experiments.export_hf --workdir=runs/cpu_tiny --out=exports/cpu_tiny [--step=-1
+  python -m sigma_moe_jax.cli.export_hf --workdir=runs/cpu_tiny --out=exports/cpu_tiny [--step=-1
       --dtype=float32 --max_shard_size=4GB --moe_top_k="[1]*6"]
 
 Writes config.json, generation_config.json, the weights as safetensors shards (with
@@ -14,10 +14,10 @@ import sys
 
 from absl import flags
 
-from experiments import cli as cli_lib
-from experiments.hf_interop import export, parse_size
-from experiments.inference import load_run
 from sigma_moe_jax import storage
+from sigma_moe_jax.cli import common as cli_lib
+from sigma_moe_jax.hf_runs import export, parse_size
+from sigma_moe_jax.inference import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write (local or gs://).")

@@ -1,6 +1,6 @@
 """Trains a Sigma-MoE model.
 
-  python -m experiments.train --config=experiments/configs/cpu_tiny.py --workdir=runs/cpu_tiny \
+  python -m sigma_moe_jax.cli.train --config=configs/cpu_tiny.py --workdir=runs/cpu_tiny \
       [--config.train.steps=2000 --config.model.num_experts=64 ...]
 
 Relaunching the same command on a workdir with checkpoints resumes from the latest one. Multi-host
@@ -13,7 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli as cli_lib
+from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.training.hooks import RunStopped
 from sigma_moe_jax.training.run import train
 from sigma_moe_jax.training.settings import flag_names

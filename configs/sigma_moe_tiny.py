@@ -9,7 +9,7 @@ def get_config():
   c = make_config(ModelConfig.sigma_moe_tiny(dtype="bfloat16", dispatch="ragged", remat="full"))
   # grad_accum 4: on 64 v5p chips each micro-batch holds 4 sequences per chip. With 16 the
   # float32 logits alone ([tokens, 200k vocab]) take 52 GB a chip and XLA's plan needs 109 GB of
-  # the 95 (experiments.compile_check; README "Memory plan").
+  # the 95 (sigma_moe_jax.cli.compile_check; README "Memory plan").
   c.train.update(steps=100_000, batch_size=1024, seq_len=4096, grad_accum=4, lr=3e-4,
                  warmup_steps=2000, log_every=10, eval_every=2000, eval_batches=64,
                  checkpoint_every=1000)
