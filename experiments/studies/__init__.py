@@ -8,7 +8,7 @@ dict) and figures. Variants are shared: the plain-LBL run serves seven studies a
   variants.py     each variant's config (building one writes nothing)
   domain_data.py  the English / Python corpus of the domains study, written before training
   runs.py         a trained variant's metrics.jsonl read back as a `Run`; shipped (compact) runs
-  analyses.py     each study's numbers (NumPy only, no matplotlib)
+  analyses/      each study's numbers (NumPy only, no matplotlib)
   figures.py      each study's figures (matplotlib)
   registry.py     the studies by name, and training their variants
   balance.py      the balance search's candidates and measurements (experiments/balance_search.py)

@@ -226,7 +226,7 @@ def transition(runs, results, out):
   for name, (gradual, fraction) in TRANSITIONS.items():
     ax = axes[[0.5, 0.7, 0.9].index(fraction)]
     deltas, loads = [], []
-    for seed_name, run in analyses._by_seed(runs, name).items():
+    for seed_name, run in analyses.by_seed(runs, name).items():
       keep = runs["phase1" + ("" if seed_name == "seed0" else "_" + seed_name)]
       steps, loss = run.series("lm_loss")
       keep_steps, keep_loss = keep.series("lm_loss")
@@ -295,7 +295,7 @@ def dense(runs, results, out):
 def adaptive(runs, results, out):
   """Validation loss over training (mean over seeds, band min-max); per-step training loss
   minus top-1's around the switch (mean over seeds, smoothed); the adaptive run's k per layer."""
-  groups = {g: analyses._seeded(runs, kind) for g, kind in results["groups"].items()}
+  groups = {g: analyses.seeded(runs, kind) for g, kind in results["groups"].items()}
   switch = results["switch_step"]
   colors = {"top1_from_start": "tab:gray", "manual": "tab:blue", "ramp": "tab:green",
             "adaptive": "tab:red"}

@@ -1,0 +1,141 @@
+"""What the analyses share: windows of a run's series, its seeds, bands over seeds, and paired
+comparisons with the plain-LBL run of the same seed."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+
+from experiments.studies.runs import Run, joined
+from experiments.studies.variants import split_seed
+from sigma_moe_jax.balancing import expert_domain_mutual_information
+from sigma_moe_jax.params import count_params
+
+
+def lower_vs_upper(values: np.ndarray) -> Dict[str, float]:
+  """Mean over the lowest quarter of the layers against the mean over the rest."""
+  lower = max(1, len(values) // 4)
+  return {"lower_layers_mean": float(np.mean(values[:lower])),
+          "upper_layers_mean": float(np.mean(values[lower:]))}
+
+
+def final_loss(run: Run) -> float:
+  return float(run.last("val_loss"))
+
+
+def by_seed(runs, kind: str) -> Dict[str, Run]:
+  """{"seed0": runs[kind], "seed1": runs[kind + "_seed1"], ...} for the seeds present."""
+  return {f"seed{split_seed(n)[1]}": r for n, r in sorted(
+      runs.items(), key=lambda item: split_seed(item[0])[1]) if split_seed(n)[0] == kind}
+
+
+def second_half_balance(run: Run) -> dict:
+  """A run's balance on the validation set averaged over the second half of training (single
+  evaluations are noisy), and its training drops after the first 10% of the steps."""
+  steps, max_dev = run.series("val_load_max_dev")
+  _, min_dev = run.series("val_load_min_dev")
+  _, lbl = run.series("val_lbl_per_layer")
+  late = steps >= steps[-1] / 2
+  end = run.config.train.steps
+  return {"max_load_dev_per_layer": max_dev[late].mean(0).tolist(),
+          "min_load_dev_per_layer": min_dev[late].mean(0).tolist(),
+          "lbl_per_layer": lbl[late].mean(0).tolist(),
+          "max_load_dev": lower_vs_upper(max_dev[late].mean(0)),
+          "lbl": lower_vs_upper(lbl[late].mean(0)),
+          "most_imbalanced_layer": int(np.argmax(max_dev[late].mean(0))),
+          "train_drop_fraction_per_layer": series_window(run, "drop_fraction", end // 10,
+                                                   end).mean(0).tolist()}
+
+
+def seeded(runs, kind: str):
+  """The runs of one kind for every seed, in seed order ("lbl", "lbl_seed1", ...); the manual
+  schedule's phase-1 runs joined with their conversions."""
+  names = sorted((n for n in runs if n == kind or n.startswith(kind + "_seed")),
+                 key=lambda n: split_seed(n)[1])
+  if kind == "progressive":
+    return [joined(runs[n.replace("progressive", "phase1")], runs[n]) for n in names]
+  return [runs[n] for n in names]
+
+
+def band(values) -> Dict[str, float]:
+  values = np.asarray(values, np.float64)
+  return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
+          "per_seed": values.tolist()}
+
+
+def bands_of(dicts):
+  """The same nested dict of numbers from several seeds -> one dict of band()s."""
+  first = dicts[0]
+  if isinstance(first, dict):
+    return {k: bands_of([d[k] for d in dicts]) for k in first}
+  return band(dicts)
+
+
+def series_window(run: Run, key: str, lo: int, hi: int) -> np.ndarray:
+  steps, values = run.series(key)
+  return values[(steps > lo) & (steps <= hi)]
+
+
+def mean_active_params(run: Run) -> float:
+  """Activated parameters per token averaged over the logged training steps (the k each step
+  ran with, from its logged top_k): the compute a schedule spends."""
+  _, top_k = run.series("top_k")
+  model = run.model()
+  return float(np.mean([count_params(model, [int(k) for k in ks])["active"] for ks in top_k]))
+
+
+def domain_information(run: Run):
+  """(steps, [evals, layers] mutual information in bits between expert choice and domain)."""
+  steps, english = run.series("english_val_tokens_per_expert")
+  _, python = run.series("python_val_tokens_per_expert")
+  counts = np.stack([english, python], axis=1)  # [evals, domains, layers, E]
+  return steps, np.stack([np.asarray(expert_domain_mutual_information(c)) for c in counts])
+
+
+def drops_after_10pct(run: Run) -> np.ndarray:
+  """Per layer: the share of training assignments dropped after the first 10% of the steps."""
+  end = run.config.train.steps
+  return series_window(run, "drop_fraction", end // 10, end).mean(0)
+
+
+def paired_with_lbl(runs, kind: str) -> dict:
+  """Each seed of `kind` against the plain-LBL run of the same seed (same batches): the final
+  validation loss difference, the second half's most loaded expert per layer of both, the drops
+  after the first 10% of both and their ratio, and the last evaluation's most loaded expert."""
+  lbl = by_seed(runs, "lbl")
+  out = {}
+  for name, run in by_seed(runs, kind).items():
+    ref = lbl[name]
+    drops, ref_drops = drops_after_10pct(run), drops_after_10pct(ref)
+    out[name] = {
+        "val_loss": final_loss(run), "lbl_val_loss": final_loss(ref),
+        "val_loss_minus_lbl": final_loss(run) - final_loss(ref),
+        "second_half_max_load_dev_per_layer": second_half_balance(run)["max_load_dev_per_layer"],
+        "lbl_second_half_max_load_dev_per_layer":
+            second_half_balance(ref)["max_load_dev_per_layer"],
+        "train_drop_fraction_after_10pct_per_layer": drops.tolist(),
+        "lbl_train_drop_fraction_after_10pct_per_layer": ref_drops.tolist(),
+        "drop_ratio_to_lbl_per_layer": (drops / ref_drops).tolist(),
+        "drop_ratio_to_lbl_all_layers": float(drops.mean() / ref_drops.mean()),
+        "final_max_load_dev_per_layer": run.last("val_load_max_dev").tolist(),
+        "lbl_final_max_load_dev_per_layer": ref.last("val_load_max_dev").tolist()}
+  return out
+
+
+def paired_summary(seeds: dict) -> dict:
+  """Over the seeds of paired_with_lbl: the paired loss difference, and in how many layers
+  the second half's most loaded expert is higher than the LBL's (per seed)."""
+  return {"val_loss_minus_lbl": band([v["val_loss_minus_lbl"] for v in seeds.values()]),
+          "layers_worse_balanced_than_lbl_second_half": {
+              n: int(np.sum(np.greater(v["second_half_max_load_dev_per_layer"],
+                                       v["lbl_second_half_max_load_dev_per_layer"])))
+              for n, v in seeds.items()},
+          "layers_better_balanced_than_lbl_final": {
+              n: int(np.sum(np.less(v["final_max_load_dev_per_layer"],
+                                    v["lbl_final_max_load_dev_per_layer"])))
+              for n, v in seeds.items()},
+          "worst_layer_second_half": {
+              n: int(np.argmax(v["second_half_max_load_dev_per_layer"])) for n, v in seeds.items()},
+          "drop_ratio_to_lbl_all_layers": band([v["drop_ratio_to_lbl_all_layers"]
+                                                 for v in seeds.values()])}
