@@ -25,7 +25,7 @@ The aggregates recompute from it.
 import hashlib
 import json
 import sys
-from typing import List, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import jax
 import numpy as np
@@ -150,96 +150,120 @@ def is_choice_task(path: str) -> bool:
     return False
 
 
-def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
+class Inputs(NamedTuple):
+  task: str
+  kind: str  # "choices", "conversations" or "corpus"
+  examples: Optional[list]  # a choice task's examples
+  documents: Optional[list]  # a corpus's documents (the held-out ones with --heldout)
+  run: Any
+
+
+def read_inputs() -> Inputs:
+  """The task and the run, checked; ValueError naming what is wrong."""
   task = cli_lib.project_path(_TASK.value)
-  try:
-    if not storage.exists(task) and "*" not in task:
-      raise ValueError(f"task file {task!r} not found")
-    if _BATCH.value < 1:
-      raise ValueError("--batch_size must be >= 1")
-    choice_task = storage.isfile(task) and is_choice_task(task)
-    conversations = _CHAT.value and not choice_task
-    if _CONTEXT.value < 0:
-      raise ValueError("--context must be >= 0 (0: the run's seq_len)")
-    examples = read_choice_task(task, _CHAT.value) if choice_task else None
-    if _HELDOUT.value and (choice_task or conversations):
-      raise ValueError("--heldout selects documents of a corpus; a task file has none")
-    documents = None if choice_task or conversations else load_documents(task)
-    run = load_run(_WORKDIR.value, step=_STEP.value, top_k=_MOE_TOP_K.value,
-                   untrained=_UNTRAINED.value)
-    if _HELDOUT.value:
-      data = run.settings.data
-      documents = split_documents(documents, data.val_fraction, data.seed,
-                                  validation_piece_chars(data.chunk_chars))[1]
-      if not documents:
-        raise ValueError(f"the run holds out no document (data.val_fraction "
-                         f"{data.val_fraction})")
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  if not storage.exists(task) and "*" not in task:
+    raise ValueError(f"task file {task!r} not found")
+  if _BATCH.value < 1:
+    raise ValueError("--batch_size must be >= 1")
+  if _CONTEXT.value < 0:
+    raise ValueError("--context must be >= 0 (0: the run's seq_len)")
+  choice_task = storage.isfile(task) and is_choice_task(task)
+  kind = "choices" if choice_task else "conversations" if _CHAT.value else "corpus"
+  if _HELDOUT.value and kind != "corpus":
+    raise ValueError("--heldout selects documents of a corpus; a task file has none")
+  examples = read_choice_task(task, _CHAT.value) if choice_task else None
+  documents = load_documents(task) if kind == "corpus" else None
+  run = load_run(_WORKDIR.value, step=_STEP.value, top_k=_MOE_TOP_K.value,
+                 untrained=_UNTRAINED.value)
+  if _HELDOUT.value:
+    data = run.settings.data
+    documents = split_documents(documents, data.val_fraction, data.seed,
+                                validation_piece_chars(data.chunk_chars))[1]
+    if not documents:
+      raise ValueError(f"the run holds out no document (data.val_fraction "
+                       f"{data.val_fraction})")
+  return Inputs(task, kind, examples, documents, run)
+
+
+def score_choices(examples, run, template, logprob_fn, width: int):
+  """(accuracy results, with per-task ones when the examples name tasks; per-example records)."""
+  encode = run.tokenizer.encode
+  if template is not None:
+    contexts = [chat_lib.prompt_ids(c, template, run.tokenizer) for c, _, _, _ in examples]
+  else:
+    contexts = [encode(c) for c, _, _, _ in examples]
+  encoded = [(context, [encode(choice) for choice in choices])
+             for context, (_, choices, _, _) in zip(contexts, examples)]
+  scores = scoring.choice_scores(encoded, logprob_fn, width=width, batch_size=_BATCH.value)
+  labels = [label for _, _, label, _ in examples]
+  result = scoring.accuracy(scores, labels)
+  tasks = sorted({name for _, _, _, name in examples if name})
+  if tasks:
+    result["by_task"] = {name: scoring.accuracy(
+        [s for s, e in zip(scores, examples) if e[3] == name],
+        [l for l, e in zip(labels, examples) if e[3] == name]) for name in tasks}
+  return result, choice_records(examples, scores)
+
+
+def score_corpus(documents, run, logprob_fn, width: int):
+  """(perplexity and bits per byte, per-document records)."""
+  docs = [run.tokenizer.encode(doc) + [run.tokenizer.eos_id] for doc in documents]
+  records = []
+  result = scoring.corpus_perplexity(docs, token_byte_lengths(run.tokenizer), logprob_fn,
+                                     width=width, batch_size=_BATCH.value, per_document=records)
+  return result, [{"index": i, "text_sha256": digest(doc), **r}
+                  for i, (doc, r) in enumerate(zip(documents, records))]
+
+
+def output_path(task: str, step: int, width: int, context: int) -> str:
+  """--out, or <workdir>/eval/<task>_step<N>[_chat][_heldout][_context<W>].json."""
+  return storage.resolve(_OUT.value or storage.join(
+      _WORKDIR.value, "eval", storage.basename(task).split(".")[0]
+      + ("_untrained" if _UNTRAINED.value else f"_step{step}")
+      + ("_chat" if _CHAT.value else "") + ("_heldout" if _HELDOUT.value else "")
+      + (f"_context{width}" if width != context else "") + ".json"))
+
+
+def evaluate() -> dict:
+  inputs = read_inputs()
+  run = inputs.run
 
   @jax.jit
   def logprob_fn(tokens, segment_ids):
     model = nnx.merge(run.graphdef, run.params)
     return generate.token_logprobs(model, tokens, segment_ids, run.top_k)
 
-  encode = run.tokenizer.encode
   width = _CONTEXT.value or run.context
-  try:
-    template = ChatTemplate.load(run.settings.data.chat_template) if _CHAT.value else None
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  if choice_task:
-    try:
-      if _CHAT.value:
-        contexts = [chat_lib.prompt_ids(c, template, run.tokenizer) for c, _, _, _ in examples]
-      else:
-        contexts = [encode(c) for c, _, _, _ in examples]
-      encoded = [(context, [encode(choice) for choice in choices])
-                 for context, (_, choices, _, _) in zip(contexts, examples)]
-      scores = scoring.choice_scores(encoded, logprob_fn, width=width, batch_size=_BATCH.value)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
-    labels = [label for _, _, label, _ in examples]
-    result = scoring.accuracy(scores, labels)
-    records = choice_records(examples, scores)
-    tasks = sorted({name for _, _, _, name in examples if name})
-    if tasks:
-      result["by_task"] = {name: scoring.accuracy(
-          [s for s, e in zip(scores, examples) if e[3] == name],
-          [l for l, e in zip(labels, examples) if e[3] == name]) for name in tasks}
-  elif conversations:
-    try:
-      examples = chat_lib.load_examples([task], template, run.tokenizer, max_len=width)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
+  template = ChatTemplate.load(run.settings.data.chat_template) if _CHAT.value else None
+  if inputs.kind == "choices":
+    result, records = score_choices(inputs.examples, run, template, logprob_fn, width)
+  elif inputs.kind == "conversations":
+    examples = chat_lib.load_examples([inputs.task], template, run.tokenizer, max_len=width)
     records = []
     result = reply_loss(examples, logprob_fn, batch_size=_BATCH.value, width=width,
                         records=records)
     records = [{"index": i, **r} for i, r in enumerate(records)]
   else:
-    docs = [encode(doc) + [run.tokenizer.eos_id] for doc in documents]
-    records = []
-    result = scoring.corpus_perplexity(docs, token_byte_lengths(run.tokenizer), logprob_fn,
-                                       width=width, batch_size=_BATCH.value,
-                                       per_document=records)
-    records = [{"index": i, "text_sha256": digest(doc), **r}
-               for i, (doc, r) in enumerate(zip(documents, records))]
+    result, records = score_corpus(inputs.documents, run, logprob_fn, width)
   result = {"task": _TASK.value, "workdir": _WORKDIR.value, "step": run.step,
             "untrained": _UNTRAINED.value, "chat": _CHAT.value, "context": width,
-            "heldout": _HELDOUT.value,
-            "top_k": [int(k) for k in run.top_k], **result}
-  out = storage.resolve(_OUT.value or storage.join(
-      _WORKDIR.value, "eval", storage.basename(task).split(".")[0]
-      + ("_untrained" if _UNTRAINED.value else f"_step{run.step}")
-      + ("_chat" if _CHAT.value else "") + ("_heldout" if _HELDOUT.value else "")
-      + (f"_context{width}" if width != run.context else "") + ".json"))
+            "heldout": _HELDOUT.value, "top_k": [int(k) for k in run.top_k], **result}
+  out = output_path(inputs.task, run.step, width, run.context)
   examples_out = (out[:-len(".json")] if out.endswith(".json") else out) + ".examples.jsonl"
   result["examples_file"] = storage.basename(examples_out)
   storage.makedirs(storage.parent(out))
   storage.write_text(examples_out, "".join(json.dumps(r) + "\n" for r in records))
   storage.write_text(out, json.dumps(result, indent=1))
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  try:
+    result = evaluate()
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
   print(json.dumps(result, indent=1))
 
 

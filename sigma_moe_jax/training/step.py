@@ -238,47 +238,12 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
     bias = state.selection_bias if balance.loss_free else None
     total_targets = jnp.maximum(
         jnp.sum(target_mask(batch["segment_ids"], batch.get("loss_mask"))), 1)
-    micro_batches = jax.tree.map(
-        lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:]), batch)
-
-    def accumulate(carry, micro):
-      grads_sum, counts = carry
-      offset = counts if balance.accumulate_counts else None
-      (objective, (ce_sum, stats)), grads = grad_fn(state.params, micro, top_k, bias, offset,
-                                                    total_targets)
-      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-      counts = counts + stats.tokens_per_expert.astype(jnp.float32)
-      return (grads_sum, counts), (objective, ce_sum, stats)
-
-    zero_counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)
-    if grad_accum == 1:  # no loop, no zero-initialised gradient sum to add into
-      offset = zero_counts if balance.accumulate_counts else None
-      (objective, (ce_sum, stats)), grads = grad_fn(state.params, batch, top_k, bias, offset,
-                                                    total_targets)
-    else:
-      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, _), (objective, ce_sum, stats) = jax.lax.scan(
-          accumulate, (zero_grads, zero_counts), micro_batches)
-      stats = _combine_stats(stats)
+    objective, ce_sum, stats, grads = _gradients(
+        lambda micro, offset: grad_fn(state.params, micro, top_k, bias, offset, total_targets),
+        state.params, batch, cfg, grad_accum, balance.accumulate_counts)
     loss, grad_norm = jnp.sum(objective), optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    selection_bias = state.selection_bias
-    if balance.loss_free:
-      selection_bias = update_selection_bias(selection_bias, stats.tokens_per_expert,
-                                             balance.bias_rate)
-    if isinstance(schedule, AdaptiveTopK):
-      top_k_state = schedule.update(state.top_k_state, stats.first_choice, state.step + 1)
-    else:
-      top_k_state = {**state.top_k_state, "k": fixed_top_k(cfg, schedule, state.step + 1)}
-    # A step with a non-finite loss or gradient is not applied: parameters, optimizer state and
-    # bias stay as they were (the step counter and the data move on), so no NaN is ever stored.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params = keep_if_bad(params, state.params)
-    opt_state = keep_if_bad(opt_state, state.opt_state)
-    selection_bias = keep_if_bad(selection_bias, state.selection_bias)
-    top_k_state = keep_if_bad(top_k_state, state.top_k_state)
+    new_state, finite = _apply(state, grads, stats, jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+                               optimizer, cfg, balance, schedule)
     metrics = {
         "loss": loss,
         "finite": finite,
@@ -287,15 +252,65 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
         "grad_norm": grad_norm,
         "targets": total_targets,
         "top_k": top_k,
-        "bias_abs_mean": jnp.mean(jnp.abs(selection_bias), axis=-1),
+        "bias_abs_mean": jnp.mean(jnp.abs(new_state.selection_bias), axis=-1),
         # The spread across experts is what changes choices; a common shift changes none.
-        "bias_std": jnp.std(selection_bias, axis=-1),
+        "bias_std": jnp.std(new_state.selection_bias, axis=-1),
         **routing_metrics(stats),
     }
     metrics["lbl"] = jnp.mean(metrics["lbl_per_layer"])
-    return TrainState(params, opt_state, selection_bias, top_k_state, state.step + 1), metrics
+    return new_state, metrics
 
   return train_step
+
+
+def _gradients(grad_fn: Callable, params, batch, cfg: ModelConfig, grad_accum: int,
+               accumulate_counts: bool):
+  """(objective, summed cross-entropy, routing statistics, gradients) of a batch, summed over its
+  `grad_accum` micro-batches (contiguous row blocks). `grad_fn(micro, count_offset)` is the
+  micro-batch's value and gradient; with `accumulate_counts` micro-batch m is offset by the
+  expert counts of micro-batches 1..m-1."""
+  zero_counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)
+  if grad_accum == 1:  # no loop, no zero-initialised gradient sum to add into
+    (objective, (ce_sum, stats)), grads = grad_fn(batch,
+                                                  zero_counts if accumulate_counts else None)
+    return objective, ce_sum, stats, grads
+
+  def accumulate(carry, micro):
+    grads_sum, counts = carry
+    (objective, (ce_sum, stats)), grads = grad_fn(micro, counts if accumulate_counts else None)
+    grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+    counts = counts + stats.tokens_per_expert.astype(jnp.float32)
+    return (grads_sum, counts), (objective, ce_sum, stats)
+
+  micro_batches = jax.tree.map(
+      lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:]), batch)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  (grads, _), (objective, ce_sum, stats) = jax.lax.scan(
+      accumulate, (zero_grads, zero_counts), micro_batches)
+  return objective, ce_sum, _combine_stats(stats), grads
+
+
+def _apply(state: TrainState, grads, stats: MoEStats, finite, optimizer, cfg: ModelConfig,
+           balance: BalanceSettings, schedule: Optional[Schedule]):
+  """(the next state, finite): AdamW on the parameters, the loss-free bias and the schedule's
+  state moved on. A step with a non-finite loss or gradient is not applied: parameters,
+  optimizer state and bias stay as they were (the step counter and the data move on), so no
+  NaN is ever stored."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  selection_bias = state.selection_bias
+  if balance.loss_free:
+    selection_bias = update_selection_bias(selection_bias, stats.tokens_per_expert,
+                                           balance.bias_rate)
+  if isinstance(schedule, AdaptiveTopK):
+    top_k_state = schedule.update(state.top_k_state, stats.first_choice, state.step + 1)
+  else:
+    top_k_state = {**state.top_k_state, "k": fixed_top_k(cfg, schedule, state.step + 1)}
+  keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new = TrainState(keep_if_bad(params, state.params), keep_if_bad(opt_state, state.opt_state),
+                   keep_if_bad(selection_bias, state.selection_bias),
+                   keep_if_bad(top_k_state, state.top_k_state), state.step + 1)
+  return new, finite
 
 
 def model_graphdef(cfg: ModelConfig):
