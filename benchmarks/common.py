@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sigma_moe_jax.layers import positions_from_segments
-from sigma_moe_jax.moe import MoE
+from sigma_moe_jax.moe import MoE, MoEConfig
 from sigma_moe_jax.training import step as train_lib
 
 
@@ -71,8 +71,8 @@ def moe_layer_call(x, d_ff: int, experts: int, top_k: int, **moe_settings):
   """A zero-argument call: forward + backward of one MoE layer on x [1, tokens, d_model];
   `moe_settings` are MoE arguments (dispatch, capacity_factor, grouped_matmul, ...)."""
   token_mask = jnp.ones(x.shape[:2], bool)
-  moe = MoE(x.shape[-1], d_ff, experts, gate_fn="softmax", renormalize=False, init_std=0.02,
-            dtype=x.dtype, rngs=nnx.Rngs(0), **moe_settings)
+  moe = MoE(MoEConfig(x.shape[-1], d_ff, experts, init_std=0.02, dtype=str(x.dtype),
+                      **moe_settings), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(moe)
 
   @jax.jit

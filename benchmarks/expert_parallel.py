@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from benchmarks.common import time_interleaved  # noqa: E402
 from sigma_moe_jax import sharding  # noqa: E402
 from sigma_moe_jax.expert_parallel import send_capacity  # noqa: E402
-from sigma_moe_jax.moe import MoE  # noqa: E402
+from sigma_moe_jax.moe import MoE, MoEConfig  # noqa: E402
 
 
 def main():
@@ -38,9 +38,8 @@ def main():
   seqs = 8
   x = jax.random.normal(jax.random.key(0), (seqs, args.tokens // seqs, args.d_model))
   mask = jnp.ones(x.shape[:2], bool)
-  moe = MoE(args.d_model, args.d_ff, args.experts, gate_fn="softmax", renormalize=False,
-            dispatch="padded", capacity_factor=args.capacity_factor, init_std=0.02,
-            dtype=jnp.float32, rngs=nnx.Rngs(0))
+  moe = MoE(MoEConfig(args.d_model, args.d_ff, args.experts,
+                      capacity_factor=args.capacity_factor, init_std=0.02), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(moe)
 
   def loss(params, x):

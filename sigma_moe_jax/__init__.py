@@ -8,11 +8,11 @@ until=..., hooks=...)` is the loop under it (`sigma_moe_jax.training`).
 from sigma_moe_jax.balancing import MoEStats
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.model import Transformer
-from sigma_moe_jax.moe import MoE
+from sigma_moe_jax.moe import MoE, MoEConfig
 from sigma_moe_jax.params import count_params
 from sigma_moe_jax.schedule import TopKSchedule
 
-__all__ = ["ModelConfig", "Transformer", "MoE", "MoEStats", "count_params", "TopKSchedule",
+__all__ = ["ModelConfig", "Transformer", "MoE", "MoEConfig", "MoEStats", "count_params", "TopKSchedule",
            "train", "fit"]
 
 

@@ -13,7 +13,8 @@ from sigma_moe_jax.attention import ATTENTIONS
 from sigma_moe_jax.balancing import LBL_MODES
 from sigma_moe_jax.dispatch import DISPATCHES
 from sigma_moe_jax.grouped_matmul import GROUPED_MATMULS
-from sigma_moe_jax.layers import ROPE_SCALINGS
+from sigma_moe_jax.layers import ROPE_SCALINGS, AttentionConfig, RoPE
+from sigma_moe_jax.moe import MoEConfig
 
 GATE_FUNCTIONS = ("softmax", "sigmoid")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -138,6 +139,28 @@ class ModelConfig:
   def max_top_k_per_layer(self) -> Tuple[int, ...]:
     """Static maximum experts per token in each layer."""
     return self.max_top_k or (self.top_k,) * self.num_layers
+
+  @property
+  def rope(self) -> RoPE:
+    return RoPE(self.rope_theta, self.rope_scaling, self.rope_scaling_factor,
+                self.rope_original_len)
+
+  @property
+  def attention_config(self) -> AttentionConfig:
+    """What each layer's `Attention` is built from."""
+    return AttentionConfig(self.d_model, self.num_heads, self.num_kv_heads,
+                           self.resolved_head_dim, qk_norm=self.qk_norm, norm_eps=self.norm_eps,
+                           init_std=self.init_std, dtype=self.dtype,
+                           implementation=self.attention, rope=self.rope)
+
+  @property
+  def moe_config(self) -> MoEConfig:
+    """What each layer's `MoE` is built from."""
+    return MoEConfig(self.d_model, self.d_ff, self.num_experts, gate_fn=self.gate_fn,
+                     renormalize=self.renormalize, dispatch=self.dispatch,
+                     capacity_factor=self.capacity_factor, init_std=self.init_std,
+                     dtype=self.dtype, lbl_mode=self.lbl_mode, top1_lbl_tau=self.top1_lbl_tau,
+                     expert_exchange=self.expert_exchange, grouped_matmul=self.grouped_matmul)
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

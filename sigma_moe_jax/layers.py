@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -89,30 +90,61 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   return index - doc_start
 
 
+@dataclasses.dataclass(frozen=True)
+class RoPE:
+  """Rotary embeddings: base `theta`; `scaling` `yarn` stretches a model trained on
+  `original_len` positions by `factor` (`rope_frequencies`)."""
+
+  theta: float = 10_000.0
+  scaling: str = "none"
+  factor: float = 1.0
+  original_len: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """What `Attention` is built from (`ModelConfig.attention_config` derives it; the model's
+  checks apply there)."""
+
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  qk_norm: bool = True
+  norm_eps: float = 1e-6
+  init_std: float = 0.0125
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  implementation: str = "auto"  # attention.ATTENTIONS
+  rope: RoPE = RoPE()
+
+
 class Attention(nnx.Module):
   """Grouped-query attention with per-head RMSNorm on q and k, RoPE, and no biases."""
 
-  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               qk_norm: bool, rope_theta: float, norm_eps: float, init_std: float,
-               dtype, rngs: nnx.Rngs, implementation: str = "auto",
-               rope_scaling: tuple = ("none", 1.0, 0)):
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.rope_theta, self.dtype, self.implementation = rope_theta, dtype, implementation
-    self.rope_scaling = tuple(rope_scaling)  # (kind, factor, original length)
-    self.wq = normal_param(rngs, (d_model, num_heads, head_dim), init_std)
-    self.wk = normal_param(rngs, (d_model, num_kv_heads, head_dim), init_std)
-    self.wv = normal_param(rngs, (d_model, num_kv_heads, head_dim), init_std)
-    self.wo = normal_param(rngs, (num_heads, head_dim, d_model), init_std)
-    self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
-    self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+  def __init__(self, cfg: AttentionConfig, *args, rngs: nnx.Rngs, **kwargs):
+    if not isinstance(cfg, AttentionConfig) or args or kwargs:
+      raise TypeError("Attention takes its config: Attention(AttentionConfig(d_model, num_heads, "
+                      "num_kv_heads, head_dim, qk_norm=..., rope=RoPE(theta=...), ...), "
+                      "rngs=rngs), or Attention(model_cfg.attention_config, rngs=rngs)")
+    self.cfg = cfg
+    self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_heads, cfg.num_kv_heads,
+                                                        cfg.head_dim)
+    self.dtype = jnp.dtype(cfg.dtype)
+    init = lambda shape: normal_param(rngs, shape, cfg.init_std)
+    self.wq = init((cfg.d_model, cfg.num_heads, cfg.head_dim))
+    self.wk = init((cfg.d_model, cfg.num_kv_heads, cfg.head_dim))
+    self.wv = init((cfg.d_model, cfg.num_kv_heads, cfg.head_dim))
+    self.wo = init((cfg.num_heads, cfg.head_dim, cfg.d_model))
+    self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array):
     """x [batch, seq, d_model]; positions, segment_ids [batch, seq] (packed documents).
     Returns the output [batch, seq, d_model] and the keys and values (what a KV cache holds)."""
     with jax.named_scope("attention"):
       q, k, v = self.project(x, positions)
-      impl = attention.resolve(self.implementation, platform.current(), self.dtype, x.shape[1],
-                               self.head_dim)
+      impl = attention.resolve(self.cfg.implementation, platform.current(), self.dtype,
+                               x.shape[1], self.head_dim)
       return self.output(attention.attend(q, k, v, segment_ids, impl)), (k, v)
 
   def project(self, x: jax.Array, positions: jax.Array):
@@ -124,7 +156,8 @@ class Attention(nnx.Module):
     v = jnp.einsum("bsd,dkh->bskh", x, cast(self.wv))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    rope = lambda t: apply_rope(t, positions, self.rope_theta, *self.rope_scaling)
+    r = self.cfg.rope
+    rope = lambda t: apply_rope(t, positions, r.theta, r.scaling, r.factor, r.original_len)
     return rope(q), rope(k), v
 
   def output(self, out: jax.Array) -> jax.Array:

@@ -27,20 +27,10 @@ class Block(nnx.Module):
   """Pre-norm attention then pre-norm MoE, each with a residual connection."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    dtype = jnp.dtype(cfg.dtype)
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-    self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
-                          qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
-                          init_std=cfg.init_std, dtype=dtype, rngs=rngs,
-                          implementation=cfg.attention,
-                          rope_scaling=(cfg.rope_scaling, cfg.rope_scaling_factor,
-                                        cfg.rope_original_len))
+    self.attn = Attention(cfg.attention_config, rngs=rngs)
     self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-    self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, gate_fn=cfg.gate_fn,
-                   renormalize=cfg.renormalize, dispatch=cfg.dispatch,
-                   capacity_factor=cfg.capacity_factor, init_std=cfg.init_std, dtype=dtype,
-                   rngs=rngs, lbl_mode=cfg.lbl_mode, top1_lbl_tau=cfg.top1_lbl_tau,
-                   expert_exchange=cfg.expert_exchange, grouped_matmul=cfg.grouped_matmul)
+    self.moe = MoE(cfg.moe_config, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids, token_mask, top_k, max_top_k: int,
                selection_bias=None, count_offset=None):

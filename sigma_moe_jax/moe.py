@@ -9,6 +9,7 @@ code path is the same.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Optional
 
@@ -27,22 +28,41 @@ _EXPERT_AXES = {"w_gate": ("expert", "embed", "mlp"), "w_up": ("expert", "embed"
                 "w_down": ("expert", "mlp", "embed")}
 
 
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """What `MoE` is built from (`ModelConfig.moe_config` derives it; the model's checks apply
+  there)."""
+
+  d_model: int
+  d_ff: int  # one expert's intermediate size
+  num_experts: int
+  gate_fn: str = "softmax"  # `softmax` or `sigmoid` scores
+  renormalize: bool = False  # the k gate weights rescaled to sum to 1 (never at k = 1)
+  dispatch: str = "padded"  # dispatch.DISPATCHES
+  capacity_factor: Optional[float] = None  # None: dropless
+  init_std: float = 0.0125
+  dtype: str = "float32"  # compute dtype; parameters and the router stay float32
+  lbl_mode: str = "global"  # balancing.LBL_MODES: the scope of the expert counts
+  top1_lbl_tau: float = 1.0
+  expert_exchange: str = "all_to_all"  # or `ragged_all_to_all` (GPU / TPU)
+  grouped_matmul: str = "auto"  # grouped_matmul.GROUPED_MATMULS
+
+
 class MoE(nnx.Module):
   """Router [d_model, E] plus E SwiGLU experts stacked as [E, d_model, d_ff]."""
 
-  def __init__(self, d_model: int, d_ff: int, num_experts: int, *, gate_fn: str,
-               renormalize: bool, dispatch: str, capacity_factor: Optional[float],
-               init_std: float, dtype, rngs: nnx.Rngs, lbl_mode: str = "global",
-               top1_lbl_tau: float = 1.0, expert_exchange: str = "all_to_all",
-               grouped_matmul: str = "auto"):
-    self.expert_exchange, self.grouped_matmul = expert_exchange, grouped_matmul
-    self.gate_fn, self.renormalize = gate_fn, renormalize
-    self.dispatch, self.capacity_factor, self.dtype = dispatch, capacity_factor, dtype
-    self.lbl_mode, self.top1_lbl_tau = lbl_mode, top1_lbl_tau
-    self.router = normal_param(rngs, (d_model, num_experts), init_std)
-    self.w_gate = normal_param(rngs, (num_experts, d_model, d_ff), init_std)
-    self.w_up = normal_param(rngs, (num_experts, d_model, d_ff), init_std)
-    self.w_down = normal_param(rngs, (num_experts, d_ff, d_model), init_std)
+  def __init__(self, cfg: MoEConfig, *args, rngs: nnx.Rngs, **kwargs):
+    if not isinstance(cfg, MoEConfig) or args or kwargs:
+      raise TypeError("MoE takes its config: MoE(MoEConfig(d_model, d_ff, num_experts, "
+                      "gate_fn=..., dispatch=..., ...), rngs=rngs), or "
+                      "MoE(model_cfg.moe_config, rngs=rngs)")
+    self.cfg = cfg
+    self.dtype = jnp.dtype(cfg.dtype)
+    init = lambda shape: normal_param(rngs, shape, cfg.init_std)
+    self.router = init((cfg.d_model, cfg.num_experts))
+    self.w_gate = init((cfg.num_experts, cfg.d_model, cfg.d_ff))
+    self.w_up = init((cfg.num_experts, cfg.d_model, cfg.d_ff))
+    self.w_down = init((cfg.num_experts, cfg.d_ff, cfg.d_model))
 
   def __call__(self, x: jax.Array, top_k: jax.Array, max_top_k: int, token_mask: jax.Array,
                selection_bias: Optional[jax.Array] = None,
@@ -64,13 +84,14 @@ class MoE(nnx.Module):
       raise ValueError(f"{num_experts} experts do not split over mesh axis expert of size "
                        f"{expert_shards}")
     target = platform.current()  # the devices compiled for, not the host
-    if (self.expert_exchange == "ragged_all_to_all" and expert_shards > 1
+    cfg = self.cfg
+    if (cfg.expert_exchange == "ragged_all_to_all" and expert_shards > 1
         and target.platform == "cpu"):
       raise ValueError("expert_exchange='ragged_all_to_all' needs a GPU or TPU: "
                        "jax.lax.ragged_all_to_all does not run on CPU; use 'all_to_all'")
     d_model, d_ff = self.w_gate.shape[1:]
-    resolved = dispatch_lib.resolve(self.dispatch, self.grouped_matmul, target,
-                                    self.dtype, d_model, d_ff, self.capacity_factor)
+    resolved = dispatch_lib.resolve(cfg.dispatch, cfg.grouped_matmul, target,
+                                    self.dtype, d_model, d_ff, cfg.capacity_factor)
     weights = {name: getattr(self, name)[...] for name in _EXPERT_AXES}
     weight_specs = {name: sharding.logical_spec(_EXPERT_AXES[name], w.shape, mesh)
                     for name, w in weights.items()}
@@ -80,14 +101,14 @@ class MoE(nnx.Module):
       with jax.named_scope("router"):
         logits = router_logits(x, router)  # [b, s, E] float32
         routing = route(logits.reshape(b * s, num_experts), top_k, max_top_k,
-                        gate_fn=self.gate_fn, renormalize=self.renormalize,
+                        gate_fn=cfg.gate_fn, renormalize=cfg.renormalize,
                         token_mask=token_mask.reshape(-1),
                         selection_bias=None if selection_bias is None else bias)
       with jax.named_scope("balancing"):
         stats = layer_statistics(
             logits, routing.expert_ids.reshape(b, s, max_top_k),
-            routing.valid.reshape(b, s, max_top_k), token_mask, mode=self.lbl_mode,
-            tau=self.top1_lbl_tau, axes=axes,
+            routing.valid.reshape(b, s, max_top_k), token_mask, mode=cfg.lbl_mode,
+            tau=cfg.top1_lbl_tau, axes=axes,
             count_offset=None if count_offset is None else offset)
       experts = []
       for name in ("w_gate", "w_up", "w_down"):
@@ -101,7 +122,7 @@ class MoE(nnx.Module):
             x.reshape(b * s, d_model), routing.expert_ids,
             routing.gate_weights.astype(self.dtype), routing.valid, tuple(experts), top_k,
             dispatch=resolved.run, capacity_factor=resolved.capacity_factor, expert_axis="expert",
-            expert_shards=expert_shards, expert_exchange=self.expert_exchange)
+            expert_shards=expert_shards, expert_exchange=cfg.expert_exchange)
       if weight_specs["w_down"][1] == "tensor":  # d_ff split: partial sums of the down projection
         y = jax.lax.psum(y, "tensor")
       dropped = jax.lax.psum(dropped, axes)
@@ -126,7 +147,8 @@ def gathered_experts(moe: MoE, x: jax.Array, top_k: jax.Array, max_top_k: int,
   tokens (a decode step) cost only their own experts. Run outside any shard_map."""
   with jax.named_scope("router"):
     logits = router_logits(x, moe.router[...])
-    routing = route(logits, top_k, max_top_k, gate_fn=moe.gate_fn, renormalize=moe.renormalize,
+    routing = route(logits, top_k, max_top_k, gate_fn=moe.cfg.gate_fn,
+                    renormalize=moe.cfg.renormalize,
                     selection_bias=selection_bias)
   with jax.named_scope("experts"):
     ids = routing.expert_ids  # [tokens, slots]

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sigma_moe_jax.balancing import (MoEStats, expert_domain_mutual_information,
                                      load_statistics, routing_metrics,
                                      top1_load_balancing_loss, update_selection_bias)
-from sigma_moe_jax.moe import MoE
+from sigma_moe_jax.moe import MoE, MoEConfig
 
 E, D, F = 8, 16, 16
 BATCH, SEQ = 8, 6
@@ -37,9 +37,8 @@ def numpy_top1_lbl(logits, tau):
 @functools.lru_cache(maxsize=None)
 def moe_step(mode, k):
   """Jitted (loss, stats) and gradients of the layer's LBL w.r.t. the router and the input."""
-  moe = MoE(D, F, E, gate_fn="softmax", renormalize=False, dispatch="padded",
-            capacity_factor=None, init_std=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0),
-            lbl_mode=mode, top1_lbl_tau=0.5)
+  moe = MoE(MoEConfig(D, F, E, init_std=0.5, lbl_mode=mode, top1_lbl_tau=0.5),
+            rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(moe)
 
   def lbl(params, x):
@@ -120,9 +119,8 @@ ROWS_WITH_TOKENS = np.array([1, 1, 1, 0, 0, 0, 1, 1], bool)
 
 @functools.lru_cache(maxsize=None)
 def masked_lbl(mode):
-  moe = MoE(D, F, E, gate_fn="softmax", renormalize=False, dispatch="padded",
-            capacity_factor=None, init_std=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0),
-            lbl_mode=mode, top1_lbl_tau=0.5)
+  moe = MoE(MoEConfig(D, F, E, init_std=0.5, lbl_mode=mode, top1_lbl_tau=0.5),
+            rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(moe)
   call = lambda x, mask: nnx.merge(graphdef, params)(x, jnp.int32(1), 1, mask)[1]
   return params, jax.jit(call)
@@ -213,8 +211,7 @@ def test_routing_metrics_match_numpy():
 
 def test_count_offset_accumulates_counts_into_f():
   """With the counts of earlier micro-batches added, f is over all micro-batches so far."""
-  moe = MoE(D, F, E, gate_fn="softmax", renormalize=False, dispatch="padded",
-            capacity_factor=None, init_std=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  moe = MoE(MoEConfig(D, F, E, init_std=0.5), rngs=nnx.Rngs(0))
   x = inputs()
   mask = jnp.ones(x.shape[:2], bool)
   first, second = x[:4], x[4:]

@@ -7,15 +7,14 @@ import pytest
 from flax import nnx
 
 from sigma_moe_jax import dispatch as dispatch_lib
-from sigma_moe_jax.moe import MoE
+from sigma_moe_jax.moe import MoE, MoEConfig
 
 E, D, F, B, S = 8, 16, 24, 2, 12
 
 
 def make_moe(strategy, gate_fn="softmax", renormalize=False, capacity_factor=None):
-  return MoE(D, F, E, gate_fn=gate_fn, renormalize=renormalize, dispatch=strategy,
-             capacity_factor=capacity_factor, init_std=0.3, dtype=jnp.float32,
-             rngs=nnx.Rngs(0))
+  return MoE(MoEConfig(D, F, E, gate_fn=gate_fn, renormalize=renormalize, dispatch=strategy,
+                       capacity_factor=capacity_factor, init_std=0.3), rngs=nnx.Rngs(0))
 
 
 def loop_oracle(params, x, k, gate_fn, renormalize):

@@ -114,3 +114,19 @@ def test_out_of_range_token_ids_are_rejected(bad):
   tokens[0, 2] = bad
   with pytest.raises(ValueError, match=r"token ids must lie in \[0, 64\)"):
     model(jnp.asarray(tokens))
+
+
+def test_blocks_take_their_configs_and_the_old_keyword_calls_say_what_to_write():
+  from sigma_moe_jax.layers import Attention
+  from sigma_moe_jax.moe import MoE
+  moe = MoE(TINY.moe_config, rngs=nnx.Rngs(0))
+  attn = Attention(TINY.attention_config, rngs=nnx.Rngs(0))
+  assert moe.w_gate.shape == (TINY.num_experts, TINY.d_model, TINY.d_ff)
+  assert attn.wq.shape == (TINY.d_model, TINY.num_heads, TINY.resolved_head_dim)
+  assert TINY.attention_config.rope.theta == TINY.rope_theta
+  with pytest.raises(TypeError, match=r"MoE\(model_cfg.moe_config, rngs=rngs\)"):
+    MoE(32, 32, 8, gate_fn="softmax", renormalize=False, dispatch="padded",
+        capacity_factor=None, init_std=0.1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"Attention\(model_cfg.attention_config, rngs=rngs\)"):
+    Attention(32, 4, 2, 8, qk_norm=True, rope_theta=1e4, norm_eps=1e-6, init_std=0.1,
+              dtype=jnp.float32, rngs=nnx.Rngs(0))
