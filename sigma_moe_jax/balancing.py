@@ -8,7 +8,7 @@ with the names of the mesh axes that split the tokens of the step.
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +124,16 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
       top1_lbl=top1,
       router_z_loss=total["z"] / jnp.maximum(total["tokens"], 1.0),
       first_choice=jax.lax.psum(first, axes).astype(jnp.int32))
+
+
+# The balancing losses an objective can add, by name (`BalanceSettings.loss`): each maps the
+# model's statistics (leading [layers] axis) to one scalar, which the step scales by its `coef`.
+# A new loss registers here and is then selectable from the config.
+BALANCE_LOSSES: Dict[str, Callable[[MoEStats], jax.Array]] = {
+    "lbl": lambda stats: jnp.sum(stats.lbl),  # Eq. 1 in the model's lbl_mode, summed over layers
+    "top1_lbl": lambda stats: jnp.sum(stats.top1_lbl),  # Eq. 2, summed over layers
+    "none": lambda stats: jnp.zeros((), jnp.float32),
+}
 
 
 def update_selection_bias(bias: Float[Array, "*L E"], tokens_per_expert: Int[Array, "*L E"],

@@ -21,14 +21,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sigma_moe_jax import sharding
-from sigma_moe_jax.balancing import MoEStats, routing_metrics, update_selection_bias
+from sigma_moe_jax.balancing import (BALANCE_LOSSES, MoEStats, routing_metrics,
+                                     update_selection_bias)
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.model import Transformer
 from sigma_moe_jax.schedule import AdaptiveTopK, TopKSchedule
 
 Schedule = Union[TopKSchedule, AdaptiveTopK]
 
-BALANCE_LOSSES = ("lbl", "top1_lbl", "none")
 LR_SCHEDULES = ("wsd", "cosine")
 
 
@@ -52,7 +52,7 @@ class BalanceSettings:
 
   def __post_init__(self):
     if self.loss not in BALANCE_LOSSES:
-      raise ValueError(f"BalanceSettings.loss: must be one of {BALANCE_LOSSES}, got "
+      raise ValueError(f"BalanceSettings.loss: must be one of {tuple(BALANCE_LOSSES)}, got "
                        f"{self.loss!r}")
     for name in ("coef", "z_loss_coef", "bias_rate"):
       if getattr(self, name) < 0:
@@ -224,8 +224,7 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
                           selection_bias=bias, count_offset=offset)
     ce_sum, targets = lm_loss_terms(logits, micro["tokens"], micro["segment_ids"],
                                     micro.get("loss_mask"))
-    balance_loss = {"lbl": jnp.sum(stats.lbl), "top1_lbl": jnp.sum(stats.top1_lbl),
-                    "none": jnp.zeros(())}[balance.loss]
+    balance_loss = BALANCE_LOSSES[balance.loss](stats)
     z_loss = jnp.sum(stats.router_z_loss)
     objective = (ce_sum / total_targets
                  + (balance.coef * balance_loss + balance.z_loss_coef * z_loss) / grad_accum)
