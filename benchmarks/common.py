@@ -79,6 +79,6 @@ def moe_layer_call(x, d_ff: int, experts: int, top_k: int, **moe_settings):
   def step(params, x):
     def loss(params, x):
       y, stats = nnx.merge(graphdef, params)(x, jnp.int32(top_k), top_k, token_mask)
-      return jnp.sum(y.astype(jnp.float32)) + jnp.sum(stats.gate_prob_mean)
+      return jnp.sum(y.astype(jnp.float32)) + jnp.sum(stats.counts.gate_prob_sum)
     return jax.grad(loss, argnums=(0, 1))(params, x)
   return lambda: step(params, x)

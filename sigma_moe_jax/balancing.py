@@ -17,27 +17,40 @@ from jaxtyping import Array, Bool, Float, Int
 LBL_MODES = ("global", "micro_batch", "sequence")
 
 
-class MoEStats(NamedTuple):
-  """Routing statistics of one MoE layer for one step (leading [layers] axis in the model).
+class RoutingCounts(NamedTuple):
+  """Additive routing statistics of one MoE layer: sums over tokens, so the counts of several
+  micro-batches, batches or shards combine by a tree sum (`jax.tree.map(jnp.add, a, b)`), and
+  every monitored quantity is derived from them (`routing_metrics`, `load_statistics`).
 
-  tokens_per_expert int32 [E]: (token, slot) assignments per expert over the global batch.
-  gate_prob_mean float32 [E]: mean softmax gate probability over the global batch's tokens.
-  num_tokens int32: non-padding tokens in the global batch. dropped int32: assignments over
-  capacity. lbl float32: the load-balancing loss of Eq. 1 in the configured mode.
-  top1_lbl float32: the Top-1 LBL of Eq. 2 (computed always, for monitoring).
-  router_z_loss float32: mean over tokens of logsumexp(router logits)^2.
-  first_choice int32 [E]: tokens whose best-scored expert is each expert (slot 0, whatever k),
-  over the global batch: the load the layer would have at top-1.
+  tokens_per_expert int32 [E]: (token, slot) assignments per expert. gate_prob_sum float32 [E]:
+  summed softmax gate probabilities. num_tokens int32: non-padding tokens. dropped int32:
+  assignments over capacity. first_choice int32 [E]: tokens whose best-scored expert is each
+  expert (slot 0, whatever k): the load the layer would have at top-1. router_z_sum float32:
+  summed logsumexp(router logits)^2.
   """
 
   tokens_per_expert: jax.Array
-  gate_prob_mean: jax.Array
+  gate_prob_sum: jax.Array
   num_tokens: jax.Array
   dropped: jax.Array
+  first_choice: jax.Array
+  router_z_sum: jax.Array
+
+
+class MoEStats(NamedTuple):
+  """What an MoE layer reports for one step (a leading [layers] axis in the model): its counts
+  over the global batch, and the balancing losses of this batch in the configured mode (lbl:
+  Eq. 1; top1_lbl: Eq. 2, computed always for monitoring), which are not sums and combine over
+  micro-batches by their mean."""
+
+  counts: RoutingCounts
   lbl: jax.Array
   top1_lbl: jax.Array
-  router_z_loss: jax.Array
-  first_choice: jax.Array
+
+  @property
+  def router_z_loss(self) -> jax.Array:
+    """Mean over tokens of logsumexp(router logits)^2 (differentiable: it enters the objective)."""
+    return self.counts.router_z_sum / jnp.maximum(self.counts.num_tokens, 1)
 
 
 # Shape names: B batch rows, T tokens per row, S slots, E experts, L leading axes (e.g. layers).
@@ -115,15 +128,14 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
   top1 = group_mean(top1_load_balancing_loss(fhat, pbar))
   # Monitoring statistics are always over the global batch.
   total = jax.tree.map(lambda a: jax.lax.psum(jnp.sum(a, axis=0), axes), sequence_sums)
-  return MoEStats(
+  counts = RoutingCounts(
       tokens_per_expert=total["counts"].astype(jnp.int32),
-      gate_prob_mean=total["prob"] / jnp.maximum(total["tokens"], 1.0),
+      gate_prob_sum=total["prob"],
       num_tokens=total["tokens"].astype(jnp.int32),
       dropped=jnp.zeros((), jnp.int32),
-      lbl=lbl,
-      top1_lbl=top1,
-      router_z_loss=total["z"] / jnp.maximum(total["tokens"], 1.0),
-      first_choice=jax.lax.psum(first, axes).astype(jnp.int32))
+      first_choice=jax.lax.psum(first, axes).astype(jnp.int32),
+      router_z_sum=total["z"])
+  return MoEStats(counts, lbl, top1)
 
 
 # The balancing losses an objective can add, by name (`BalanceSettings.loss`): each maps the
@@ -171,21 +183,35 @@ def load_statistics(counts: Float[Array, "*L E"],
   }
 
 
+def combine_micro_batches(stats: MoEStats) -> MoEStats:
+  """One step's statistics from its micro-batches' (leading [micro] axis): the counts summed, the
+  losses averaged."""
+  return MoEStats(jax.tree.map(lambda a: jnp.sum(a, 0), stats.counts),
+                  jnp.mean(stats.lbl, 0), jnp.mean(stats.top1_lbl, 0))
+
+
+def gate_prob_mean(counts: RoutingCounts) -> jax.Array:
+  """Mean softmax gate probability per expert [..., E] over the counted tokens."""
+  tokens = jnp.maximum(jnp.asarray(counts.num_tokens, jnp.float32), 1.0)
+  return jnp.asarray(counts.gate_prob_sum, jnp.float32) / tokens[..., None]
+
+
 def routing_metrics(stats: MoEStats) -> Dict[str, jax.Array]:
   """Per-layer monitoring values (each [layers] unless noted; f, p [layers, E]) of one step: the
   `load_statistics` of the step's global batch, with `lbl_per_layer` the loss in the configured
   mode."""
-  assignments = jnp.maximum(jnp.sum(stats.tokens_per_expert, axis=-1), 1).astype(jnp.float32)
+  counts = stats.counts
+  assignments = jnp.maximum(jnp.sum(counts.tokens_per_expert, axis=-1), 1).astype(jnp.float32)
+  p = gate_prob_mean(counts)
   return {
-      **load_statistics(stats.tokens_per_expert, stats.gate_prob_mean),
+      **load_statistics(counts.tokens_per_expert, p),
       "lbl_per_layer": stats.lbl,
       "top1_lbl": stats.top1_lbl,
       "router_z_loss": stats.router_z_loss,
-      "drop_fraction": stats.dropped.astype(jnp.float32) / assignments,
+      "drop_fraction": counts.dropped.astype(jnp.float32) / assignments,
       # The most loaded expert of the load the layer would have at top-1 (what the adaptive
       # schedule decides on, before its smoothing).
-      "first_choice_max_dev": load_statistics(stats.first_choice,
-                                              stats.gate_prob_mean)["load_max_dev"],
+      "first_choice_max_dev": load_statistics(counts.first_choice, p)["load_max_dev"],
   }
 
 

@@ -140,5 +140,5 @@ class Transformer(nnx.Module):
     outputs = jax.tree.map(lambda *s: jnp.concatenate(s), *all_outputs)
     if return_kv:
       stats, kv = outputs
-      return self.final_norm(x), MoEStats(*stats), kv
-    return self.final_norm(x), MoEStats(*outputs)
+      return self.final_norm(x), stats, kv
+    return self.final_norm(x), outputs

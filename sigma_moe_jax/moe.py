@@ -126,7 +126,8 @@ class MoE(nnx.Module):
       if weight_specs["w_down"][1] == "tensor":  # d_ff split: partial sums of the down projection
         y = jax.lax.psum(y, "tensor")
       dropped = jax.lax.psum(dropped, axes)
-      return y.reshape(b, s, d_model), stats._replace(dropped=dropped)
+      return y.reshape(b, s, d_model), stats._replace(
+          counts=stats.counts._replace(dropped=dropped))
 
     batch_spec = sharding.batch_spec(mesh)
     return jax.shard_map(

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sigma_moe_jax.balancing import (MoEStats, expert_domain_mutual_information,
-                                     load_statistics, routing_metrics,
+from sigma_moe_jax.balancing import (MoEStats, RoutingCounts, expert_domain_mutual_information,
+                                     gate_prob_mean, load_statistics, routing_metrics,
                                      top1_load_balancing_loss, update_selection_bias)
 from sigma_moe_jax.moe import MoE, MoEConfig
 
@@ -81,9 +81,9 @@ def test_single_device_lbl_matches_numpy(k):
   logits = logits_of(params, x).reshape(-1, E)
   np.testing.assert_allclose(loss, numpy_lbl(logits, k), rtol=1e-5)
   np.testing.assert_allclose(stats.top1_lbl, numpy_top1_lbl(logits, 0.5), rtol=1e-5)
-  assert int(stats.tokens_per_expert.sum()) == BATCH * SEQ * k
+  assert int(stats.counts.tokens_per_expert.sum()) == BATCH * SEQ * k
   # The first-choice load is the top-1 routing's, whatever k.
-  np.testing.assert_array_equal(stats.first_choice,
+  np.testing.assert_array_equal(stats.counts.first_choice,
                                 np.bincount(logits.argmax(-1), minlength=E))
 
 
@@ -92,7 +92,7 @@ def test_global_lbl_on_8_devices_equals_whole_batch_on_one(mesh8):
   (got, got_grads), _, _ = run_on_mesh("global", 1, mesh8)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   np.testing.assert_allclose(got[0], numpy_lbl(logits_of(params, x).reshape(-1, E), 1), rtol=1e-5)
-  np.testing.assert_array_equal(got[1].tokens_per_expert, want[1].tokens_per_expert)
+  np.testing.assert_array_equal(got[1].counts.tokens_per_expert, want[1].counts.tokens_per_expert)
   np.testing.assert_allclose(got_grads[0]["router"][...], want_grads[0]["router"][...],
                              rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(got_grads[1], want_grads[1], rtol=1e-5, atol=1e-7)
@@ -196,10 +196,14 @@ def test_routing_metrics_match_numpy():
   rng = np.random.default_rng(1)
   counts = rng.integers(0, 100, size=(2, E))
   probs = rng.dirichlet(np.ones(E), size=2).astype(np.float32)
-  stats = MoEStats(jnp.asarray(counts), jnp.asarray(probs), jnp.asarray([5, 5]),
-                   jnp.asarray([3, 0]), jnp.asarray([1.1, 1.0]), jnp.asarray([1.5, 1.2]),
-                   jnp.asarray([0.1, 0.2]), jnp.asarray(first := rng.integers(0, 50, (2, E))))
-  metrics = routing_metrics(stats)
+  first = rng.integers(0, 50, (2, E))
+  sums = RoutingCounts(tokens_per_expert=jnp.asarray(counts), gate_prob_sum=jnp.asarray(probs * 5),
+                       num_tokens=jnp.asarray([5, 5]), dropped=jnp.asarray([3, 0]),
+                       first_choice=jnp.asarray(first), router_z_sum=jnp.asarray([0.5, 1.0]))
+  metrics = routing_metrics(MoEStats(sums, jnp.asarray([1.1, 1.0]), jnp.asarray([1.5, 1.2])))
+  np.testing.assert_allclose(metrics["p"], probs, rtol=1e-5)
+  np.testing.assert_allclose(metrics["router_z_loss"], [0.1, 0.2], rtol=1e-5)
+  np.testing.assert_allclose(metrics["lbl_per_layer"], [1.1, 1.0], rtol=1e-6)
   f = counts / counts.sum(-1, keepdims=True)
   np.testing.assert_allclose(metrics["load_max_dev"], f.max(-1) * E - 1, rtol=1e-5)
   np.testing.assert_allclose(metrics["first_choice_max_dev"],
@@ -217,10 +221,10 @@ def test_count_offset_accumulates_counts_into_f():
   first, second = x[:4], x[4:]
   run = jax.jit(lambda x, mask, offset: moe(x, jnp.int32(1), 1, mask, count_offset=offset)[1])
   s1 = run(first, mask[:4], jnp.zeros((E,), jnp.float32))
-  s2 = run(second, mask[4:], s1.tokens_per_expert.astype(jnp.float32))
-  assert int(s1.tokens_per_expert.sum()) == 4 * SEQ  # a zero offset changes nothing
-  counts = np.asarray(s1.tokens_per_expert + s2.tokens_per_expert, np.float64)
-  np.testing.assert_allclose(s2.lbl, E * np.sum(counts / counts.sum() * s2.gate_prob_mean),
+  s2 = run(second, mask[4:], s1.counts.tokens_per_expert.astype(jnp.float32))
+  assert int(s1.counts.tokens_per_expert.sum()) == 4 * SEQ  # a zero offset changes nothing
+  counts = np.asarray(s1.counts.tokens_per_expert + s2.counts.tokens_per_expert, np.float64)
+  np.testing.assert_allclose(s2.lbl, E * np.sum(counts / counts.sum() * gate_prob_mean(s2.counts)),
                              rtol=1e-5)
 
 

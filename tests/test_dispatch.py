@@ -70,8 +70,8 @@ def test_strategies_match_loop_oracle(gate_fn, k, max_top_k, renormalize):
     (got_loss, stats), got_grads = jax.jit(
         jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=strategy)
-    assert int(stats.dropped) == 0
-    assert int(stats.tokens_per_expert.sum()) == B * S * k
+    assert int(stats.counts.dropped) == 0
+    assert int(stats.counts.tokens_per_expert.sum()) == B * S * k
     for name in params:
       np.testing.assert_allclose(got_grads[0][name], want_grads[0][name], rtol=1e-4, atol=1e-5,
                                  err_msg=f"{strategy} d/d{name}")
@@ -115,10 +115,10 @@ def test_masked_slots_take_no_capacity_and_no_compute(k, max_top_k):
   run = jax.jit(run_moe, static_argnums=(0, 3, 4, 5))
   y_k, s_k = run("padded", params, x, k, k, 1.0)
   y_max, s_max = run("padded", params, x, k, max_top_k, 1.0)
-  assert int(s_k.dropped) > 0
+  assert int(s_k.counts.dropped) > 0
   np.testing.assert_allclose(y_max, y_k, rtol=1e-5, atol=1e-6)
-  assert int(s_max.dropped) == int(s_k.dropped)
-  np.testing.assert_array_equal(s_max.tokens_per_expert, s_k.tokens_per_expert)
+  assert int(s_max.counts.dropped) == int(s_k.counts.dropped)
+  np.testing.assert_array_equal(s_max.counts.tokens_per_expert, s_k.counts.tokens_per_expert)
 
 
 def test_slot_buckets_and_capacity():

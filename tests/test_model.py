@@ -103,8 +103,8 @@ def test_padding_tokens_are_not_routed():
   tokens = random_tokens(5, (2, 8))
   segments = jnp.asarray([[1] * 5 + [0] * 3, [1] * 8])
   _, stats = model(tokens, segments)
-  np.testing.assert_array_equal(stats.tokens_per_expert.sum(-1), [13] * TINY.num_layers)
-  np.testing.assert_array_equal(stats.num_tokens, [13] * TINY.num_layers)
+  np.testing.assert_array_equal(stats.counts.tokens_per_expert.sum(-1), [13] * TINY.num_layers)
+  np.testing.assert_array_equal(stats.counts.num_tokens, [13] * TINY.num_layers)
 
 
 @pytest.mark.parametrize("bad", [-1, TINY.vocab_size])

@@ -66,7 +66,7 @@ def test_switch_needs_no_recompilation():
   for step in range(6):
     stats = forward(params, tokens, step)
     want = np.asarray(schedule.top_k_at(step)) * tokens.size
-    np.testing.assert_array_equal(stats.tokens_per_expert.sum(-1), want)
+    np.testing.assert_array_equal(stats.counts.tokens_per_expert.sum(-1), want)
   assert forward._cache_size() == 1
 
 

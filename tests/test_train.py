@@ -85,7 +85,7 @@ def test_loss_free_bias_follows_the_global_counts():
   _, stats = model(batch["tokens"], batch["segment_ids"], batch["positions"],
                    selection_bias=state.selection_bias)
   new, _ = step(state, batch)
-  want = update_selection_bias(state.selection_bias, stats.tokens_per_expert, 0.01)
+  want = update_selection_bias(state.selection_bias, stats.counts.tokens_per_expert, 0.01)
   np.testing.assert_allclose(new.selection_bias, want, atol=1e-7)
   assert np.abs(np.asarray(new.selection_bias)).max() == pytest.approx(0.01)
 
@@ -140,12 +140,12 @@ def test_evaluation_routing_adds_up_to_the_whole_set():
   got = evaluate(eval_step, params, iter(batches), lambda b: b, mesh, top_k, None, max_batches=2)
   whole = jax.tree.map(lambda *a: jnp.concatenate(a), *batches[:2])
   ce, n, routing = eval_step(params, whole, top_k)
-  np.testing.assert_array_equal(got["val_tokens_per_expert"], routing["tokens_per_expert"])
+  np.testing.assert_array_equal(got["val_tokens_per_expert"], routing.tokens_per_expert)
   assert got["val_targets"] == int(n)
   np.testing.assert_allclose(got["val_loss"], float(ce) / int(n), rtol=1e-5)
-  p = np.asarray(routing["gate_prob_sum"]) / np.asarray(routing["num_tokens"])[:, None]
+  p = np.asarray(routing.gate_prob_sum) / np.asarray(routing.num_tokens)[:, None]
   np.testing.assert_allclose(got["val_p"], p, rtol=1e-5)
-  f = np.asarray(routing["tokens_per_expert"], np.float64)
+  f = np.asarray(routing.tokens_per_expert, np.float64)
   f /= f.sum(-1, keepdims=True)
   lbl = CFG.num_experts * np.sum(f * p, -1)
   np.testing.assert_allclose(got["val_lbl_per_layer"], lbl, rtol=1e-5)
@@ -165,7 +165,7 @@ def test_evaluation_is_dropless_whatever_the_training_capacity():
   batches = [make_batch(seed) for seed in (5, 6)]
   whole = jax.tree.map(lambda *a: jnp.concatenate(a), *batches)
   _, _, training_routing = jax.jit(train_lib.make_eval_step(graphdef))(params, whole, top_k)
-  assert int(np.sum(training_routing["dropped"])) > 0  # the training capacity does drop here
+  assert int(np.sum(training_routing.dropped)) > 0  # the training capacity does drop here
   got = evaluate(jax.jit(dropless_eval_step(cfg)), params, iter(batches), lambda b: b,
                  make_mesh(devices=jax.devices()[:1]), top_k, None, max_batches=2)
   np.testing.assert_array_equal(got["val_drop_fraction"], [0.0, 0.0])

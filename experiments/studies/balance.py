@@ -108,7 +108,7 @@ def initial_routing(config, batches: int = 4) -> dict:
   counts = 0
   for _, batch in zip(range(batches), pipeline):
     _, stats = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-    counts = counts + np.asarray(stats.first_choice, np.float64)
+    counts = counts + np.asarray(stats.counts.first_choice, np.float64)
   share = counts / counts.sum(-1, keepdims=True) * counts.shape[-1]
   return {"initial_max_share_per_layer": np.round(share.max(-1), 2).tolist(),
           "initial_batches": batches}

@@ -36,7 +36,7 @@ def main(argv):
     logits, stats = jax.block_until_ready(forward(params, tokens))
     seconds = time.perf_counter() - start
     print(f"  forward of {tokens.size} tokens: {seconds * 1e3:.1f} ms; logits {logits.shape}; "
-          f"tokens per expert in layer 0: {stats.tokens_per_expert[0].tolist()}")
+          f"tokens per expert in layer 0: {stats.counts.tokens_per_expert[0].tolist()}")
 
 
 def cli():

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from sigma_moe_jax import distributed, generate, sharding, storage
-from sigma_moe_jax.balancing import load_statistics
+from sigma_moe_jax.balancing import gate_prob_mean, load_statistics
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.data import check_vocab
@@ -92,29 +92,26 @@ def dropless_eval_step(model_cfg: ModelConfig):
 
 def evaluate(eval_step, params, batches, to_global, mesh, top_k, bias, max_batches: int):
   """Loss and routing load of up to `max_batches` batches: val_loss, val_ppl, val_targets,
-  val_tokens_per_expert [layers, E] and the `load_statistics` of the summed counts and mean gate
-  probabilities (val_f, val_p, val_load_max_dev, ...)."""
-  ce_sum, targets, counts, prob_sum, tokens, dropped = 0.0, 0, 0, 0, 0, 0
+  val_tokens_per_expert [layers, E] and the `load_statistics` of the summed counts
+  (val_f, val_p, val_load_max_dev, ...)."""
+  ce_sum, targets, total = 0.0, 0, None
   for i, batch in enumerate(batches):
     if i >= max_batches:
       break
     with jax.set_mesh(mesh):
-      ce, n, routing = eval_step(params, to_global(batch), top_k, bias)
-    routing = jax.device_get(routing)
+      ce, n, counts = eval_step(params, to_global(batch), top_k, bias)
+    counts = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(counts))
     ce_sum, targets = ce_sum + float(ce), targets + int(n)
-    counts = counts + routing["tokens_per_expert"].astype(np.int64)
-    prob_sum = prob_sum + routing["gate_prob_sum"].astype(np.float64)
-    tokens = tokens + routing["num_tokens"].astype(np.int64)
-    dropped = dropped + routing["dropped"].astype(np.int64)
+    total = counts if total is None else jax.tree.map(np.add, total, counts)
   loss = ce_sum / max(targets, 1)
   result = {"val_loss": loss, "val_ppl": float(np.exp(loss)), "val_targets": targets}
   if targets:
-    gate_prob_mean = prob_sum / np.maximum(tokens, 1)[:, None]
-    result["val_tokens_per_expert"] = counts
+    assignments = total.tokens_per_expert.astype(np.int64)
+    result["val_tokens_per_expert"] = assignments
     result.update({f"val_{k}": np.asarray(v) for k, v in
-                   load_statistics(counts, gate_prob_mean).items()})
+                   load_statistics(assignments, gate_prob_mean(total)).items()})
     result["val_lbl"] = float(np.mean(result["val_lbl_per_layer"]))
-    result["val_drop_fraction"] = dropped / np.maximum(counts.sum(-1), 1)
+    result["val_drop_fraction"] = total.dropped / np.maximum(assignments.sum(-1), 1)
   return result
 
 

@@ -21,8 +21,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sigma_moe_jax import sharding
-from sigma_moe_jax.balancing import (BALANCE_LOSSES, MoEStats, routing_metrics,
-                                     update_selection_bias)
+from sigma_moe_jax.balancing import (BALANCE_LOSSES, MoEStats, combine_micro_batches,
+                                     routing_metrics, update_selection_bias)
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.model import Transformer
 from sigma_moe_jax.schedule import AdaptiveTopK, TopKSchedule
@@ -194,19 +194,6 @@ def lm_loss_terms(logits, tokens, segment_ids, loss_mask=None):
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def _combine_stats(stats: MoEStats) -> MoEStats:
-  """Per-step statistics from per-micro-batch ones (leading [micro] axis)."""
-  return MoEStats(
-      tokens_per_expert=jnp.sum(stats.tokens_per_expert, 0),
-      gate_prob_mean=jnp.mean(stats.gate_prob_mean, 0),
-      num_tokens=jnp.sum(stats.num_tokens, 0),
-      dropped=jnp.sum(stats.dropped, 0),
-      lbl=jnp.mean(stats.lbl, 0),
-      top1_lbl=jnp.mean(stats.top1_lbl, 0),
-      router_z_loss=jnp.mean(stats.router_z_loss, 0),
-      first_choice=jnp.sum(stats.first_choice, 0))
-
-
 def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
                     balance: BalanceSettings, *, schedule: Optional[Schedule] = None,
                     grad_accum: int = 1):
@@ -278,7 +265,7 @@ def _gradients(grad_fn: Callable, params, batch, cfg: ModelConfig, grad_accum: i
     grads_sum, counts = carry
     (objective, (ce_sum, stats)), grads = grad_fn(micro, counts if accumulate_counts else None)
     grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-    counts = counts + stats.tokens_per_expert.astype(jnp.float32)
+    counts = counts + stats.counts.tokens_per_expert.astype(jnp.float32)
     return (grads_sum, counts), (objective, ce_sum, stats)
 
   micro_batches = jax.tree.map(
@@ -286,7 +273,7 @@ def _gradients(grad_fn: Callable, params, batch, cfg: ModelConfig, grad_accum: i
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   (grads, _), (objective, ce_sum, stats) = jax.lax.scan(
       accumulate, (zero_grads, zero_counts), micro_batches)
-  return objective, ce_sum, _combine_stats(stats), grads
+  return objective, ce_sum, combine_micro_batches(stats), grads
 
 
 def _apply(state: TrainState, grads, stats: MoEStats, finite, optimizer, cfg: ModelConfig,
@@ -299,10 +286,11 @@ def _apply(state: TrainState, grads, stats: MoEStats, finite, optimizer, cfg: Mo
   params = optax.apply_updates(state.params, updates)
   selection_bias = state.selection_bias
   if balance.loss_free:
-    selection_bias = update_selection_bias(selection_bias, stats.tokens_per_expert,
+    selection_bias = update_selection_bias(selection_bias, stats.counts.tokens_per_expert,
                                            balance.bias_rate)
   if isinstance(schedule, AdaptiveTopK):
-    top_k_state = schedule.update(state.top_k_state, stats.first_choice, state.step + 1)
+    top_k_state = schedule.update(state.top_k_state, stats.counts.first_choice,
+                                  state.step + 1)
   else:
     top_k_state = {**state.top_k_state, "k": fixed_top_k(cfg, schedule, state.step + 1)}
   keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -319,11 +307,9 @@ def model_graphdef(cfg: ModelConfig):
 
 def make_eval_step(graphdef):
   """eval_step(params, batch, top_k, selection_bias=None) -> (summed cross-entropy, targets,
-  routing): routing holds the batch's assignment counts per expert ("tokens_per_expert",
-  [layers, E]), summed gate probabilities ("gate_prob_sum", [layers, E]), tokens
-  ("num_tokens", [layers]) and assignments over capacity ("dropped", [layers]), which add up
-  over batches into the load statistics of a whole evaluation set. Pass the graphdef of a
-  dropless model (`generate.inference_config`) so that no evaluated token skips its experts."""
+  `RoutingCounts` [layers, ...]): the counts add up over batches (a tree sum) into the load
+  statistics of a whole evaluation set. Pass the graphdef of a dropless model
+  (`generate.inference_config`) so that no evaluated token skips its experts."""
 
   def eval_step(params, batch, top_k, selection_bias=None):
     logits, stats = nnx.merge(graphdef, params)(batch["tokens"], batch["segment_ids"],
@@ -331,9 +317,6 @@ def make_eval_step(graphdef):
                                                 selection_bias=selection_bias)
     ce_sum, targets = lm_loss_terms(logits, batch["tokens"], batch["segment_ids"],
                                     batch.get("loss_mask"))
-    routing = {"tokens_per_expert": stats.tokens_per_expert,
-               "gate_prob_sum": stats.gate_prob_mean * stats.num_tokens[:, None],
-               "num_tokens": stats.num_tokens, "dropped": stats.dropped}
-    return ce_sum, targets, routing
+    return ce_sum, targets, stats.counts
 
   return eval_step
