@@ -12,8 +12,8 @@ from sigma_moe_jax.moe import MoE, MoEConfig
 from sigma_moe_jax.params import count_params
 from sigma_moe_jax.schedule import TopKSchedule
 
-__all__ = ["ModelConfig", "Transformer", "MoE", "MoEConfig", "MoEStats", "count_params", "TopKSchedule",
-           "train", "fit"]
+__all__ = ["ModelConfig", "Transformer", "MoE", "MoEConfig", "MoEStats", "count_params",
+           "TopKSchedule", "train", "fit"]
 
 
 def __getattr__(name):

@@ -66,6 +66,28 @@ def top1_load_balancing_loss(fhat: Float[Array, "*L E"],
   return fhat.shape[-1] * jnp.sum(fhat * fhat, axis=-1) / pbar_top1
 
 
+def _sequence_sums(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T S"],
+                   valid: Bool[Array, "B T S"], token_mask: Bool[Array, "B T"],
+                   tau: float) -> Dict[str, jax.Array]:
+  """Per-sequence sums [B, ...] over the non-padding tokens: assignment counts [B, E], softmax
+  probabilities [B, E], tokens [B], tempered probabilities (fhat) [B, E] and their maxima [B],
+  squared logsumexp [B] (the z-loss)."""
+  batch, _, num_experts = logits.shape
+  mask = token_mask.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  tempered = jax.nn.softmax(logits / tau, axis=-1)
+  flat_ids = jnp.where(valid, expert_ids, num_experts).reshape(batch, -1)
+  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], flat_ids.shape)
+  counts = jnp.zeros((batch, num_experts + 1), jnp.float32).at[rows, flat_ids].add(1.0)
+  return dict(
+      counts=counts[:, :num_experts],
+      prob=jnp.sum(probs * mask[..., None], axis=1),
+      tokens=jnp.sum(mask, axis=1),
+      fhat=jnp.sum(tempered * mask[..., None], axis=1),
+      pmax=jnp.sum(jnp.max(tempered, axis=-1) * mask, axis=1),
+      z=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask, axis=1))
+
+
 def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T S"],
                      valid: Bool[Array, "B T S"], token_mask: Bool[Array, "B T"], *, mode: str,
                      tau: float, axes: Sequence[str],
@@ -84,24 +106,11 @@ def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T 
   """
   if mode not in LBL_MODES:
     raise ValueError(f"unknown load-balancing mode {mode!r}; expected one of {LBL_MODES}")
-  batch, _, num_experts = logits.shape
-  mask = token_mask.astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
-  tempered = jax.nn.softmax(logits / tau, axis=-1)
-  flat_ids = jnp.where(valid, expert_ids, num_experts).reshape(batch, -1)
-  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], flat_ids.shape)
-  counts = jnp.zeros((batch, num_experts + 1), jnp.float32).at[rows, flat_ids].add(1.0)
+  num_experts = logits.shape[-1]
+  sums = _sequence_sums(logits, expert_ids, valid, token_mask, tau)
   # Monitoring only (never in a loss): one count over the shard, psum'd once below.
   first_ids = jnp.where(token_mask, expert_ids[..., 0], num_experts).reshape(-1)
   first = jnp.zeros((num_experts + 1,), jnp.float32).at[first_ids].add(1.0)[:num_experts]
-  # Per-sequence sums; reduced below to the mode's groups.
-  sums = dict(
-      counts=counts[:, :num_experts],
-      prob=jnp.sum(probs * mask[..., None], axis=1),
-      tokens=jnp.sum(mask, axis=1),
-      fhat=jnp.sum(tempered * mask[..., None], axis=1),
-      pmax=jnp.sum(jnp.max(tempered, axis=-1) * mask, axis=1),
-      z=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask, axis=1))
   sequence_sums = sums
   if mode != "sequence":
     sums = jax.tree.map(lambda a: jnp.sum(a, axis=0, keepdims=True), sums)

@@ -23,8 +23,6 @@ import numpy as np
 from flax import nnx
 
 from sigma_moe_jax.config import ModelConfig
-from sigma_moe_jax.model import scan_groups
-from sigma_moe_jax.moe import gathered_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +72,6 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _layers(model):
-  graphdef, stacked = nnx.split(model.blocks)
-  rows = lambda tree, start, stop: jax.tree.map(lambda a: a[start:stop], tree)
-  return graphdef, stacked, rows
-
-
 def prefill(model, tokens: jax.Array, lengths: jax.Array, top_k: jax.Array, max_len: int,
             selection_bias: Optional[jax.Array] = None) -> Tuple[jax.Array, Cache]:
   """Runs the prompts (tokens [B, P], row b valid up to lengths[b]) and returns the logits of the
@@ -89,45 +81,24 @@ def prefill(model, tokens: jax.Array, lengths: jax.Array, top_k: jax.Array, max_
   x, _, (keys, values) = model.hidden_states(tokens, segment_ids, top_k=top_k,
                                              selection_bias=selection_bias, return_kv=True)
   pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0), (0, 0))
-  last = x[jnp.arange(batch), lengths - 1]
-  logits = jnp.einsum("bd,dv->bv", last, model.lm_head[...].astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+  logits = model.logits(x[jnp.arange(batch), lengths - 1])
   return logits, Cache(jnp.pad(keys, pad), jnp.pad(values, pad))
 
 
 def decode_step(model, tokens: jax.Array, positions: jax.Array, cache: Cache, top_k: jax.Array,
                 selection_bias: Optional[jax.Array] = None) -> Tuple[jax.Array, Cache]:
   """One token per row (tokens [B] at positions [B]): writes its keys and values into the cache
-  and returns the next token's logits [B, V] and the cache."""
-  cfg = model.cfg
-  batch = tokens.shape[0]
+  and returns the next token's logits [B, V] and the cache (`Block.decode` in every layer)."""
   max_len = cache.k.shape[2]
-  dtype = jnp.dtype(cfg.dtype)
-  x = jnp.take(model.embed[...], tokens, axis=0).astype(dtype)[:, None]  # [B, 1, d]
+  x = jnp.take(model.embed[...], tokens, axis=0).astype(jnp.dtype(model.cfg.dtype))[:, None]
   visible = (jnp.arange(max_len)[None] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, T]
-  rows_b = jnp.arange(batch)
-  graphdef, stacked, rows = _layers(model)
-  new_k, new_v = [], []
-  for start, stop, group_max_top_k in scan_groups(cfg.max_top_k_per_layer):
-    def layer(x, xs, group_max_top_k=group_max_top_k):
-      layer_state, layer_top_k, bias, cache_k, cache_v = xs
-      block = nnx.merge(graphdef, layer_state)
-      q, k, v = block.attn.project(block.attn_norm(x), positions[:, None])
-      cache_k = cache_k.at[rows_b, positions].set(k[:, 0])
-      cache_v = cache_v.at[rows_b, positions].set(v[:, 0])
-      out = jax.nn.dot_product_attention(q, cache_k, cache_v, mask=visible)
-      x = x + block.attn.output(out)
-      y = gathered_experts(block.moe, block.moe_norm(x)[:, 0], layer_top_k, group_max_top_k,
-                           bias)
-      return x + y[:, None].astype(x.dtype), (cache_k, cache_v)
-    bias = None if selection_bias is None else selection_bias[start:stop]
-    x, (k, v) = jax.lax.scan(layer, x, (rows(stacked, start, stop), top_k[start:stop], bias,
-                                        cache.k[start:stop], cache.v[start:stop]))
-    new_k.append(k)
-    new_v.append(v)
-  logits = jnp.einsum("bd,dv->bv", model.final_norm(x)[:, 0], model.lm_head[...].astype(dtype),
-                      preferred_element_type=jnp.float32)
-  return logits, Cache(jnp.concatenate(new_k), jnp.concatenate(new_v))
+
+  def step(block, x, row, max_top_k):
+    layer_top_k, bias, cache_k, cache_v = row
+    return block.decode(x, positions, cache_k, cache_v, visible, layer_top_k, max_top_k, bias)
+
+  x, (keys, values) = model.scan_layers(x, step, (top_k, selection_bias, cache.k, cache.v))
+  return model.logits(model.final_norm(x)[:, 0]), Cache(keys, values)
 
 
 def make_generate(graphdef, max_new_tokens: int, sampling: Sampling, eos_id: Optional[int]):

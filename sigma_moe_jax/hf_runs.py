@@ -1,5 +1,6 @@
 """Hugging Face Qwen3-MoE checkpoints from runs and runs from them (the work behind
-`sigma_moe_jax.cli.export_hf` and `sigma_moe_jax.cli.import_hf`; the format itself is in sigma_moe_jax/hf.py)."""
+`sigma_moe_jax.cli.export_hf` and `sigma_moe_jax.cli.import_hf`; the format itself is in
+sigma_moe_jax/hf.py)."""
 
 import json
 import os

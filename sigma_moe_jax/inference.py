@@ -1,8 +1,8 @@
 """A trained run, loaded for inference: its config, tokenizer and a checkpoint's parameters.
 
-Shared by `sigma_moe_jax.cli.generate` and `sigma_moe_jax.cli.evaluate`. The model is rebuilt dropless
-(`generate.inference_config`); the per-layer top-k defaults to the last phase of the run's
-schedule.
+Shared by `sigma_moe_jax.cli.generate` and `sigma_moe_jax.cli.evaluate`. The model is rebuilt
+dropless (`generate.inference_config`); the per-layer top-k defaults to the last phase of the
+run's schedule.
 """
 
 from typing import Any, NamedTuple, Optional

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +13,7 @@ from flax import nnx
 from sigma_moe_jax import sharding
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.layers import Attention, RMSNorm, normal_param, positions_from_segments
-from sigma_moe_jax.balancing import MoEStats
-from sigma_moe_jax.moe import MoE
+from sigma_moe_jax.moe import MoE, gathered_experts
 
 _REMAT_POLICIES = {
     "full": None,
@@ -40,6 +39,20 @@ class Block(nnx.Module):
     y, stats = self.moe(self.moe_norm(x), top_k, max_top_k, token_mask, selection_bias,
                         count_offset)
     return x + y, stats, kv
+
+  def decode(self, x, positions, cache_k, cache_v, visible, top_k, max_top_k: int,
+             selection_bias=None):
+    """One token per row (x [batch, 1, d_model] at positions [batch]): writes its keys and
+    values into this layer's cache ([batch, max_len, kv_heads, head_dim]) and attends over the
+    positions `visible` marks ([batch, 1, 1, max_len]). The MoE runs each token through its own
+    experts' weights, gathered for it (`moe.gathered_experts`). Returns (x, (cache_k, cache_v))."""
+    rows = jnp.arange(x.shape[0])
+    q, k, v = self.attn.project(self.attn_norm(x), positions[:, None])
+    cache_k = cache_k.at[rows, positions].set(k[:, 0])
+    cache_v = cache_v.at[rows, positions].set(v[:, 0])
+    x = x + self.attn.output(jax.nn.dot_product_attention(q, cache_k, cache_v, mask=visible))
+    y = gathered_experts(self.moe, self.moe_norm(x)[:, 0], top_k, max_top_k, selection_bias)
+    return x + y[:, None].astype(x.dtype), (cache_k, cache_v)
 
 
 def scan_groups(max_top_k_per_layer) -> List[Tuple[int, int, int]]:
@@ -95,10 +108,32 @@ class Transformer(nnx.Module):
     """
     x, stats = self.hidden_states(tokens, segment_ids, positions, top_k, selection_bias,
                                   count_offset)
+    return self.logits(x), stats
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final-norm outputs [..., d_model] -> float32 logits [..., vocab] (the LM head)."""
     with jax.named_scope("lm_head"):
-      logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
-    return logits, stats
+      return jnp.einsum("...d,dv->...v", x, self.lm_head[...].astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+
+  def scan_layers(self, x, step: Callable, per_layer, remat: str = "none"):
+    """Runs `step(block, x, row, max_top_k) -> (x, output)` through the layers: one `lax.scan`
+    per run of layers that share a static max top-k (`scan_groups`). `per_layer` is a pytree of
+    arrays with a leading [layers] axis (None leaves allowed); `row` is its slice for the layer.
+    Returns (x, the outputs stacked over all layers). Forward, prefill and decode all run
+    through here."""
+    graphdef, stacked = nnx.split(self.blocks)
+    outputs = []
+    for start, stop, max_top_k in scan_groups(self.cfg.max_top_k_per_layer):
+      def layer(x, xs, max_top_k=max_top_k):
+        layer_state, row = xs
+        return step(nnx.merge(graphdef, layer_state), x, row, max_top_k)
+      if remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[remat])
+      rows = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
+      x, out = jax.lax.scan(layer, x, (rows(stacked), rows(per_layer)))
+      outputs.append(out)
+    return x, jax.tree.map(lambda *s: jnp.concatenate(s), *outputs)
 
   def hidden_states(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None,
                     positions: Optional[jax.Array] = None, top_k: Optional[jax.Array] = None,
@@ -122,22 +157,14 @@ class Transformer(nnx.Module):
 
     with jax.named_scope("embed"):
       x = sharding.constrain_batch(jnp.take(self.embed[...], tokens, axis=0).astype(dtype))
-    graphdef, stacked = nnx.split(self.blocks)
-    all_outputs = []
-    for start, stop, group_max_top_k in scan_groups(cfg.max_top_k_per_layer):
-      def layer(x, xs, group_max_top_k=group_max_top_k):
-        layer_state, layer_top_k, bias, offset = xs
-        block = nnx.merge(graphdef, layer_state)
-        x, stats, kv = block(x, positions, segment_ids, token_mask, layer_top_k,
-                             group_max_top_k, bias, offset)
-        return sharding.constrain_batch(x), (stats, kv) if return_kv else stats
-      if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-      rows = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
-      group = (rows(stacked), top_k[start:stop], rows(selection_bias), rows(count_offset))
-      x, outputs = jax.lax.scan(layer, x, group)
-      all_outputs.append(outputs)
-    outputs = jax.tree.map(lambda *s: jnp.concatenate(s), *all_outputs)
+
+    def step(block, x, row, max_top_k):
+      layer_top_k, bias, offset = row
+      x, stats, kv = block(x, positions, segment_ids, token_mask, layer_top_k, max_top_k, bias,
+                           offset)
+      return sharding.constrain_batch(x), (stats, kv) if return_kv else stats
+
+    x, outputs = self.scan_layers(x, step, (top_k, selection_bias, count_offset), cfg.remat)
     if return_kv:
       stats, kv = outputs
       return self.final_norm(x), stats, kv

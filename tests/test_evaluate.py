@@ -106,8 +106,8 @@ def trained(tmp_path_factory):
 
 
 def test_generate_launcher(trained, tmp_path):
-  code, out, err = run_module("sigma_moe_jax.cli.generate", f"--workdir={trained}", "--prompt=ROMEO:",
-                              "--max_new_tokens=8", "--temperature=0")
+  code, out, err = run_module("sigma_moe_jax.cli.generate", f"--workdir={trained}",
+                              "--prompt=ROMEO:", "--max_new_tokens=8", "--temperature=0")
   assert code == 0, err[-2000:]
   assert out.startswith("ROMEO:") and "decode" in out and "tokens/s" in out
   prompts = tmp_path / "prompts.txt"
@@ -149,8 +149,8 @@ def test_evaluate_launcher_multiple_choice_and_corpus(trained, tmp_path):
       [r["prediction_length_normalised"] == r["label"] for r in records])
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("Now is the winter of our discontent\nMade glorious summer by this sun.\n")
-  code, _, err = run_module("sigma_moe_jax.cli.evaluate", f"--workdir={trained}", f"--task={corpus}",
-                            f"--out={out}")
+  code, _, err = run_module("sigma_moe_jax.cli.evaluate", f"--workdir={trained}",
+                            f"--task={corpus}", f"--out={out}")
   assert code == 0, err[-2000:]
   result = json.loads(out.read_text())
   assert result["bits_per_byte"] > 0 and result["perplexity"] > 1

@@ -63,8 +63,9 @@ def one_process_losses(steps):
   config = cpu_tiny.get_config()
   config.update_from_flattened_dict({**OVERRIDES, "train.steps": steps})
   built = build_training(config)
-  shards = [make_pipeline(built.inputs.train_docs, built.inputs.tokenizer, seq_len=32, batch_size=4, seed=0,
-                          process_index=i, process_count=2) for i in range(2)]
+  shards = [make_pipeline(built.inputs.train_docs, built.inputs.tokenizer, seq_len=32,
+                          batch_size=4, seed=0, process_index=i, process_count=2)
+            for i in range(2)]
   graphdef, state, _ = train_lib.init_sharded_state(built.settings.model, 0, built.optimizer,
                                                     built.mesh)
   step = jax.jit(train_lib.make_train_step(graphdef, built.optimizer, built.lr,

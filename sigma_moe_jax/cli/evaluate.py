@@ -1,9 +1,11 @@
-"""Evaluates a trained run by log-likelihood and writes the result as JSON.
+r"""Evaluates a trained run by log-likelihood and writes the result as JSON.
 
-  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny --task=data/tasks/shakespeare_next_line.jsonl
+  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny \
+      --task=data/tasks/shakespeare_next_line.jsonl
   python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny --task=data/shakespeare.jsonl.gz
-  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny --task=... --untrained   # chance baseline
-  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny_sft --task=data/tasks/shakespeare_instruct.jsonl --chat
+  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny --task=... --untrained  # chance
+  python -m sigma_moe_jax.cli.evaluate --workdir=runs/cpu_tiny_sft --chat \
+      --task=data/tasks/shakespeare_instruct.jsonl
 
 A task file of JSON lines {"context": ..., "choices": [...], "label": i} is multiple choice (each
 choice is appended to its context as written); with --chat, each line's "messages" (a

@@ -1,8 +1,10 @@
-"""Samples text from a trained run.
+r"""Samples text from a trained run.
 
-  python -m sigma_moe_jax.cli.generate --workdir=runs/cpu_tiny --prompt="ROMEO:" [--max_new_tokens=64
-      --temperature=0.8 --top_p=0.95 --top_k=0 --seed=0 --step=-1 --moe_top_k="[1]*6"]
-  python -m sigma_moe_jax.cli.generate --workdir=runs/cpu_tiny --prompts_file=prompts.txt --out=out.jsonl
+  python -m sigma_moe_jax.cli.generate --workdir=runs/cpu_tiny --prompt="ROMEO:" \
+      [--max_new_tokens=64 --temperature=0.8 --top_p=0.95 --top_k=0 --seed=0 --step=-1
+       --moe_top_k="[1]*6"]
+  python -m sigma_moe_jax.cli.generate --workdir=runs/cpu_tiny --prompts_file=prompts.txt \
+      --out=out.jsonl
 
 Loads the run's config, tokenizer and latest (or --step) checkpoint, prints each continuation,
 and reports prefill and decode tokens/s (compilation excluded). With --prompts_file (one prompt

@@ -1,4 +1,4 @@
-"""Imports a Hugging Face Qwen3-MoE checkpoint directory as a run that can be trained on.
+r"""Imports a Hugging Face Qwen3-MoE checkpoint directory as a run that can be trained on.
 
   python -m sigma_moe_jax.cli.import_hf --hf_dir=path/to/qwen3_moe --workdir=runs/imported \
       [--config=configs/cpu_tiny.py --config.train.steps=...]
@@ -11,8 +11,8 @@ dense layers, shared experts, attention biases, scaled RoPE), and writes to `--w
   config.py        the config to continue with: --config's training, data and mesh settings
                    (the defaults without it) and the imported model.
 Then `sigma_moe_jax.cli.generate --workdir=<workdir>` samples from it, and
-  python -m sigma_moe_jax.cli.train --config=<workdir>/config.py --config.train.init_from=<workdir> \
-      --workdir=runs/finetune
+  python -m sigma_moe_jax.cli.train --config=<workdir>/config.py \
+      --config.train.init_from=<workdir> --workdir=runs/finetune
 trains it, starting from step 0 and from the beginning of the data.
 """
 

@@ -12,8 +12,8 @@ Activations are an estimate: with remat, each layer's input is kept and one laye
 is live at a time; without remat every layer's working set is kept. Attention scores
 ([heads, seq, seq] per sequence) are counted where the platform runs XLA attention; the fused
 kernels (splash on TPU, cuDNN on Hopper) keep O(seq) per head. With --topology the estimate is
-printed beside XLA's own per-device figures for the compiled train step (sigma_moe_jax.cli.compile_check;
-needs libtpu).
+printed beside XLA's own per-device figures for the compiled train step
+(sigma_moe_jax.cli.compile_check; needs libtpu).
 """
 
 import dataclasses

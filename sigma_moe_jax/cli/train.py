@@ -1,4 +1,4 @@
-"""Trains a Sigma-MoE model.
+r"""Trains a Sigma-MoE model.
 
   python -m sigma_moe_jax.cli.train --config=configs/cpu_tiny.py --workdir=runs/cpu_tiny \
       [--config.train.steps=2000 --config.model.num_experts=64 ...]

@@ -49,8 +49,14 @@ def progressive(runs):
   results["converted_keeps_fraction_of_keep"] = loss["keep_phase1"] / loss["converted_to_top1"]
   groups = {"top1_from_start": seeded(runs, "lbl"), "keep_phase1": seeded(runs, "phase1"),
             "converted_to_top1": seeded(runs, "progressive")}
+  results["seeds"] = {**_progressive_losses(groups), **_progressive_balance(groups, branch, end)}
+  return results
+
+
+def _progressive_losses(groups) -> dict:
+  """Final validation losses over seeds, and their paired differences."""
   final = {g: [final_loss(r) for r in rs] for g, rs in groups.items()}
-  results["seeds"] = {
+  return {
       "final_val_loss": {g: band(v) for g, v in final.items()},
       "converted_minus_keep": band(np.subtract(final["converted_to_top1"],
                                                 final["keep_phase1"])),
@@ -67,15 +73,20 @@ def progressive(runs):
           g: band([second_half_balance(r)["max_load_dev"]["lower_layers_mean"] for r in rs])
           for g, rs in groups.items()},
   }
+
+
+def _progressive_balance(groups, branch: int, end: int) -> dict:
+  """Drops, the loss jump at the switch, and layer 0's balance after it, over seeds."""
+  results = {}
   # Drops confound quality: the worst layer's share of training assignments dropped after the
   # first 10% of the steps (the converted runs joined to their phase-1 runs before the branch).
   converted = groups["converted_to_top1"]
-  results["seeds"]["train_drop_fraction_after_10pct_worst_layer"] = {
+  results["train_drop_fraction_after_10pct_worst_layer"] = {
       g: band([float(series_window(r, "drop_fraction", end // 10, end).mean(0).max()) for r in rs])
       for g, rs in groups.items()}
   # The switch: training loss of the converted run minus phase 1 kept, on the same batches, over
   # the SWITCH_STEPS steps after the branch.
-  results["seeds"]["switch_jump_lm_loss"] = band([
+  results["switch_jump_lm_loss"] = band([
       float(np.mean(series_window(c, "lm_loss", branch, branch + SWITCH_STEPS)
                     - series_window(k, "lm_loss", branch, branch + SWITCH_STEPS)))
       for k, c in zip(groups["keep_phase1"], converted)])
@@ -85,14 +96,14 @@ def progressive(runs):
   after = {g: [float(series_window(r, "load_max_dev", branch, end)[:, 0].mean()) for r in rs]
            for g, rs in (("converted_to_top1", converted),
                          ("top1_from_start", groups["top1_from_start"]))}
-  results["seeds"]["layer0_train_max_load_dev_after_switch"] = {
+  results["layer0_train_max_load_dev_after_switch"] = {
       **{g: band(v) for g, v in after.items()},
       "seeds_converted_less_balanced": int(np.sum(np.greater(after["converted_to_top1"],
                                                              after["top1_from_start"])))}
   final_layer0 = {g: [float(r.last("val_load_max_dev")[0]) for r in rs]
                   for g, rs in (("converted_to_top1", converted),
                                 ("top1_from_start", groups["top1_from_start"]))}
-  results["seeds"]["layer0_val_max_load_dev_final"] = {
+  results["layer0_val_max_load_dev_final"] = {
       **{g: band(v) for g, v in final_layer0.items()},
       "seeds_converted_less_balanced": int(np.sum(np.greater(
           final_layer0["converted_to_top1"], final_layer0["top1_from_start"])))}
@@ -177,8 +188,17 @@ def _adaptive_study(runs, kinds):
                                                                rs[0].last("top_k")])["active"]
                               for g, rs in groups.items()},
   }
-  # Balance: the most loaded expert per layer on the validation set, averaged over the second
-  # half of training, and the share of training assignments dropped after the first 10%.
+  results.update(_adaptive_balance(groups, steps))
+  results["switch"] = _adaptive_switch(groups, switch, steps)
+  results.update(_adaptive_rule(groups["adaptive"], switch))
+  return results
+
+
+def _adaptive_balance(groups, steps: int) -> dict:
+  """Balance: the most loaded expert per layer on the validation set, averaged over the second
+  half of training, the share of training assignments dropped after the first 10%, and layer 0
+  at top-1 after the switch (its most loaded expert at the last evaluation)."""
+  results = {}
   results["second_half_max_load_dev_per_layer"] = {}
   results["train_drop_fraction_after_10pct_per_layer"] = {}
   results["train_drop_fraction_after_10pct_worst_layer"] = {}
@@ -193,11 +213,14 @@ def _adaptive_study(runs, kinds):
         "max": np.max(halves, 0).tolist()}
     results["train_drop_fraction_after_10pct_per_layer"][g] = np.mean(drops, 0).tolist()
     results["train_drop_fraction_after_10pct_worst_layer"][g] = float(np.max(drops))
-  # Layer 0 at top-1 after the switch: its most loaded expert at the last evaluation.
   results["layer0_val_max_load_dev_final"] = {
       g: band([float(r.last("val_load_max_dev")[0]) for r in rs]) for g, rs in groups.items()}
-  # The switch: per-step training loss minus top-1-from-start's on the same batch (same seed,
-  # same data order), averaged over the 20 steps before and after the manual switch.
+  return results
+
+
+def _adaptive_switch(groups, switch: int, steps: int) -> dict:
+  """The switch: per-step training loss minus top-1-from-start's on the same batch (same seed,
+  same data order), averaged over the 20 steps before and after the manual switch."""
   around = {}
   for g in [g for g in groups if g != "top1_from_start"]:
     before, after = [], []
@@ -211,20 +234,26 @@ def _adaptive_study(runs, kinds):
     around[g] = {"lm_loss_minus_top1_before_switch": band(before),
                  "lm_loss_minus_top1_after_switch": band(after),
                  "jump": band(np.subtract(after, before))}
-  results["switch"] = around
-  # When each layer of the adaptive runs reached top-1 (first logged step at k = 1).
+  return around
+
+
+def _adaptive_rule(adaptive_runs, switch: int) -> dict:
+  """When each layer of the adaptive runs reached top-1 (first logged step at k = 1), the
+  changes the rule made beyond what the ceiling forced, and what the rule saw before the
+  switch."""
+  results = {}
   reached = []
-  for r in groups["adaptive"]:
+  for r in adaptive_runs:
     logged, top_k = r.series("top_k")
     reached.append([int(logged[np.argmax(top_k[:, l] <= 1)]) for l in range(top_k.shape[1])])
   results["adaptive_step_reaching_top1_per_layer"] = reached
   # The changes the rule made, beyond what the ceiling forced: (logged step, layer, from, to).
   results["adaptive_rule_driven_changes"] = {
-      f"seed{i}": rule_driven_changes(r) for i, r in enumerate(groups["adaptive"])}
+      f"seed{i}": rule_driven_changes(r) for i, r in enumerate(adaptive_runs)}
   # What the adaptive rule saw: the top-1 (first-choice) load's most loaded expert per layer
   # before the switch, and how often each layer was no worse than that step's median layer.
   seen = {}
-  for name, r in zip(("seed0", "seed1", "seed2"), groups["adaptive"]):
+  for name, r in zip(("seed0", "seed1", "seed2"), adaptive_runs):
     logged, dev = r.series("first_choice_max_dev")
     if not len(logged):
       continue  # a run logged before the metric existed
