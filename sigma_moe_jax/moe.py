@@ -64,6 +64,23 @@ class MoE(nnx.Module):
     self.w_up = init((cfg.num_experts, cfg.d_model, cfg.d_ff))
     self.w_down = init((cfg.num_experts, cfg.d_ff, cfg.d_model))
 
+  def _plan(self, mesh):
+    """(expert shards, the dispatch that runs) for this mesh and the target compiled for (its
+    devices, not the host); errors for what the target cannot run."""
+    cfg = self.cfg
+    expert_shards = sharding.axis_size(mesh, "expert")
+    if cfg.num_experts % expert_shards:
+      raise ValueError(f"{cfg.num_experts} experts do not split over mesh axis expert of size "
+                       f"{expert_shards}")
+    target = platform.current()
+    if (cfg.expert_exchange == "ragged_all_to_all" and expert_shards > 1
+        and target.platform == "cpu"):
+      raise ValueError("expert_exchange='ragged_all_to_all' needs a GPU or TPU: "
+                       "jax.lax.ragged_all_to_all does not run on CPU; use 'all_to_all'")
+    resolved = dispatch_lib.resolve(cfg.dispatch, cfg.grouped_matmul, target, self.dtype,
+                                    cfg.d_model, cfg.d_ff, cfg.capacity_factor)
+    return expert_shards, resolved
+
   def __call__(self, x: jax.Array, top_k: jax.Array, max_top_k: int, token_mask: jax.Array,
                selection_bias: Optional[jax.Array] = None,
                count_offset: Optional[jax.Array] = None):
@@ -79,19 +96,8 @@ class MoE(nnx.Module):
     offset = zeros if count_offset is None else count_offset
     mesh = sharding.current_mesh()
     axes = sharding.batch_axes(mesh)
-    expert_shards = sharding.axis_size(mesh, "expert")
-    if num_experts % expert_shards:
-      raise ValueError(f"{num_experts} experts do not split over mesh axis expert of size "
-                       f"{expert_shards}")
-    target = platform.current()  # the devices compiled for, not the host
+    expert_shards, resolved = self._plan(mesh)
     cfg = self.cfg
-    if (cfg.expert_exchange == "ragged_all_to_all" and expert_shards > 1
-        and target.platform == "cpu"):
-      raise ValueError("expert_exchange='ragged_all_to_all' needs a GPU or TPU: "
-                       "jax.lax.ragged_all_to_all does not run on CPU; use 'all_to_all'")
-    d_model, d_ff = self.w_gate.shape[1:]
-    resolved = dispatch_lib.resolve(cfg.dispatch, cfg.grouped_matmul, target,
-                                    self.dtype, d_model, d_ff, cfg.capacity_factor)
     weights = {name: getattr(self, name)[...] for name in _EXPERT_AXES}
     weight_specs = {name: sharding.logical_spec(_EXPERT_AXES[name], w.shape, mesh)
                     for name, w in weights.items()}
