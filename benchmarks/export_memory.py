@@ -54,7 +54,7 @@ def main(argv):
   import jax  # noqa: PLC0415 -- after the platform is set
   import numpy as np  # noqa: PLC0415
 
-  from sigma_moe_jax.training.settings import make_config  # noqa: PLC0415
+  from sigma_moe_jax.training.run_config import make_config  # noqa: PLC0415
   from sigma_moe_jax.hf_runs import export  # noqa: PLC0415
   from sigma_moe_jax.inference import load_run  # noqa: PLC0415
   from sigma_moe_jax.training.resume import fingerprint  # noqa: PLC0415

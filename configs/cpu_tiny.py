@@ -1,7 +1,7 @@
 """The quickstart: cpu_tiny on the shipped Shakespeare corpus, a few minutes on 2 CPU cores."""
 
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax.training.settings import make_config
+from sigma_moe_jax.training.run_config import make_config
 
 
 def get_config():

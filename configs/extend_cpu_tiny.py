@@ -8,7 +8,7 @@ Only the rotary frequencies change (model.rope_*); the run starts from the quick
 parameters with a fresh optimizer and data stream.
 """
 
-from sigma_moe_jax.training.settings import load_config, sibling
+from sigma_moe_jax.training.run_config import load_config, sibling
 
 
 def get_config():

@@ -7,7 +7,7 @@ experts run on the Triton grouped matmul (dropless) and attention on XLA.
 """
 
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax.training.settings import make_config
+from sigma_moe_jax.training.run_config import make_config
 
 
 def get_config():

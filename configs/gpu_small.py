@@ -7,7 +7,7 @@ way; two micro-batches of 32 sequences halve the activations.
 """
 
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax.training.settings import make_config
+from sigma_moe_jax.training.run_config import make_config
 
 
 def get_config():

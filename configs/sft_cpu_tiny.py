@@ -9,7 +9,7 @@ The run starts from the quickstart's parameters (a fresh optimizer and data stre
 validates on conversations from the two plays no run trains on (logged as heldout_val_*).
 """
 
-from sigma_moe_jax.training.settings import load_config, sibling
+from sigma_moe_jax.training.run_config import load_config, sibling
 
 
 def get_config():

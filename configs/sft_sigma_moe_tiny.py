@@ -10,7 +10,7 @@ pre-training), as many tokens per step. Point data.path, data.eval_sets, data.to
 train.init_from at your files and runs.
 """
 
-from sigma_moe_jax.training.settings import load_config, sibling
+from sigma_moe_jax.training.run_config import load_config, sibling
 
 STAGES = {"short": dict(seq_len=4096, batch_size=256, grad_accum=4),
           "long": dict(seq_len=16_384, batch_size=64, grad_accum=1)}

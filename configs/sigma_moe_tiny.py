@@ -2,7 +2,7 @@
 [8,8,6,6,4,4,2,2]+[1]*48 experts, then every layer is top-1 for the last 10% of steps."""
 
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax.training.settings import make_config
+from sigma_moe_jax.training.run_config import make_config
 
 
 def get_config():

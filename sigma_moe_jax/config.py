@@ -50,8 +50,8 @@ class ModelConfig:
   # Kernel of the `ragged` dispatch's grouped matmul and of attention; `auto` picks per platform
   # (grouped_matmul.py, attention.py): megablox and splash on TPU, Mosaic GPU and cuDNN on a
   # Hopper GPU, XLA on the CPU.
-  grouped_matmul: str = "auto"
-  attention: str = "auto"
+  grouped_matmul: str = dataclasses.field(default="auto", metadata={"changes": "always"})
+  attention: str = dataclasses.field(default="auto", metadata={"changes": "always"})
   # Scope of the load-balancing loss (see balancing.py): global batch (the paper), each shard's
   # micro-batch, or each sequence. top1_lbl_tau is the temperature of the Top-1 LBL (Eq. 2).
   lbl_mode: str = "global"
@@ -60,13 +60,13 @@ class ModelConfig:
   # How tokens reach experts on other devices (mesh axis `expert` > 1): fixed-size buffers with
   # all_to_all (any backend; drops past capacity), or dropless ragged_all_to_all (GPU / TPU).
   expert_exchange: str = "all_to_all"
-  rope_theta: float = 10_000.0
+  rope_theta: float = dataclasses.field(default=10_000.0, metadata={"changes": "new_run"})
   # Context extension (layers.rope_frequencies): `yarn` stretches the rotations of a model
   # trained on rope_original_len positions by rope_scaling_factor. Parameters do not depend on
   # these keys (nor on rope_theta), so a run may change them when it starts from another's.
-  rope_scaling: str = "none"
-  rope_scaling_factor: float = 1.0
-  rope_original_len: int = 0
+  rope_scaling: str = dataclasses.field(default="none", metadata={"changes": "new_run"})
+  rope_scaling_factor: float = dataclasses.field(default=1.0, metadata={"changes": "new_run"})
+  rope_original_len: int = dataclasses.field(default=0, metadata={"changes": "new_run"})
   norm_eps: float = 1e-6
   qk_norm: bool = True
   init_std: float = 0.0125
@@ -77,7 +77,8 @@ class ModelConfig:
   # expert from step 0 (docs/reproduction.md, "A balanced quickstart").
   embed_init_std: Optional[float] = None
   dtype: str = "float32"  # compute dtype; parameters and the router stay float32
-  remat: str = "none"
+  # How much of the forward pass the backward recomputes: memory, never the result.
+  remat: str = dataclasses.field(default="none", metadata={"changes": "always"})
 
   def __post_init__(self):
     if self.max_top_k is not None:
@@ -191,5 +192,5 @@ class ModelConfig:
 
 
 def _require(field: str, ok: bool, rule: str) -> None:
-  if not ok:
-    raise ValueError(f"ModelConfig.{field}: {rule}")
+  if not ok:  # named as the config key, as a launcher's user writes it
+    raise ValueError(f"model.{field}: {rule}")

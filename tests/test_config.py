@@ -27,7 +27,7 @@ from sigma_moe_jax import ModelConfig, count_params
     ("remat", dict(remat="everything")),
 ])
 def test_invalid_fields_name_themselves(field, overrides):
-  with pytest.raises(ValueError, match=rf"ModelConfig\.{field}:"):
+  with pytest.raises(ValueError, match=rf"model\.{field}:"):
     ModelConfig(**{**dict(num_layers=4), **overrides})
 
 

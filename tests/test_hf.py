@@ -18,7 +18,7 @@ from sigma_moe_jax.checkpoint import Checkpointer
 from sigma_moe_jax.inference import load_run
 from sigma_moe_jax.training import step as train_lib
 from sigma_moe_jax.training.resume import fingerprint
-from sigma_moe_jax.training.settings import make_config
+from sigma_moe_jax.training.run_config import make_config
 from sigma_moe_jax.training.settings import from_config, lr_and_optimizer
 
 torch = pytest.importorskip("torch")

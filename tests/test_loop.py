@@ -10,7 +10,7 @@ from sigma_moe_jax import ModelConfig, fit, train
 from sigma_moe_jax.training import step as train_lib
 from sigma_moe_jax.training.hooks import RunStopped
 from sigma_moe_jax.training.loop import Hook
-from sigma_moe_jax.training.settings import make_config
+from sigma_moe_jax.training.run_config import make_config
 
 
 class Counter:

@@ -175,7 +175,7 @@ def test_adaptive_window_counts_calm_steps_not_runs():
 
 
 def test_adaptive_config_errors_name_the_key():
-  from sigma_moe_jax.training.settings import make_config
+  from sigma_moe_jax.training.run_config import make_config
   from sigma_moe_jax.training.settings import from_config
   config = make_config(ModelConfig(num_layers=2))
   config.schedule.kind = "adaptive"

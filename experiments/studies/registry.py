@@ -3,7 +3,6 @@ for experiments/reproduce.py: preparing data, then training each variant once.""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Callable, Dict, NamedTuple, Optional
 
@@ -11,10 +10,9 @@ from experiments.studies import analyses, figures
 from experiments.studies.domain_data import prepare_domains
 from experiments.studies.variants import (DOMAIN_SHARD_VARIANTS, DOMAIN_VARIANTS, FROM_PHASE1,
                                           TRANSITIONS, VARIANTS, split_seed, variant_config)
-from sigma_moe_jax import ModelConfig, storage
+from sigma_moe_jax import storage
 from sigma_moe_jax.training import run as training
-from sigma_moe_jax.training.settings import SCHEDULE_DEFAULTS, DataSettings, TrainSettings
-from sigma_moe_jax.training.step import BalanceSettings
+from sigma_moe_jax.training.run_config import with_defaults
 
 
 class Study(NamedTuple):
@@ -109,26 +107,7 @@ def same_run(stamp: dict, wanted: dict) -> bool:
   """Whether a run stamped with config `stamp` is the run `wanted`: equal, except that keys
   added to the config after the run was made may be missing from its stamp when `wanted` holds
   their defaults (they did not exist, so the run had the default behaviour)."""
-  defaults = {"train": dataclasses.asdict(TrainSettings()),
-              "data": dataclasses.asdict(DataSettings()), "schedule": SCHEDULE_DEFAULTS,
-              "model": {f.name: f.default for f in dataclasses.fields(ModelConfig)},
-              "balance": dataclasses.asdict(BalanceSettings())}
-  missing = object()
-  for section, values in wanted.items():
-    saved = stamp.get(section, missing)
-    if not isinstance(values, dict) or saved is missing:
-      if saved != values:
-        return False
-      continue
-    for key, value in values.items():
-      if saved.get(key, missing) is missing:
-        if defaults.get(section, {}).get(key, missing) != value:
-          return False
-      elif saved[key] != value:
-        return False
-    if set(saved) - set(values):
-      return False
-  return set(stamp) <= set(wanted)
+  return with_defaults(stamp) == with_defaults(wanted)
 
 
 def train_variant(base, name: str, workdir: str):

@@ -8,7 +8,6 @@ work wherever they are started.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 import threading
@@ -18,6 +17,7 @@ from absl import app, flags, logging
 
 from sigma_moe_jax import storage
 from sigma_moe_jax.storage import project_path
+from sigma_moe_jax.training.run_config import unknown_key
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Keep the libraries' INFO logging (Orbax's "
                              "lines at every save and restore).")
@@ -48,7 +48,7 @@ def run(main: Callable) -> None:
         sys.exit(f"error: config file {file!r} not found")
       sys.argv[i] = f"--config={file}{sep}{rest}"
     elif arg.startswith("--config."):
-      error = unknown_key_error(arg[len("--config."):].split("=")[0])
+      error = unknown_key(arg[len("--config."):].split("=")[0])
       if error:
         sys.exit(f"error: {error}")
   def quiet_main(argv):
@@ -59,16 +59,3 @@ def run(main: Callable) -> None:
     app.run(quiet_main)
   except KeyboardInterrupt:
     sys.exit("error: interrupted")
-
-
-def unknown_key_error(key: str) -> str:
-  """'' when `key` (e.g. "train.steps") is a config key, else a message naming the closest ones."""
-  from sigma_moe_jax import ModelConfig  # noqa: PLC0415 -- the launchers import this module
-  from sigma_moe_jax.training.settings import make_config  # noqa: PLC0415
-  reference = make_config(ModelConfig())
-  known = [f"{section}.{name}" for section in reference for name in reference[section]]
-  if key in known:
-    return ""
-  close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-  hint = f"; did you mean {close[0]}?" if close else f"; sections: {sorted(reference)}"
-  return f"unknown config key {key!r}{hint}"

@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from sigma_moe_jax import aot, attention, grouped_matmul, platform, sharding
 from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.metrics import flops_per_token
-from sigma_moe_jax.training.settings import flag_names, from_config, step_plan
+from sigma_moe_jax.training.settings import from_config, step_plan
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -108,15 +108,14 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   try:
-    with flag_names():
-      settings = from_config(_CONFIG.value)
-      if _PLATFORM.value == "tpu":
-        ok = check(settings, aot.tpu_devices(_TOPOLOGY.value), _TOPOLOGY.value)
-      else:
-        count = _GPUS.value or math.prod(
-            size for size in dataclasses.asdict(settings.mesh).values() if size > 0)
-        ok = check(settings, aot.gpu_devices(_GPU.value, count), _GPU.value,
-                   aot.gpu_memory_bytes(_GPU.value))
+    settings = from_config(_CONFIG.value)
+    if _PLATFORM.value == "tpu":
+      ok = check(settings, aot.tpu_devices(_TOPOLOGY.value), _TOPOLOGY.value)
+    else:
+      count = _GPUS.value or math.prod(
+          size for size in dataclasses.asdict(settings.mesh).values() if size > 0)
+      ok = check(settings, aot.gpu_devices(_GPU.value, count), _GPU.value,
+                 aot.gpu_memory_bytes(_GPU.value))
   except ValueError as e:
     sys.exit(f"error: {e}")
   if not ok:

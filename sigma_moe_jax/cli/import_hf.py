@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from sigma_moe_jax import ModelConfig, storage
 from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.hf_runs import import_model
-from sigma_moe_jax.training.settings import make_config
+from sigma_moe_jax.training.run_config import make_config
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Directory with config.json and safetensors.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory to create.")

@@ -16,7 +16,6 @@ from ml_collections import config_flags
 from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.training.hooks import RunStopped
 from sigma_moe_jax.training.run import train
-from sigma_moe_jax.training.settings import flag_names
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -28,8 +27,7 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   try:
-    with flag_names():
-      train(_CONFIG.value, _WORKDIR.value)
+    train(_CONFIG.value, _WORKDIR.value)
   except RunStopped as e:
     if e.storage_failed:
       print(f"error: {e}", file=sys.stderr, flush=True)

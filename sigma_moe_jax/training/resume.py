@@ -11,7 +11,6 @@ run's checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from typing import Callable, Optional, Tuple
@@ -21,9 +20,9 @@ from jax.experimental import multihost_utils
 
 from sigma_moe_jax import storage
 from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
-from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.training.hooks import RunStopped
-from sigma_moe_jax.training.settings import SCHEDULE_DEFAULTS, TrainSettings
+from sigma_moe_jax.training.run_config import changed_on_new_run, differences
+from sigma_moe_jax.training.settings import TrainSettings
 
 
 def fingerprint(tokenizer_path: str, chat_template_path: str = "") -> dict:
@@ -36,24 +35,9 @@ def fingerprint(tokenizer_path: str, chat_template_path: str = "") -> dict:
   return prints
 
 
-# Config keys besides the model that a resumed run must share with its checkpoint: they define
-# the data stream the saved iterator position refers to.
-RESUME_KEYS = (("data", "path"), ("data", "tokenizer"), ("data", "val_fraction"),
-               ("data", "seed"), ("data", "order_seed"), ("data", "chunk_chars"),
-               ("data", "shard_files"), ("data", "rows_by_path"), ("data", "format"),
-               ("data", "chat_template"), ("data", "truncate"),
-               ("train", "batch_size"),
-               ("train", "seq_len"), ("train", "grad_accum"),
-               ("train", "router_lr_scale"))  # 1 or not: the optimizer state's structure
-
-
-def resume_differences(saved: dict, current: dict) -> list:
-  """Data, batch geometry and tokenizer content that differ, as "key: checkpoint x, config y"."""
+def fingerprint_differences(saved: dict, current: dict) -> list:
+  """The tokenizer and chat template contents (sha256) that differ, when both configs hold them."""
   diffs = []
-  for section, key in RESUME_KEYS:
-    if section in saved and key in saved[section] and saved[section][key] != current[section][key]:
-      diffs.append(f"{section}.{key}: checkpoint {saved[section][key]!r}, config "
-                   f"{current[section][key]!r}")
   for what in ("tokenizer", "chat_template"):
     saved_hash = saved.get("fingerprint", {}).get(f"{what}_sha256")
     current_hash = current.get("fingerprint", {}).get(f"{what}_sha256")
@@ -63,41 +47,13 @@ def resume_differences(saved: dict, current: dict) -> list:
   return diffs
 
 
-def model_differences(saved: dict, current: dict, skip=()) -> list:
-  """The model.* keys of two config dicts that differ, as "model.k: checkpoint x, config y",
-  leaving out the keys in `skip`. A key the checkpoint lacks (written before the field existed)
-  counts as the field's default."""
-  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-  saved_model = {**defaults, **saved["model"]}
-  return [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {v!r}"
-          for k, v in current["model"].items() if saved_model.get(k) != v and k not in skip]
-
-
 def check_compatible(saved: dict, current: dict):
-  """The model, the schedule, the data stream (paths, split, tokenizer content) and the batch
-  geometry must match the checkpoint's."""
-  diffs = model_differences(saved, current)
-  # Checkpoints written before the key was named top_k hold it as "topk"; those written before
-  # the other keys existed had their defaults.
-  saved_schedule = dict(saved["schedule"])
-  if "topk" in saved_schedule:
-    saved_schedule["top_k"] = saved_schedule.pop("topk")
-  saved_schedule = {**SCHEDULE_DEFAULTS, **saved_schedule}
-  current_schedule = current["schedule"]
-  if saved_schedule["kind"] == current_schedule.get("kind", "fixed") == "fixed":
-    # The adaptive schedule's settings mean nothing to a fixed one.
-    current_schedule = {k: current_schedule[k] for k in ("kind", "top_k")}
-  diffs += [f"schedule.{k}: checkpoint {saved_schedule.get(k)!r}, config {v!r}"
-            for k, v in current_schedule.items() if saved_schedule.get(k) != v]
-  diffs += resume_differences(saved, current)
+  """A resumed run keeps what its checkpoint was made with (`run_config.differences`: the model,
+  the schedule, the data stream and batch geometry) and the tokenizer's content."""
+  diffs = differences(saved, current, new_run=False) + fingerprint_differences(saved, current)
   if diffs:
     raise ValueError("the workdir holds a checkpoint from an incompatible config ("
                      + "; ".join(diffs) + "); use another --workdir")
-
-
-# Keys of the model that parameters do not depend on: a run started from another's checkpoint
-# may change them (context extension: a new RoPE base or scaling at a longer seq_len).
-ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_scaling_factor", "rope_original_len")
 
 
 def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
@@ -117,8 +73,8 @@ def restore_initial(config, t: TrainSettings, state, shardings, train_iter):
       raise ValueError(f"train.init_from: {t.init_from!r} has no checkpoint at step {step} "
                        f"(it has {steps})")
     saved = source.saved_config(step)
-    diffs = model_differences(saved, config.to_dict(), skip=ROPE_KEYS)
-    rope = [d for d in model_differences(saved, config.to_dict()) if d not in diffs]
+    diffs = differences(saved, config.to_dict(), new_run=True)
+    rope = changed_on_new_run(saved, config.to_dict(), "model")
     if diffs:
       raise ValueError(f"train.init_from {t.init_from!r} holds a different model ("
                        + "; ".join(diffs) + ")")

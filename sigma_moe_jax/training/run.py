@@ -3,7 +3,7 @@ the state (fresh, resumed from the workdir's newest intact checkpoint, or starte
 run's), the jitted steps and the default hooks, then calls `fit`.
 
     from sigma_moe_jax import train
-    state = train(get_config(), "runs/mine")       # a config from make_config / a config file
+    state = train(get_config(), "runs/mine")  # a config: run_config.make_config, a config file
 
 Nothing is started on a bad config: the error names the key.
 """
@@ -31,19 +31,8 @@ from sigma_moe_jax.training.inputs import Inputs, eval_batches, load_inputs, tra
 from sigma_moe_jax.training.loop import fit
 from sigma_moe_jax.training.resume import (check_compatible, fingerprint, restore_initial,
                                            restore_latest_intact, truncate_metrics)
-from sigma_moe_jax.training.settings import (Settings, TrainSettings, from_config,
-                                             lr_and_optimizer, make_config)
-
-
-def check_config_keys(config):
-  """Rejects keys that no part of the trainer reads (a misspelt key would silently do nothing)."""
-  reference = make_config(ModelConfig())
-  for section in config.keys():
-    if section not in reference:
-      raise ValueError(f"unknown config section {section!r}; known: {sorted(reference.keys())}")
-    unknown = sorted(set(config[section].keys()) - set(reference[section].keys()))
-    if unknown:
-      raise ValueError(f"unknown config keys in {section}: {unknown}")
+from sigma_moe_jax.training.run_config import check_keys
+from sigma_moe_jax.training.settings import Settings, TrainSettings, from_config, lr_and_optimizer
 
 
 def check_batch_split(t: TrainSettings, batch_shards: int):
@@ -67,7 +56,7 @@ class Training(NamedTuple):
 
 def build_training(config, workdir: Optional[str] = None) -> Training:
   """Validates the config and builds everything but the data iterators and the jitted steps."""
-  check_config_keys(config)
+  check_keys(config)
   settings = from_config(config)
   t = settings.train
   mesh = sharding.make_mesh(**dataclasses.asdict(settings.mesh))

@@ -1,21 +1,17 @@
 """Typed run settings: the `train`, `data` and `mesh` sections of a config as frozen
 dataclasses, validated once, and the translation of library errors into config keys.
 
-Config files and the command line stay ml_collections (`make_config` lists every key with its
-default); `from_config` turns a config into these types, so the trainer reads
+Config files and the command line stay ml_collections (`run_config.make_config` lists every
+key with its default); `from_config` turns a config into these types, so the trainer reads
 `settings.train.steps`, never an untyped dict.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
-import re
 from typing import Any, NamedTuple, Optional, Tuple
 
 import ml_collections
-from ml_collections import config_dict
 
 from sigma_moe_jax import aot
 from sigma_moe_jax.config import ModelConfig
@@ -28,14 +24,21 @@ from sigma_moe_jax.training.step import LR_SCHEDULES, BalanceSettings, Schedule
 INIT_MODES = ("continue", "params")
 
 
+def _stream(default):
+  """A key the data stream depends on (the order of the batches, their geometry, the optimizer
+  state's structure): a resumed run keeps it, as the saved iterator position refers to it; a
+  run started from another's checkpoint may change it (`run_config.differences`)."""
+  return dataclasses.field(default=default, metadata={"changes": "new_run"})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
   """The optimisation run: length, batch geometry, optimizer, cadence of logs and saves."""
 
   steps: int = 1000  # optimizer steps of the whole run (fractional schedule starts refer to it)
-  batch_size: int = 8  # sequences per step, over all processes and devices
-  seq_len: int = 256  # tokens per sequence (packed documents)
-  grad_accum: int = 1  # micro-batches per step (contiguous row blocks of the batch)
+  batch_size: int = _stream(8)  # sequences per step, over all processes and devices
+  seq_len: int = _stream(256)  # tokens per sequence (packed documents)
+  grad_accum: int = _stream(1)  # micro-batches per step (contiguous row blocks of the batch)
   lr: float = 3e-3  # peak learning rate
   lr_schedule: str = "wsd"  # `wsd` (warmup, stable, linear decay) or `cosine`
   warmup_steps: int = 50  # linear warmup from 0 to lr
@@ -45,7 +48,7 @@ class TrainSettings:
   b1: float = 0.9  # AdamW first-moment decay
   b2: float = 0.95  # AdamW second-moment decay
   grad_clip: float = 1.0  # global gradient-norm clip
-  router_lr_scale: float = 1.0  # the routers' learning rate as a multiple of lr
+  router_lr_scale: float = _stream(1.0)  # the routers' learning rate as a multiple of lr
   log_every: int = 10  # steps between console / metrics.jsonl lines
   eval_every: int = 200  # steps between evaluations
   eval_batches: int = 16  # at most this many batches per evaluation set
@@ -96,26 +99,27 @@ DATA_FORMATS = ("text", "chat")
 class DataSettings:
   """Where the text comes from and how it is split."""
 
-  path: str = "data/shakespeare.jsonl.gz"  # file, glob or comma list of .txt / .jsonl(.gz)
-  tokenizer: str = "data/shakespeare_bpe4096.json"  # tokenizer.json or .tiktoken ranks
-  val_fraction: float = 0.05  # documents held out for validation
-  seed: int = 0  # document split and shuffling
-  order_seed: int = -1  # shuffling of the training documents alone; -1: `seed` (the split stays)
-  chunk_chars: int = 0  # > 0: cut training documents into pieces of at most this many chars
+  path: str = _stream("data/shakespeare.jsonl.gz")  # file, glob or comma list of .txt / .jsonl(.gz)
+  tokenizer: str = _stream("data/shakespeare_bpe4096.json")  # tokenizer.json or .tiktoken ranks
+  val_fraction: float = _stream(0.05)  # documents held out for validation
+  seed: int = _stream(0)  # document split and shuffling
+  # Shuffling of the training documents alone; -1: `seed` (the split stays).
+  order_seed: int = _stream(-1)
+  chunk_chars: int = _stream(0)  # > 0: cut training documents into pieces of at most this long
   eval_sets: str = ""  # "name=paths;name=paths": extra validation sets, logged <name>_val_*
   # Corpora too large for every host: list the files only, each process reads its own share one
   # file at a time (local or gs://); validation holds out whole files by val_fraction.
-  shard_files: bool = False
+  shard_files: bool = _stream(False)
   # Each comma-separated path of `path` fills its own equal block of every batch's rows, so a
   # batch shard reads one path when the shards are a multiple of the paths (docs/design.md).
-  rows_by_path: bool = False
+  rows_by_path: bool = _stream(False)
   # Supervised fine-tuning: `chat` reads JSONL conversations ({"messages": [...]} or {"prompt",
   # "completion"}), renders them with `chat_template` and trains on the assistant tokens only
   # (sigma_moe_jax/chat.py); whole conversations are packed several to a row. A conversation
   # longer than train.seq_len is refused, or cut to it with `truncate`.
-  format: str = "text"  # `text` (pre-training documents) or `chat`
-  chat_template: str = "data/chat_template.jinja"  # Jinja, Hugging Face convention
-  truncate: bool = False
+  format: str = _stream("text")  # `text` (pre-training documents) or `chat`
+  chat_template: str = _stream("data/chat_template.jinja")  # Jinja, Hugging Face convention
+  truncate: bool = _stream(False)
 
   def __post_init__(self):
     _check(self, "data", "val_fraction", 0 <= self.val_fraction < 1, "must lie in [0, 1)")
@@ -145,21 +149,45 @@ class MeshSettings:
 
 
 SCHEDULE_KINDS = ("fixed", "adaptive")
-# The `schedule` section's keys and defaults (`make_config` explains them).
-SCHEDULE_DEFAULTS = dict(kind="fixed", top_k="", target="", deadline=0.7, threshold=0.0,
-                         patience=50, smoothing=10, raise_above=1.0, calm_fraction=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSettings:
+  """The per-layer top-k over the run.
+
+  kind `fixed`: per-layer top-k phases in `top_k`, "start:per_layer; start:per_layer" (start: a
+  step, or a fraction of train.steps when it has a '.'); empty: model.top_k in every layer.
+  kind `adaptive` (sigma_moe_jax.schedule.AdaptiveTopK): `top_k` is the per-layer start (one
+  phase, e.g. "[2]*6"), `target` the per-layer end (empty: model.top_k everywhere). dev_l: the
+  most loaded expert (max_i a_i * E - 1) of the load layer l would have at top-1, averaged over
+  ~`smoothing` steps. A layer lowers its k by one once dev_l was at most the median layer's +
+  `threshold` in at least `calm_fraction` of the last `patience` steps (1.0: all of them, in a
+  row), goes back up by one above the median + `raise_above`, and every layer is at its target
+  by `deadline` (a fraction of train.steps). The adaptive keys mean nothing to a fixed schedule.
+  """
+
+  kind: str = "fixed"
+  top_k: str = ""
+  target: str = ""
+  deadline: float = 0.7
+  threshold: float = 0.0
+  patience: int = 50
+  smoothing: int = 10
+  raise_above: float = 1.0
+  calm_fraction: float = 1.0
+
+  def __post_init__(self):
+    _check(self, "schedule", "kind", self.kind in SCHEDULE_KINDS,
+           f"must be one of {SCHEDULE_KINDS}")
 
 
 def model_and_schedule(config) -> Tuple[ModelConfig, Optional[Schedule]]:
   """The model a config describes and its top-k schedule (None: model.top_k everywhere). The
   model's static per-layer maximum top-k is the schedule's maximum over its phases (adaptive:
   its start)."""
-  s, layers = config.schedule, config.model.num_layers
-  kind = s.get("kind", "fixed")
-  if kind not in SCHEDULE_KINDS:
-    raise ValueError(f"schedule.kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
+  s, layers = ScheduleSettings(**config.schedule), config.model.num_layers
   schedule = None
-  if kind == "adaptive":
+  if s.kind == "adaptive":
     schedule = adaptive_schedule(s, layers, config.model.top_k, config.train.steps)
   elif s.top_k.strip():
     schedule = TopKSchedule.parse(parse_phases(s.top_k), layers, config.train.steps,
@@ -168,7 +196,7 @@ def model_and_schedule(config) -> Tuple[ModelConfig, Optional[Schedule]]:
   return model, schedule
 
 
-def adaptive_schedule(s, layers: int, top_k: int, steps: int) -> AdaptiveTopK:
+def adaptive_schedule(s: ScheduleSettings, layers: int, top_k: int, steps: int) -> AdaptiveTopK:
   """The `schedule` section of kind adaptive as an AdaptiveTopK; errors name the config key."""
   def per_layer(key: str, text: str):
     try:
@@ -190,8 +218,7 @@ def adaptive_schedule(s, layers: int, top_k: int, steps: int) -> AdaptiveTopK:
   try:
     return AdaptiveTopK(start, target, deadline=max(1, int(round(s.deadline * steps))),
                         threshold=s.threshold, patience=s.patience, smoothing=s.smoothing,
-                        raise_above=s.raise_above,
-                        calm_fraction=s.get("calm_fraction", SCHEDULE_DEFAULTS["calm_fraction"]))
+                        raise_above=s.raise_above, calm_fraction=s.calm_fraction)
   except ValueError as e:
     raise ValueError(f"schedule: {e}") from None
 
@@ -206,12 +233,16 @@ class Settings(NamedTuple):
 
 
 def from_config(config: Any) -> Settings:
-  """Typed settings from an ml_collections config; a bad value is one error naming its flag."""
-  with flag_names():
-    model, schedule = model_and_schedule(config)
-    return Settings(model, schedule, TrainSettings(**config.train),
-                    data_settings(config.data), BalanceSettings(**config.balance),
-                    MeshSettings(**config.mesh))
+  """Typed settings from a config (ml_collections or a plain dict of sections); a bad value is
+  one error naming its key. Keys an older config lacks take their defaults
+  (`run_config.with_defaults`)."""
+  from sigma_moe_jax.training.run_config import with_defaults  # noqa: PLC0415 (it imports this)
+  config = ml_collections.ConfigDict(with_defaults(
+      config.to_dict() if hasattr(config, "to_dict") else dict(config)))
+  model, schedule = model_and_schedule(config)
+  return Settings(model, schedule, TrainSettings(**config.train),
+                  data_settings(config.data), BalanceSettings(**config.balance),
+                  MeshSettings(**config.mesh))
 
 
 def lr_and_optimizer(t: TrainSettings):
@@ -241,72 +272,6 @@ def data_settings(data) -> DataSettings:
                                                                 DataSettings.chat_template))})
 
 
-class flag_names:
-  """Context manager: library errors that name a settings class field ("ModelConfig.gate_fn",
-  "BalanceSettings.coef") are re-raised naming the config key a user sets ("model.gate_fn")."""
-
-  _SECTIONS = {"ModelConfig": "model", "BalanceSettings": "balance"}
-  _PATTERN = re.compile(r"\b(" + "|".join(_SECTIONS) + r")\.")
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, traceback):
-    if kind is ValueError and self._PATTERN.search(str(error)):
-      message = self._PATTERN.sub(lambda m: self._SECTIONS[m.group(1)] + ".", str(error))
-      raise ValueError(message) from None
-    return False
-
-
 def _check(settings, section: str, name: str, ok: bool, rule: str) -> None:
   if not ok:
     raise ValueError(f"{section}.{name} {rule}, got {getattr(settings, name)!r}")
-
-
-# Fields whose default is None need a typed placeholder to be overridable from the command line.
-_OPTIONAL_MODEL_FIELDS = {"head_dim": int, "capacity_factor": float, "embed_init_std": float}
-
-
-def make_config(model: ModelConfig) -> ml_collections.ConfigDict:
-  """Every key a training config has, with its default, around `model`: config files start
-  here and the command line overrides its keys."""
-  fields = dataclasses.asdict(model)
-  # The static per-layer maximum top-k comes from the schedule, never from the config.
-  fields.pop("max_top_k")
-  for name, kind in _OPTIONAL_MODEL_FIELDS.items():
-    if fields[name] is None:
-      fields[name] = config_dict.placeholder(kind)
-  c = ml_collections.ConfigDict()
-  c.model = fields
-  c.train = dataclasses.asdict(TrainSettings())
-  c.data = dataclasses.asdict(DataSettings())
-  c.balance = dataclasses.asdict(BalanceSettings())
-  # kind "fixed": per-layer top-k phases in top_k, "start:per_layer; start:per_layer" (start: a
-  # step, or a fraction of train.steps when it has a '.'); empty: model.top_k in every layer.
-  # kind "adaptive" (sigma_moe_jax.schedule.AdaptiveTopK): top_k is the per-layer start (one
-  # phase, e.g. "[2]*6"), target the per-layer end (empty: model.top_k everywhere). dev_l: the
-  # most loaded expert (max_i a_i * E - 1) of the load layer l would have at top-1, averaged
-  # over ~`smoothing` steps. A layer lowers its k by one once dev_l was at most the median
-  # layer's + `threshold` in at least `calm_fraction` of the last `patience` steps (1.0: all of
-  # them, in a row), goes back up by one above the median + `raise_above`,
-  # and every layer is at its target by `deadline` (a fraction of train.steps).
-  c.schedule = dict(SCHEDULE_DEFAULTS)
-  c.mesh = dataclasses.asdict(MeshSettings())
-  return c
-
-
-def load_config(path: str, *args) -> ml_collections.ConfigDict:
-  """`get_config(*args)` of a config file, as `--config=path[:arg]` loads it. A config file built
-  on another names it relative to itself: `load_config(sibling(__file__, "cpu_tiny.py"))`."""
-  spec = importlib.util.spec_from_file_location(
-      "config_" + os.path.splitext(os.path.basename(path))[0], path)
-  if spec is None or not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} not found")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
-
-
-def sibling(file: str, name: str) -> str:
-  """The path of `name` in the folder of `file` (a config file's own `__file__`)."""
-  return os.path.join(os.path.dirname(os.path.abspath(file)), name)

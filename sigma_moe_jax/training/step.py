@@ -52,11 +52,11 @@ class BalanceSettings:
 
   def __post_init__(self):
     if self.loss not in BALANCE_LOSSES:
-      raise ValueError(f"BalanceSettings.loss: must be one of {tuple(BALANCE_LOSSES)}, got "
+      raise ValueError(f"balance.loss: must be one of {tuple(BALANCE_LOSSES)}, got "
                        f"{self.loss!r}")
     for name in ("coef", "z_loss_coef", "bias_rate"):
       if getattr(self, name) < 0:
-        raise ValueError(f"BalanceSettings.{name}: must be >= 0, got {getattr(self, name)!r}")
+        raise ValueError(f"balance.{name}: must be >= 0, got {getattr(self, name)!r}")
 
 
 class TrainState(NamedTuple):
@@ -199,10 +199,10 @@ def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig
                     grad_accum: int = 1):
   """Builds train_step(state, batch) -> (state, metrics). Jit it with donate_argnums=0."""
   if balance.accumulate_counts and cfg.lbl_mode != "global":
-    raise ValueError(f"BalanceSettings.accumulate_counts needs ModelConfig.lbl_mode 'global', not "
+    raise ValueError(f"balance.accumulate_counts needs model.lbl_mode 'global', not "
                      f"{cfg.lbl_mode!r}: the carried counts are global-batch counts")
   if schedule is not None and tuple(cfg.max_top_k_per_layer) != schedule.max_top_k:
-    raise ValueError(f"ModelConfig.max_top_k {cfg.max_top_k_per_layer} must equal the schedule's "
+    raise ValueError(f"model.max_top_k {cfg.max_top_k_per_layer} must equal the schedule's "
                      f"per-layer maximum {schedule.max_top_k}")
 
   def micro_loss(params, micro, top_k, bias, offset, total_targets):
