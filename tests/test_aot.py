@@ -113,6 +113,7 @@ def test_train_step_exports_for_hopper_with_mosaic_gpu_and_cudnn():
   assert xla.dense_ragged_dot and not any(k.startswith("mosaic_gpu") for k in xla.kernels)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("flags,message", [
     (["--topology=v5p:3x3x3x3"], "error: cannot describe TPU topology 'v5p:3x3x3x3'"),
     (["--platform=cuda", "--gpu=gtx480"], "error: unknown GPU 'gtx480'"),

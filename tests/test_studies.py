@@ -169,6 +169,7 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
     assert info["global"]["per_layer"][layer] == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.integration
 def test_launcher_trains_reuses_and_refuses(tmp_path):
   """A tiny dense-vs-MoE study end to end; a second call reuses both runs; another config on the
   same workdir is refused and leaves the runs as they were."""
