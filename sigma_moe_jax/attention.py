@@ -57,9 +57,9 @@ def cudnn_max_documents(seq_len: int) -> int:
   return max(1, seq_len // 16)
 
 
-def attend(q: Float[Array, "B S Hq D"], k: Float[Array, "B S Hkv D"],
-           v: Float[Array, "B S Hkv D"], segment_ids: Int[Array, "B S"],
-           impl: str) -> Float[Array, "B S Hq D"]:
+def attend(q: Float[Array, "B S Hq Dh"], k: Float[Array, "B S Hkv Dh"],
+           v: Float[Array, "B S Hkv Dh"], segment_ids: Int[Array, "B S"],
+           impl: str) -> Float[Array, "B S Hq Dh"]:
   if impl == "xla":
     return _xla(q, k, v, segment_ids)
   if impl == "splash":

@@ -53,7 +53,8 @@ class MoEStats(NamedTuple):
     return self.counts.router_z_sum / jnp.maximum(self.counts.num_tokens, 1)
 
 
-# Shape names: B batch rows, T tokens per row, S slots, E experts, L leading axes (e.g. layers).
+# Shapes use the letters of docs/design.md ("Shape letters"): B rows, S positions per row, K
+# slots per token, E experts, L leading axes (e.g. layers).
 def load_balancing_loss(f: Float[Array, "*L E"],
                         p: Float[Array, "*L E"]) -> Float[Array, "*L"]:
   """Eq. 1: N_E * sum_i f_i p_i over the last axis. 1 at perfect balance."""
@@ -66,8 +67,8 @@ def top1_load_balancing_loss(fhat: Float[Array, "*L E"],
   return fhat.shape[-1] * jnp.sum(fhat * fhat, axis=-1) / pbar_top1
 
 
-def _sequence_sums(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T S"],
-                   valid: Bool[Array, "B T S"], token_mask: Bool[Array, "B T"],
+def _sequence_sums(logits: Float[Array, "B S E"], expert_ids: Int[Array, "B S K"],
+                   valid: Bool[Array, "B S K"], token_mask: Bool[Array, "B S"],
                    tau: float) -> Dict[str, jax.Array]:
   """Per-sequence sums [B, ...] over the non-padding tokens: assignment counts [B, E], softmax
   probabilities [B, E], tokens [B], tempered probabilities (fhat) [B, E] and their maxima [B],
@@ -88,8 +89,8 @@ def _sequence_sums(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T S"
       z=jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask, axis=1))
 
 
-def layer_statistics(logits: Float[Array, "B T E"], expert_ids: Int[Array, "B T S"],
-                     valid: Bool[Array, "B T S"], token_mask: Bool[Array, "B T"], *, mode: str,
+def layer_statistics(logits: Float[Array, "B S E"], expert_ids: Int[Array, "B S K"],
+                     valid: Bool[Array, "B S K"], token_mask: Bool[Array, "B S"], *, mode: str,
                      tau: float, axes: Sequence[str],
                      count_offset: Optional[Float[Array, "E"]] = None) -> MoEStats:
   """Balancing losses and statistics from one shard's routing.

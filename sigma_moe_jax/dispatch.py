@@ -24,8 +24,8 @@ from jaxtyping import Array, Bool, Float, Int
 from sigma_moe_jax import grouped_matmul as grouped_matmul_lib
 from sigma_moe_jax.grouped_matmul import gmm
 
-# Shape names: T tokens, S slots per token (experts a token may use), E experts, D d_model,
-# F d_ff, N = T * S assignments, G groups (experts, or devices in expert parallelism), C capacity.
+# Shapes use the letters of docs/design.md ("Shape letters"): T tokens, K slots per token, E
+# experts, D d_model, F d_ff, A = T * K assignments, G groups, C capacity per group.
 Experts = Tuple[Float[Array, "E D F"], Float[Array, "E D F"], Float[Array, "E F D"]]
 Output = Tuple[Float[Array, "T D"], Int[Array, ""]]  # (y, dropped assignments)
 
@@ -41,7 +41,7 @@ class SortedAssignments(NamedTuple):
   group_start: jax.Array  # [E] first sorted row of each expert
 
 
-def sort_assignments(expert_ids: Int[Array, "T S"], valid: Bool[Array, "T S"],
+def sort_assignments(expert_ids: Int[Array, "T K"], valid: Bool[Array, "T K"],
                      num_experts: int) -> SortedAssignments:
   slots = expert_ids.shape[1]
   flat = jnp.where(valid, expert_ids, num_experts).reshape(-1)
@@ -55,16 +55,16 @@ def sort_assignments(expert_ids: Int[Array, "T S"], valid: Bool[Array, "T S"],
                            group_sizes, group_start)
 
 
-def combine(out_per_assignment: Float[Array, "N D"],
-            gate_weights: Float[Array, "T S"]) -> Float[Array, "T D"]:
+def combine(out_per_assignment: Float[Array, "A D"],
+            gate_weights: Float[Array, "T K"]) -> Float[Array, "T D"]:
   """Weighted sum over slots: [tokens * slots, d] x [tokens, slots] -> [tokens, d]."""
   tokens, slots = gate_weights.shape
   out = out_per_assignment.reshape(tokens, slots, -1)
   return jnp.einsum("tsd,ts->td", out, gate_weights.astype(out.dtype))
 
 
-def ragged(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
-           gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"], experts: Experts,
+def ragged(x: Float[Array, "T D"], expert_ids: Int[Array, "T K"],
+           gate_weights: Float[Array, "T K"], valid: Bool[Array, "T K"], experts: Experts,
            capacity: Optional[int] = None, *, backend: str = "xla") -> Output:
   """Dropless: sort by expert, grouped matmul (`grouped_matmul.gmm` with `backend`), unsort.
 
@@ -121,7 +121,7 @@ class BufferLayout(NamedTuple):
   kept: jax.Array
 
 
-def buffer_layout(group_ids: Int[Array, "T S"], valid: Bool[Array, "T S"], num_groups: int,
+def buffer_layout(group_ids: Int[Array, "T K"], valid: Bool[Array, "T K"], num_groups: int,
                   capacity: int) -> BufferLayout:
   s = sort_assignments(group_ids, valid, num_groups)
   position = jnp.arange(capacity, dtype=jnp.int32)
@@ -144,14 +144,14 @@ def to_buffers(x: Float[Array, "T D"], layout: BufferLayout,
                    layout.index.reshape(tokens, slots), layout.kept.reshape(tokens, slots))
 
 
-def from_buffers(rows: Float[Array, "G*C D"], layout: BufferLayout) -> Float[Array, "N D"]:
+def from_buffers(rows: Float[Array, "G*C D"], layout: BufferLayout) -> Float[Array, "A D"]:
   """Buffer rows [groups * capacity, d] -> one row per assignment (zero where not kept)."""
   return take_rows(rows, layout.index, layout.kept, layout.source[:, None],
                    layout.filled[:, None])
 
 
-def padded(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
-           gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"], experts: Experts,
+def padded(x: Float[Array, "T D"], expert_ids: Int[Array, "T K"],
+           gate_weights: Float[Array, "T K"], valid: Bool[Array, "T K"], experts: Experts,
            capacity: int) -> Output:
   """Sort, gather into [experts, capacity, d] buffers, batched matmul, gather back.
 
@@ -170,8 +170,8 @@ def padded(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
   return combine(from_buffers(out, layout), gate_weights), dropped.astype(jnp.int32)
 
 
-def dense(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
-          gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"], experts: Experts,
+def dense(x: Float[Array, "T D"], expert_ids: Int[Array, "T K"],
+          gate_weights: Float[Array, "T K"], valid: Bool[Array, "T K"], experts: Experts,
           capacity: Optional[int] = None) -> Output:
   """Every expert on every token, combined with a masked weight matrix. A test oracle."""
   del capacity

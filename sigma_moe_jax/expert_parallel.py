@@ -23,8 +23,8 @@ def send_capacity(assignments: int, shards: int, capacity_factor: Optional[float
   return dispatch_lib.buffer_capacity(assignments, shards, capacity_factor, limit=assignments)
 
 
-def exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
-                     gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"],
+def exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T K"],
+                     gate_weights: Float[Array, "T K"], valid: Bool[Array, "T K"],
                      local_experts: dispatch_lib.Experts, *, axis: str, shards: int,
                      num_experts: int, dispatch: Callable,
                      capacity_factor: Optional[float]) -> dispatch_lib.Output:
@@ -62,8 +62,8 @@ def exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
   return y, (send_dropped + local_dropped).astype(jnp.int32)
 
 
-def ragged_exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T S"],
-                            gate_weights: Float[Array, "T S"], valid: Bool[Array, "T S"],
+def ragged_exchange_and_run(x: Float[Array, "T D"], expert_ids: Int[Array, "T K"],
+                            gate_weights: Float[Array, "T K"], valid: Bool[Array, "T K"],
                             local_experts: dispatch_lib.Experts, *, axis: str, shards: int,
                             num_experts: int, dispatch: Callable,
                             collective: Optional[Callable] = None) -> dispatch_lib.Output:

@@ -82,8 +82,8 @@ def triton_applies(target: platform.Target, d_model: int, d_ff: int) -> bool:
           and d_model % 16 == 0 and d_ff % 16 == 0)
 
 
-def gmm(lhs: Float[Array, "M K"], rhs: Float[Array, "G K N"], group_sizes: Int[Array, "G"],
-        backend: str) -> Float[Array, "M N"]:
+def gmm(lhs: Float[Array, "M I"], rhs: Float[Array, "G I O"], group_sizes: Int[Array, "G"],
+        backend: str) -> Float[Array, "M O"]:
   """lhs @ rhs[group of each row], in lhs's dtype (float32 accumulation); see the module doc."""
   group_sizes = group_sizes.astype(jnp.int32)
   if backend == "xla":
