@@ -15,6 +15,7 @@ import math
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -190,11 +191,14 @@ def default_hooks(built: Training, begun: Start, workdir: str, config_json: dict
 
 
 def train(config, workdir: str, *, hooks: Sequence[Any] = ()) -> train_lib.TrainState:
-  """Trains (or resumes) the run of an ml_collections `config` (`make_config` and a config
-  file's `get_config` give one) in `workdir`, and returns the final state. `hooks` run after
+  """Trains (or resumes) the run of `config` in `workdir` and returns the final state. `config`:
+  an ml_collections ConfigDict (`run_config.make_config`, a config file's `get_config`) or a
+  plain dict of sections; keys it lacks take their defaults. `hooks` run after
   the log line and evaluation and before the metrics are written (what they `log` is written
   with the rest). Raises ValueError naming the key on a bad config, and `RunStopped` when the
   run stops early (preemption, divergence, a failed write), saying what was kept."""
+  if not isinstance(config, ml_collections.ConfigDict):  # a plain {section: {key: value}} dict
+    config = ml_collections.ConfigDict(config)
   distributed.maybe_initialize()
   workdir = storage.resolve(workdir)
   built = build_training(config, workdir)
