@@ -13,8 +13,9 @@ import jax.numpy as jnp
 
 from benchmarks.common import (dense_ffn_call, moe_layer_call, random_batch, time_interleaved,
                                train_step_call)
-from sigma_moe_jax import ModelConfig, platform
-from sigma_moe_jax.metrics import flops_per_token, peak_flops_per_device
+from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.infra import platform
+from sigma_moe_jax.infra.metrics import flops_per_token, peak_flops_per_device
 
 
 def moe_layer_rows(tokens, experts, d, f, dtype, repeats):

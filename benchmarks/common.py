@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sigma_moe_jax.layers import positions_from_segments
-from sigma_moe_jax.moe import MoE, MoEConfig
+from sigma_moe_jax.moe.layer import MoE, MoEConfig
 from sigma_moe_jax.training import step as train_lib
 
 

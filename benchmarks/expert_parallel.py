@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks.common import time_interleaved  # noqa: E402
 from sigma_moe_jax import sharding  # noqa: E402
-from sigma_moe_jax.expert_parallel import send_capacity  # noqa: E402
-from sigma_moe_jax.moe import MoE, MoEConfig  # noqa: E402
+from sigma_moe_jax.moe.expert_parallel import send_capacity  # noqa: E402
+from sigma_moe_jax.moe.layer import MoE, MoEConfig  # noqa: E402
 
 
 def main():

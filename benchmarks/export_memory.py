@@ -55,13 +55,13 @@ def main(argv):
   import numpy as np  # noqa: PLC0415
 
   from sigma_moe_jax.training.run_config import make_config  # noqa: PLC0415
-  from sigma_moe_jax.hf_runs import export  # noqa: PLC0415
-  from sigma_moe_jax.inference import load_run  # noqa: PLC0415
+  from sigma_moe_jax.interop.hf_runs import export  # noqa: PLC0415
+  from sigma_moe_jax.inference.load import load_run  # noqa: PLC0415
   from sigma_moe_jax.training.resume import fingerprint  # noqa: PLC0415
   from sigma_moe_jax.training.settings import from_config, lr_and_optimizer  # noqa: PLC0415
   from sigma_moe_jax import ModelConfig, hf  # noqa: PLC0415
   from sigma_moe_jax.training import step as train_lib  # noqa: PLC0415
-  from sigma_moe_jax.checkpoint import Checkpointer  # noqa: PLC0415
+  from sigma_moe_jax.training.checkpoint import Checkpointer  # noqa: PLC0415
 
   cfg = ModelConfig(vocab_size=4096, d_model=_D_MODEL.value, num_layers=_LAYERS.value,
                     num_heads=8, num_kv_heads=2, num_experts=_EXPERTS.value, d_ff=_D_FF.value)

@@ -12,7 +12,8 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import time_interleaved
-from sigma_moe_jax import ModelConfig, generate
+from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.inference import generate
 from sigma_moe_jax.training import step as train_lib
 
 

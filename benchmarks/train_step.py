@@ -8,7 +8,7 @@ import argparse
 
 from benchmarks.common import random_batch, time_interleaved, train_step_call
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax.metrics import flops_per_token, measure_matmul_flops
+from sigma_moe_jax.infra.metrics import flops_per_token, measure_matmul_flops
 
 PRESETS = {"cpu_tiny": ModelConfig.cpu_tiny, "gpu_small": ModelConfig.gpu_small}
 

@@ -22,8 +22,8 @@ from ml_collections import config_flags
 
 from experiments.studies.balance import (CANDIDATES, PAPER_BALANCE, initial_routing, summarize,
                                          summarize_rate)
-from sigma_moe_jax import storage
 from sigma_moe_jax.cli import common as cli_lib
+from sigma_moe_jax.infra import storage
 from sigma_moe_jax.training import run as training
 from sigma_moe_jax.training.hooks import RunStopped
 

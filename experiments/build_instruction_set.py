@@ -27,11 +27,11 @@ import sys
 
 from absl import flags
 
-from sigma_moe_jax import storage
-from sigma_moe_jax.chat import ChatTemplate
 from sigma_moe_jax.cli import common as cli_lib
-from sigma_moe_jax.data import load_documents, split_documents
-from sigma_moe_jax.tokenizer import load_tokenizer
+from sigma_moe_jax.data.chat import ChatTemplate
+from sigma_moe_jax.data.pipeline import load_documents, split_documents
+from sigma_moe_jax.data.tokenizer import load_tokenizer
+from sigma_moe_jax.infra import storage
 
 _TRAIN = flags.DEFINE_integer("train_examples", 4000, "Fine-tuning conversations.")
 _HELDOUT = flags.DEFINE_integer("heldout_examples", 400, "Held-out conversations and task "

@@ -17,9 +17,9 @@ import sys
 
 from absl import flags
 
-from sigma_moe_jax import storage
 from sigma_moe_jax.cli import common as cli_lib
-from sigma_moe_jax.data import load_documents, split_documents
+from sigma_moe_jax.data.pipeline import load_documents, split_documents
+from sigma_moe_jax.infra import storage
 
 _EXAMPLES = flags.DEFINE_integer("examples", 400, "Number of examples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")

@@ -17,9 +17,9 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from sigma_moe_jax import generate
 from sigma_moe_jax.cli import common as cli_lib
-from sigma_moe_jax.inference import load_run
+from sigma_moe_jax.inference import generate
+from sigma_moe_jax.inference.load import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Its export (sigma_moe_jax.cli.export_hf --out).")

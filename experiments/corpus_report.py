@@ -11,8 +11,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.studies.corpus import corpus_facts
-from sigma_moe_jax import storage
 from sigma_moe_jax.cli import common as cli_lib
+from sigma_moe_jax.infra import storage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", cli_lib.project_path("configs/reproduce.py"),

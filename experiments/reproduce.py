@@ -25,8 +25,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import studies
-from sigma_moe_jax import storage
 from sigma_moe_jax.cli import common as cli_lib
+from sigma_moe_jax.infra import storage
 from sigma_moe_jax.training.hooks import RunStopped
 
 _CONFIG = config_flags.DEFINE_config_file(

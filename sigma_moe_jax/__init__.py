@@ -5,10 +5,10 @@ The model: `ModelConfig`, `Transformer`, `MoE`, `count_params`, `TopKSchedule`. 
 until=..., hooks=...)` is the loop under it (`sigma_moe_jax.training`).
 """
 
-from sigma_moe_jax.balancing import MoEStats
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.model import Transformer
-from sigma_moe_jax.moe import MoE, MoEConfig
+from sigma_moe_jax.moe.balancing import MoEStats
+from sigma_moe_jax.moe.layer import MoE, MoEConfig
 from sigma_moe_jax.params import count_params
 from sigma_moe_jax.schedule import TopKSchedule
 

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from sigma_moe_jax import platform, sharding
+from sigma_moe_jax.infra import platform
+from sigma_moe_jax.infra import sharding
 
 ATTENTIONS = ("auto", "xla", "splash", "cudnn")
 _SPLASH_BLOCKS = (512, 256, 128)

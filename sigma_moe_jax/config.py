@@ -10,11 +10,11 @@ import dataclasses
 from typing import Optional, Tuple
 
 from sigma_moe_jax.attention import ATTENTIONS
-from sigma_moe_jax.balancing import LBL_MODES
-from sigma_moe_jax.dispatch import DISPATCHES
-from sigma_moe_jax.grouped_matmul import GROUPED_MATMULS
 from sigma_moe_jax.layers import ROPE_SCALINGS, AttentionConfig, RoPE
-from sigma_moe_jax.moe import MoEConfig
+from sigma_moe_jax.moe.balancing import LBL_MODES
+from sigma_moe_jax.moe.dispatch import DISPATCHES
+from sigma_moe_jax.moe.grouped_matmul import GROUPED_MATMULS
+from sigma_moe_jax.moe.layer import MoEConfig
 
 GATE_FUNCTIONS = ("softmax", "sigmoid")
 COMPUTE_DTYPES = ("float32", "bfloat16")

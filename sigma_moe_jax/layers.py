@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sigma_moe_jax import attention, platform
+from sigma_moe_jax import attention
+from sigma_moe_jax.infra import platform
 
 
 def normal_param(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sigma_moe_jax import sharding
 from sigma_moe_jax.config import ModelConfig
+from sigma_moe_jax.infra import sharding
 from sigma_moe_jax.layers import Attention, RMSNorm, normal_param, positions_from_segments
-from sigma_moe_jax.moe import MoE, gathered_experts
+from sigma_moe_jax.moe.layer import MoE, gathered_experts
 
 _REMAT_POLICIES = {
     "full": None,

@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sigma_moe_jax.balancing import (MoEStats, RoutingCounts, expert_domain_mutual_information,
+from sigma_moe_jax.moe.balancing import (MoEStats, RoutingCounts, expert_domain_mutual_information,
                                      gate_prob_mean, load_statistics, routing_metrics,
                                      top1_load_balancing_loss, update_selection_bias)
-from sigma_moe_jax.moe import MoE, MoEConfig
+from sigma_moe_jax.moe.layer import MoE, MoEConfig
 
 E, D, F = 8, 16, 16
 BATCH, SEQ = 8, 6

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from sigma_moe_jax import data, tokenizer
+from sigma_moe_jax.data import pipeline as data
+from sigma_moe_jax.data import tokenizer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(_REPO, "data", "shakespeare.jsonl.gz")
@@ -338,7 +339,7 @@ def test_shipped_corpus_and_tokenizer():
 
 
 def test_chunk_documents_cuts_at_line_breaks_and_keeps_every_character():
-  from sigma_moe_jax.data import chunk_documents
+  from sigma_moe_jax.data.pipeline import chunk_documents
   doc = "".join(f"line {i} " + "x" * (i % 7) + "\n" for i in range(200))
   pieces = chunk_documents([doc, "short\n"], 100)
   assert "".join(pieces[:-1]) == doc and pieces[-1] == "short\n"

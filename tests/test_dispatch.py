@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sigma_moe_jax import dispatch as dispatch_lib
-from sigma_moe_jax.moe import MoE, MoEConfig
+from sigma_moe_jax.moe import dispatch as dispatch_lib
+from sigma_moe_jax.moe.layer import MoE, MoEConfig
 
 E, D, F, B, S = 8, 16, 24, 2, 12
 
@@ -131,7 +131,7 @@ def test_slot_buckets_and_capacity():
 def test_renormalization_never_applies_at_traced_k1():
   """A layer built for max_top_k = 2 running at k = 1 keeps the raw gate weight, so the router still
   gets the LM gradient; at k = 2 the two weights sum to 1."""
-  from sigma_moe_jax.routing import route
+  from sigma_moe_jax.moe.routing import route
   logits = jax.random.normal(jax.random.key(4), (6, E))
   probs = jax.nn.softmax(logits)
   at_k1 = route(logits, jnp.int32(1), 2, gate_fn="softmax", renormalize=True)

@@ -9,7 +9,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sigma_moe_jax import ModelConfig, Transformer, dispatch, expert_parallel, sharding
+from sigma_moe_jax import ModelConfig, Transformer
+from sigma_moe_jax.infra import sharding
+from sigma_moe_jax.moe import dispatch
+from sigma_moe_jax.moe import expert_parallel
 
 E, D, F, T, K = 8, 16, 16, 32, 2
 

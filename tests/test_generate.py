@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sigma_moe_jax import ModelConfig, generate
+from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.inference import generate
 from sigma_moe_jax.training import step as train_lib
 
 # Per-layer top-k above 1 in the first layer (built for 2), softmax gate, float32.

@@ -12,11 +12,13 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from sigma_moe_jax import hf_runs as hf_interop
-from sigma_moe_jax import ModelConfig, generate, hf
-from sigma_moe_jax.checkpoint import Checkpointer
-from sigma_moe_jax.inference import load_run
+from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.inference import generate
+from sigma_moe_jax.inference.load import load_run
+from sigma_moe_jax.interop import hf_runs as hf_interop
+from sigma_moe_jax.interop import hf
 from sigma_moe_jax.training import step as train_lib
+from sigma_moe_jax.training.checkpoint import Checkpointer
 from sigma_moe_jax.training.resume import fingerprint
 from sigma_moe_jax.training.run_config import make_config
 from sigma_moe_jax.training.settings import from_config, lr_and_optimizer

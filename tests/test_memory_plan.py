@@ -6,7 +6,8 @@ import jax
 
 from sigma_moe_jax.cli import memory_plan
 from configs import cpu_tiny
-from sigma_moe_jax import ModelConfig, sharding
+from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.infra import sharding
 from sigma_moe_jax.training import step as train_lib
 
 

@@ -118,7 +118,7 @@ def test_out_of_range_token_ids_are_rejected(bad):
 
 def test_blocks_take_their_configs_and_the_old_keyword_calls_say_what_to_write():
   from sigma_moe_jax.layers import Attention
-  from sigma_moe_jax.moe import MoE
+  from sigma_moe_jax.moe.layer import MoE
   moe = MoE(TINY.moe_config, rngs=nnx.Rngs(0))
   attn = Attention(TINY.attention_config, rngs=nnx.Rngs(0))
   assert moe.w_gate.shape == (TINY.num_experts, TINY.d_model, TINY.d_ff)

@@ -15,8 +15,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from configs import cpu_tiny
-from sigma_moe_jax import sharding
-from sigma_moe_jax.data import make_pipeline
+from sigma_moe_jax.data.pipeline import make_pipeline
+from sigma_moe_jax.infra import sharding
 from sigma_moe_jax.training import step as train_lib
 from sigma_moe_jax.training.run import build_training
 

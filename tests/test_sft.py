@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sigma_moe_jax import ModelConfig, chat
-from sigma_moe_jax.data import make_chat_pipeline
+from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.data import chat
+from sigma_moe_jax.data.pipeline import make_chat_pipeline
+from sigma_moe_jax.data.tokenizer import load_tokenizer
 from sigma_moe_jax.layers import positions_from_segments, rope_frequencies
-from sigma_moe_jax.tokenizer import load_tokenizer
 from sigma_moe_jax.training import step as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax import sharding
+from sigma_moe_jax.infra import sharding
 from sigma_moe_jax.layers import positions_from_segments
 from sigma_moe_jax.training import step as train_lib
 

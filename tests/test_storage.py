@@ -17,7 +17,9 @@ import time
 import numpy as np
 import pytest
 
-from sigma_moe_jax import data, storage, tokenizer
+from sigma_moe_jax.data import pipeline as data
+from sigma_moe_jax.data import tokenizer
+from sigma_moe_jax.infra import storage
 from tests.test_launcher import ROOT, TINY
 
 pytestmark = pytest.mark.integration  # launches processes (see pyproject.toml)

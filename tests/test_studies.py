@@ -11,7 +11,7 @@ import pytest
 
 from experiments import studies
 from configs.reproduce import get_config
-from sigma_moe_jax.data import load_documents
+from sigma_moe_jax.data.pipeline import load_documents
 from sigma_moe_jax.training.settings import model_and_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

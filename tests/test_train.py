@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from sigma_moe_jax import ModelConfig, TopKSchedule
-from sigma_moe_jax.balancing import update_selection_bias
 from sigma_moe_jax.layers import positions_from_segments
+from sigma_moe_jax.moe.balancing import update_selection_bias
 from sigma_moe_jax.schedule import AdaptiveTopK
 from sigma_moe_jax.training import step as train_lib
 
@@ -131,7 +131,7 @@ def test_evaluation_routing_adds_up_to_the_whole_set():
   """The routing load that `evaluate` sums over batches equals the load of all of them run as one
   batch (a second code path), and its LBL is Eq. 1 on that f and p."""
   from sigma_moe_jax.training.run import evaluate
-  from sigma_moe_jax.sharding import make_mesh
+  from sigma_moe_jax.infra.sharding import make_mesh
   graphdef, params = train_lib.init_model(CFG, 0)
   eval_step = jax.jit(train_lib.make_eval_step(graphdef))
   top_k = jnp.ones((CFG.num_layers,), jnp.int32)
@@ -158,7 +158,7 @@ def test_evaluation_is_dropless_whatever_the_training_capacity():
   """With a capacity that drops tokens in training, evaluation drops none and gives the loss of
   the dense oracle (every token through its experts)."""
   from sigma_moe_jax.training.run import dropless_eval_step, evaluate
-  from sigma_moe_jax.sharding import make_mesh
+  from sigma_moe_jax.infra.sharding import make_mesh
   cfg = CFG.replace(capacity_factor=0.25)
   graphdef, params = train_lib.init_model(cfg, 0)
   top_k = jnp.ones((cfg.num_layers,), jnp.int32)

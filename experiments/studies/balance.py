@@ -7,8 +7,8 @@ from typing import Callable, Dict
 import numpy as np
 from flax import nnx
 
-from sigma_moe_jax import storage
-from sigma_moe_jax.data import make_pipeline
+from sigma_moe_jax.data.pipeline import make_pipeline
+from sigma_moe_jax.infra import storage
 from sigma_moe_jax.training import run as training
 from sigma_moe_jax.training import step as train_lib
 

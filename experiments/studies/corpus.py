@@ -13,9 +13,9 @@ import collections
 import numpy as np
 
 from sigma_moe_jax.cli import common as cli_lib
-from sigma_moe_jax.data import (chunk_documents, load_documents, split_documents,
+from sigma_moe_jax.data.pipeline import (chunk_documents, load_documents, split_documents,
                                 validation_piece_chars)
-from sigma_moe_jax.tokenizer import load_tokenizer
+from sigma_moe_jax.data.tokenizer import load_tokenizer
 
 
 def corpus_facts(config, top: int = 10) -> dict:

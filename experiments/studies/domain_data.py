@@ -15,8 +15,8 @@ import random
 import sysconfig
 from typing import Dict, List
 
-from sigma_moe_jax.data import load_documents, split_documents
-from sigma_moe_jax import storage
+from sigma_moe_jax.data.pipeline import load_documents, split_documents
+from sigma_moe_jax.infra import storage
 
 DOMAINS = ("english", "python")
 SPLITS = ("train", "val")

@@ -12,7 +12,7 @@ from experiments.studies import analyses
 from experiments.studies.analyses import domain_information
 from experiments.studies.runs import joined
 from experiments.studies.variants import TRANSITIONS
-from sigma_moe_jax import storage
+from sigma_moe_jax.infra import storage
 
 
 def _plt():

@@ -10,7 +10,7 @@ from experiments.studies import analyses, figures
 from experiments.studies.domain_data import prepare_domains
 from experiments.studies.variants import (DOMAIN_SHARD_VARIANTS, DOMAIN_VARIANTS, FROM_PHASE1,
                                           TRANSITIONS, VARIANTS, split_seed, variant_config)
-from sigma_moe_jax import storage
+from sigma_moe_jax.infra import storage
 from sigma_moe_jax.training import run as training
 from sigma_moe_jax.training.run_config import with_defaults
 

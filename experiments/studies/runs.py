@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax import storage
+from sigma_moe_jax.infra import storage
 from sigma_moe_jax.params import count_params
 from sigma_moe_jax.training.settings import model_and_schedule
 

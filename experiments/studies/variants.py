@@ -10,7 +10,7 @@ from typing import Callable, Dict
 import ml_collections
 
 from experiments.studies.domain_data import domain_paths
-from sigma_moe_jax import storage
+from sigma_moe_jax.infra import storage
 from sigma_moe_jax.schedule import parse_per_layer
 
 SWITCH_FRACTION = 0.9

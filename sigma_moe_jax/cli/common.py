@@ -15,8 +15,8 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-from sigma_moe_jax import storage
-from sigma_moe_jax.storage import project_path
+from sigma_moe_jax.infra import storage
+from sigma_moe_jax.infra.storage import project_path
 from sigma_moe_jax.training.run_config import unknown_key
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Keep the libraries' INFO logging (Orbax's "

@@ -34,12 +34,14 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from sigma_moe_jax import chat as chat_lib
-from sigma_moe_jax import generate, scoring, storage
-from sigma_moe_jax.chat import ChatTemplate
 from sigma_moe_jax.cli import common as cli_lib
-from sigma_moe_jax.data import load_documents, split_documents, validation_piece_chars
-from sigma_moe_jax.inference import load_run, token_byte_lengths
+from sigma_moe_jax.data import chat as chat_lib
+from sigma_moe_jax.data.chat import ChatTemplate
+from sigma_moe_jax.data.pipeline import load_documents, split_documents, validation_piece_chars
+from sigma_moe_jax.inference import generate
+from sigma_moe_jax.inference import scoring
+from sigma_moe_jax.inference.load import load_run, token_byte_lengths
+from sigma_moe_jax.infra import storage
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _TASK = flags.DEFINE_string("task", None, "Multiple-choice JSONL, or a corpus.")

@@ -7,17 +7,17 @@ Writes config.json, generation_config.json, the weights as safetensors shards (w
 model.safetensors.index.json when there is more than one), tokenizer.json and
 tokenizer_config.json. The checkpoint is restored once; the tensors are converted and written
 one layer at a time, so the export holds at most one layer and one shard beyond the model.
-A model Qwen3-MoE cannot represent is refused with what differs (see sigma_moe_jax/hf.py).
+A model Qwen3-MoE cannot represent is refused with what differs (see sigma_moe_jax/interop/hf.py).
 """
 
 import sys
 
 from absl import flags
 
-from sigma_moe_jax import storage
 from sigma_moe_jax.cli import common as cli_lib
-from sigma_moe_jax.hf_runs import export, parse_size
-from sigma_moe_jax.inference import load_run
+from sigma_moe_jax.inference.load import load_run
+from sigma_moe_jax.infra import storage
+from sigma_moe_jax.interop.hf_runs import export, parse_size
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write (local or gs://).")

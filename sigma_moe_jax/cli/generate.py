@@ -25,10 +25,12 @@ import time
 import jax
 from absl import flags
 
-from sigma_moe_jax import chat, generate, storage
-from sigma_moe_jax.chat import ChatTemplate
 from sigma_moe_jax.cli import common as cli_lib
-from sigma_moe_jax.inference import load_run
+from sigma_moe_jax.data import chat
+from sigma_moe_jax.data.chat import ChatTemplate
+from sigma_moe_jax.inference import generate
+from sigma_moe_jax.inference.load import load_run
+from sigma_moe_jax.infra import storage
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _PROMPT = flags.DEFINE_string("prompt", None, "A prompt.")

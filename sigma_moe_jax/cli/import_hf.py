@@ -21,9 +21,10 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from sigma_moe_jax import ModelConfig, storage
+from sigma_moe_jax import ModelConfig
 from sigma_moe_jax.cli import common as cli_lib
-from sigma_moe_jax.hf_runs import import_model
+from sigma_moe_jax.infra import storage
+from sigma_moe_jax.interop.hf_runs import import_model
 from sigma_moe_jax.training.run_config import make_config
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Directory with config.json and safetensors.")

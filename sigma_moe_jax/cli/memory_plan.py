@@ -26,8 +26,11 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-from sigma_moe_jax import aot, attention, platform, sharding
+from sigma_moe_jax import attention
 from sigma_moe_jax.cli import common as cli_lib
+from sigma_moe_jax.infra import aot
+from sigma_moe_jax.infra import platform
+from sigma_moe_jax.infra import sharding
 from sigma_moe_jax.params import abstract_model
 from sigma_moe_jax.training.settings import from_config, model_and_schedule, step_plan
 

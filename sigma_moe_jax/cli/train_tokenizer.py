@@ -10,8 +10,10 @@ so validation text stays unseen by the tokenizer as well as by the model.
 
 from absl import flags
 
-from sigma_moe_jax import data, storage, tokenizer
 from sigma_moe_jax.cli import common as cli_lib
+from sigma_moe_jax.data import pipeline as data
+from sigma_moe_jax.data import tokenizer
+from sigma_moe_jax.infra import storage
 
 _DATA = flags.DEFINE_string("data", None, "Path, comma-separated paths or glob of documents.",
                             required=True)

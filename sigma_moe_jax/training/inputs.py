@@ -7,9 +7,9 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 
-from sigma_moe_jax import chat
-from sigma_moe_jax.chat import ChatTemplate
-from sigma_moe_jax.data import (chunk_documents, data_files, holds_out_pieces, load_documents,
+from sigma_moe_jax.data import chat
+from sigma_moe_jax.data.chat import ChatTemplate
+from sigma_moe_jax.data.pipeline import (chunk_documents, data_files, holds_out_pieces, load_documents,
                                 make_block_pipeline, make_chat_pipeline, make_file_pipeline,
                                 make_pipeline, read_documents, split_documents,
                                 validation_piece_chars)

@@ -18,8 +18,8 @@ from typing import Callable, Optional, Tuple
 import jax
 from jax.experimental import multihost_utils
 
-from sigma_moe_jax import storage
-from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
+from sigma_moe_jax.infra import storage
+from sigma_moe_jax.training.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.training.hooks import RunStopped
 from sigma_moe_jax.training.run_config import changed_on_new_run, differences
 from sigma_moe_jax.training.settings import TrainSettings

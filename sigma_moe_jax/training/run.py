@@ -19,15 +19,18 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from sigma_moe_jax import distributed, generate, sharding, storage
-from sigma_moe_jax.balancing import gate_prob_mean, load_statistics
-from sigma_moe_jax.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.config import ModelConfig
-from sigma_moe_jax.data import check_vocab
-from sigma_moe_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
-from sigma_moe_jax.tokenizer import load_tokenizer
+from sigma_moe_jax.data.pipeline import check_vocab
+from sigma_moe_jax.data.tokenizer import load_tokenizer
+from sigma_moe_jax.inference import generate
+from sigma_moe_jax.infra import distributed
+from sigma_moe_jax.infra import sharding
+from sigma_moe_jax.infra import storage
+from sigma_moe_jax.infra.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from sigma_moe_jax.moe.balancing import gate_prob_mean, load_statistics
 from sigma_moe_jax.training import hooks as hooks_lib
 from sigma_moe_jax.training import step as train_lib
+from sigma_moe_jax.training.checkpoint import Checkpointer, abstract_like
 from sigma_moe_jax.training.inputs import Inputs, eval_batches, load_inputs, train_batches
 from sigma_moe_jax.training.loop import fit
 from sigma_moe_jax.training.resume import (check_compatible, fingerprint, restore_initial,

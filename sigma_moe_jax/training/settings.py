@@ -13,10 +13,10 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import ml_collections
 
-from sigma_moe_jax import aot
 from sigma_moe_jax.config import ModelConfig
+from sigma_moe_jax.infra import aot
+from sigma_moe_jax.infra.storage import project_path
 from sigma_moe_jax.schedule import AdaptiveTopK, TopKSchedule, parse_per_layer, parse_phases
-from sigma_moe_jax.storage import project_path
 from sigma_moe_jax.training import step as train_lib
 from sigma_moe_jax.training.step import LR_SCHEDULES, BalanceSettings, Schedule
 
@@ -115,7 +115,7 @@ class DataSettings:
   rows_by_path: bool = _stream(False)
   # Supervised fine-tuning: `chat` reads JSONL conversations ({"messages": [...]} or {"prompt",
   # "completion"}), renders them with `chat_template` and trains on the assistant tokens only
-  # (sigma_moe_jax/chat.py); whole conversations are packed several to a row. A conversation
+  # (sigma_moe_jax/data/chat.py); whole conversations are packed several to a row. A conversation
   # longer than train.seq_len is refused, or cut to it with `truncate`.
   format: str = _stream("text")  # `text` (pre-training documents) or `chat`
   chat_template: str = _stream("data/chat_template.jinja")  # Jinja, Hugging Face convention

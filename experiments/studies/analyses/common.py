@@ -9,7 +9,7 @@ import numpy as np
 
 from experiments.studies.runs import Run, joined
 from experiments.studies.variants import split_seed
-from sigma_moe_jax.balancing import expert_domain_mutual_information
+from sigma_moe_jax.moe.balancing import expert_domain_mutual_information
 from sigma_moe_jax.params import count_params
 
 

@@ -36,7 +36,7 @@ fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 # The source checkout (the folder holding this package): the shipped configs, corpus and
 # tokenizer are found from there when a relative path matches nothing in the current directory.
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def is_remote(path: str) -> bool:

@@ -18,11 +18,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sigma_moe_jax import dispatch as dispatch_lib
-from sigma_moe_jax import expert_parallel, platform, sharding
-from sigma_moe_jax.balancing import layer_statistics
+from sigma_moe_jax.infra import platform
+from sigma_moe_jax.infra import sharding
 from sigma_moe_jax.layers import normal_param
-from sigma_moe_jax.routing import route, router_logits
+from sigma_moe_jax.moe import dispatch as dispatch_lib
+from sigma_moe_jax.moe import expert_parallel
+from sigma_moe_jax.moe.balancing import layer_statistics
+from sigma_moe_jax.moe.routing import route, router_logits
 
 _EXPERT_AXES = {"w_gate": ("expert", "embed", "mlp"), "w_up": ("expert", "embed", "mlp"),
                 "w_down": ("expert", "mlp", "embed")}

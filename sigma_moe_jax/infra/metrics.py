@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigma_moe_jax import storage
 from sigma_moe_jax.config import ModelConfig
+from sigma_moe_jax.infra import storage
 from sigma_moe_jax.params import count_params
 
 # Dense bf16 peak per chip, for MFU on accelerators. Unknown kinds are measured like the CPU.

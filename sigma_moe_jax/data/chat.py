@@ -24,8 +24,8 @@ import jinja2
 import jinja2.sandbox
 import numpy as np
 
-from sigma_moe_jax import storage
-from sigma_moe_jax.tokenizer import EOS_TOKEN, Tokenizer
+from sigma_moe_jax.data.tokenizer import EOS_TOKEN, Tokenizer
+from sigma_moe_jax.infra import storage
 
 ROLES = ("system", "user", "assistant")
 Message = Dict[str, str]

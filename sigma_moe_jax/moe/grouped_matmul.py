@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from sigma_moe_jax import platform
+from sigma_moe_jax.infra import platform
 
 GROUPED_MATMULS = ("auto", "xla", "megablox", "mosaic_gpu", "triton")
 _MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)

@@ -14,7 +14,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from sigma_moe_jax import storage
+from sigma_moe_jax.infra import storage
 from sigma_moe_jax.training.step import TrainState
 
 

@@ -1,6 +1,6 @@
 """Hugging Face Qwen3-MoE checkpoints from runs and runs from them (the work behind
 `sigma_moe_jax.cli.export_hf` and `sigma_moe_jax.cli.import_hf`; the format itself is in
-sigma_moe_jax/hf.py)."""
+sigma_moe_jax/interop/hf.py)."""
 
 import json
 import os
@@ -13,11 +13,13 @@ import numpy as np
 import safetensors.numpy
 from safetensors import safe_open
 
-from sigma_moe_jax import ModelConfig, hf, storage
-from sigma_moe_jax.checkpoint import Checkpointer
-from sigma_moe_jax.data import check_vocab
-from sigma_moe_jax.tokenizer import EOS_TOKEN, load_tokenizer
+from sigma_moe_jax import ModelConfig
+from sigma_moe_jax.data.pipeline import check_vocab
+from sigma_moe_jax.data.tokenizer import EOS_TOKEN, load_tokenizer
+from sigma_moe_jax.infra import storage
+from sigma_moe_jax.interop import hf
 from sigma_moe_jax.training import step as train_lib
+from sigma_moe_jax.training.checkpoint import Checkpointer
 from sigma_moe_jax.training.resume import fingerprint
 from sigma_moe_jax.training.settings import from_config, lr_and_optimizer
 

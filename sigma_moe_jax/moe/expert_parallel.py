@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from sigma_moe_jax import dispatch as dispatch_lib
+from sigma_moe_jax.moe import dispatch as dispatch_lib
 
 
 def send_capacity(assignments: int, shards: int, capacity_factor: Optional[float]) -> int:

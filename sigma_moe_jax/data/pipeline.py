@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import grain
 import numpy as np
 
-from sigma_moe_jax import storage
-from sigma_moe_jax.tokenizer import Tokenizer
+from sigma_moe_jax.data.tokenizer import Tokenizer
+from sigma_moe_jax.infra import storage
 
 _TEXT_SUFFIXES = (".txt", ".txt.gz")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from sigma_moe_jax import grouped_matmul as grouped_matmul_lib
-from sigma_moe_jax.grouped_matmul import gmm
+from sigma_moe_jax.moe import grouped_matmul as grouped_matmul_lib
+from sigma_moe_jax.moe.grouped_matmul import gmm
 
 # Shapes use the letters of docs/design.md ("Shape letters"): T tokens, K slots per token, E
 # experts, D d_model, F d_ff, A = T * K assignments, G groups, C capacity per group.

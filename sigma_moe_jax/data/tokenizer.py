@@ -16,7 +16,7 @@ import tiktoken
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from sigma_moe_jax import storage
+from sigma_moe_jax.infra import storage
 
 EOS_TOKEN = "<|endoftext|>"
 # End-of-text names tried, in order, when a tokenizer.json does not use EOS_TOKEN.

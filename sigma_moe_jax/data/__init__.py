@@ -1,0 +1,1 @@
+"""Text in: the grain pipelines with packing (`pipeline`), tokenizers, chat conversations."""

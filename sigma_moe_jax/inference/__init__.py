@@ -1,0 +1,1 @@
+"""A trained model used: loading a run (`load`), generation with a KV cache, scoring."""
