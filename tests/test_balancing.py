@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sigma_moe_jax.moe.balancing import (MoEStats, RoutingCounts, expert_domain_mutual_information,
-                                     gate_prob_mean, load_statistics, routing_metrics,
-                                     top1_load_balancing_loss, update_selection_bias)
+                                         gate_prob_mean, load_statistics, routing_metrics,
+                                         top1_load_balancing_loss, update_selection_bias)
 from sigma_moe_jax.moe.layer import MoE, MoEConfig
 
 E, D, F = 8, 16, 16

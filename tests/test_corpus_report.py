@@ -10,7 +10,8 @@ import pytest
 
 from experiments.studies.corpus import corpus_facts
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax.data.pipeline import chunk_documents, load_documents, make_pipeline, split_documents
+from sigma_moe_jax.data.pipeline import (chunk_documents, load_documents, make_pipeline,
+                                         split_documents)
 from sigma_moe_jax.data.tokenizer import load_tokenizer
 from sigma_moe_jax.training.run_config import make_config
 

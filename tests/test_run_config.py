@@ -6,8 +6,7 @@ import dataclasses
 import pytest
 
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax.training.run_config import (differences, make_config, unknown_key,
-                                               with_defaults)
+from sigma_moe_jax.training.run_config import differences, make_config, unknown_key, with_defaults
 from sigma_moe_jax.training.settings import (DataSettings, ScheduleSettings, TrainSettings,
                                              from_config)
 

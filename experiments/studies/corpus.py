@@ -14,7 +14,7 @@ import numpy as np
 
 from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.data.pipeline import (chunk_documents, load_documents, split_documents,
-                                validation_piece_chars)
+                                         validation_piece_chars)
 from sigma_moe_jax.data.tokenizer import load_tokenizer
 
 

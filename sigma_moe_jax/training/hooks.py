@@ -137,7 +137,7 @@ class Evaluate(Hook):
 
 class WriteMetrics(Hook):
   """Writes each step's record with its console line ("step N/M | ..."), through a writer with
-  `write(step, values, line)`, `flush()` and `close()` (`sigma_moe_jax.infra.metrics.MetricsWriter`).
+  `write(step, values, line)`, `flush()` and `close()` (`infra.metrics.MetricsWriter`).
   A failed write (a full disk) stops the run with one line; `last_saved()` names the newest
   complete checkpoint in it."""
 

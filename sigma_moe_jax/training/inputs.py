@@ -9,10 +9,10 @@ import jax
 
 from sigma_moe_jax.data import chat
 from sigma_moe_jax.data.chat import ChatTemplate
-from sigma_moe_jax.data.pipeline import (chunk_documents, data_files, holds_out_pieces, load_documents,
-                                make_block_pipeline, make_chat_pipeline, make_file_pipeline,
-                                make_pipeline, read_documents, split_documents,
-                                validation_piece_chars)
+from sigma_moe_jax.data.pipeline import (chunk_documents, data_files, holds_out_pieces,
+                                         load_documents, make_block_pipeline, make_chat_pipeline,
+                                         make_file_pipeline, make_pipeline, read_documents,
+                                         split_documents, validation_piece_chars)
 from sigma_moe_jax.training.settings import DataSettings, TrainSettings
 
 

@@ -24,7 +24,7 @@ from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.infra import sharding
 from sigma_moe_jax.model import Transformer
 from sigma_moe_jax.moe.balancing import (BALANCE_LOSSES, MoEStats, combine_micro_batches,
-                                     routing_metrics, update_selection_bias)
+                                         routing_metrics, update_selection_bias)
 from sigma_moe_jax.schedule import AdaptiveTopK, TopKSchedule
 
 Schedule = Union[TopKSchedule, AdaptiveTopK]

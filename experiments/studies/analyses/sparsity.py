@@ -8,8 +8,8 @@ from experiments.studies.analyses.common import (band, bands_of, by_seed, final_
                                                  second_half_balance, seeded, series_window,
                                                  mean_active_params)
 from experiments.studies.runs import Run, joined
-from experiments.studies.variants import (ADAPTIVE_CALM_FRACTION, ADAPTIVE_WINDOW,
-                                          SWITCH_FRACTION, TRANSITIONS)
+from experiments.studies.variants import (ADAPTIVE_CALM_FRACTION, ADAPTIVE_WINDOW, SWITCH_FRACTION,
+                                          TRANSITIONS)
 from sigma_moe_jax.params import count_params
 
 
