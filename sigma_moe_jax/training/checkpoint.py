@@ -20,6 +20,7 @@ from sigma_moe_jax.training.step import TrainState
 
 class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    self.directory = directory
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
