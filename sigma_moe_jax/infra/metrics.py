@@ -4,6 +4,7 @@ line per interval, JSON lines, TensorBoard)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Dict, Optional, Sequence
 
@@ -72,6 +73,21 @@ class _BucketEventFiles:
     del path  # a bucket has no directories to create
 
 
+def _tensorboardx():
+  """(SummaryWriter, record_writer), imported on first use (only the writing process needs them).
+  tensorboardX imports PyTorch when it is installed, only to accept torch tensors (we pass
+  numpy): 1.5 s of every run's start. Unless torch is loaded already, it is hidden meanwhile."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter, record_writer  # noqa: PLC0415
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter, record_writer
+
+
 class MetricsWriter:
   """Writes on the first process only: stdout line, `metrics.jsonl`, TensorBoard events.
 
@@ -83,8 +99,7 @@ class MetricsWriter:
     self.path = storage.join(workdir, "metrics.jsonl")
     self.tensorboard = self.lines = None
     if enabled:
-      # Imported lazily: only the writing process needs it.
-      from tensorboardX import SummaryWriter, record_writer
+      SummaryWriter, record_writer = _tensorboardx()
       self._event_files = _BucketEventFiles(min_interval)
       record_writer.register_writer_factory("gs", self._event_files)
       storage.makedirs(workdir)
