@@ -51,24 +51,43 @@ def losses(workdir):
   return by_step
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["--config.data.path=/nonexistent/*.txt"], "no data file matches"),
-    (["--config.model.vocab_size=100"], "4096"),
-    (["--config.train.batch_size=3"], "does not split"),
-    (["--config.train.steps=0"], "train.steps must be >= 1"),
-    (["--config.schedule.top_k=[1]*5"], "expected num_layers=2"),
-    (["--config.model.gate_fn=relu"], "model.gate_fn: must be one of"),
-    (["--config.train.init_from=/nonexistent/run"], "no checkpoints directory"),
-    (["--config.data.eval_sets=python"], "not name=paths"),
-    (["--config.data.rows_by_path=true"], "data.rows_by_path needs several"),
-])
-def test_bad_input_gives_one_clear_error(tmp_path, overrides, message):
-  code, out, err = launch(tmp_path / "run", *overrides, devices=2)
+def test_bad_input_gives_one_clear_error(tmp_path):
+  code, out, err = launch(tmp_path / "run", "--config.data.path=/nonexistent/*.txt", devices=2)
   assert code != 0
   last = err.strip().splitlines()[-1]
-  assert last.startswith("error: ") and message in last, err[-2000:]
-  assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
-      tmp_path / "run" / "checkpoints")
+  assert last.startswith("error: ") and "no data file matches" in last, err[-2000:]
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# The same refusals from the library call the launcher makes (one process for them all). The
+# tiny model of TINY, 8 rows a batch to split over this process's 8 devices.
+TINY_CONFIG = {"model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2,
+               "model.num_kv_heads": 1, "model.head_dim": 16, "model.num_experts": 8,
+               "model.d_ff": 32, "train.batch_size": 8, "train.seq_len": 32}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.vocab_size": 100}, "4096"),
+    ({"train.batch_size": 3}, "does not split"),
+    ({"train.steps": 0}, "train.steps must be >= 1"),
+    ({"schedule.top_k": "[1]*5"}, "expected num_layers=2"),
+    ({"model.gate_fn": "relu"}, "model.gate_fn: must be one of"),
+    ({"train.init_from": "/nonexistent/run"}, "no checkpoints directory"),
+    ({"data.eval_sets": "python"}, "not name=paths"),
+    ({"data.rows_by_path": True}, "data.rows_by_path needs several"),
+    ({"train.stpes": 5}, "did you mean train.steps?"),
+])
+def test_bad_config_is_refused_before_anything_is_written(tmp_path, overrides, message):
+  from sigma_moe_jax import train
+  from sigma_moe_jax.training.run_config import load_config
+  config = load_config(os.path.join(ROOT, "configs", "cpu_tiny.py")).to_dict()
+  for key, value in {**TINY_CONFIG, **overrides}.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    train(config, str(tmp_path / "run"))
+  checkpoints = tmp_path / "run" / "checkpoints"
+  assert not checkpoints.exists() or not os.listdir(checkpoints)
 
 
 def test_launcher_runs_from_another_directory(tmp_path):
