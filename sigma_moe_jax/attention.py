@@ -27,8 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from sigma_moe_jax.infra import platform
-from sigma_moe_jax.infra import sharding
+from sigma_moe_jax.infra import platform, sharding
 
 ATTENTIONS = ("auto", "xla", "splash", "cudnn")
 _SPLASH_BLOCKS = (512, 256, 128)

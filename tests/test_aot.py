@@ -12,9 +12,7 @@ import optax
 import pytest
 
 from sigma_moe_jax import ModelConfig, TopKSchedule
-from sigma_moe_jax.infra import aot
-from sigma_moe_jax.infra import platform
-from sigma_moe_jax.infra import sharding
+from sigma_moe_jax.infra import aot, platform, sharding
 from sigma_moe_jax.training import step as train_lib
 
 # Sizes the kernels accept: sequence a multiple of 128 (splash), 16-bit compute and widths that

@@ -17,8 +17,7 @@ import pytest
 from flax import nnx
 
 from sigma_moe_jax import ModelConfig
-from sigma_moe_jax.inference import generate
-from sigma_moe_jax.inference import scoring
+from sigma_moe_jax.inference import generate, scoring
 from sigma_moe_jax.training import step as train_lib
 from tests.test_launcher import ROOT, launch
 

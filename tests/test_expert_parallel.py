@@ -11,8 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from sigma_moe_jax import ModelConfig, Transformer
 from sigma_moe_jax.infra import sharding
-from sigma_moe_jax.moe import dispatch
-from sigma_moe_jax.moe import expert_parallel
+from sigma_moe_jax.moe import dispatch, expert_parallel
 
 E, D, F, T, K = 8, 16, 16, 32, 2
 

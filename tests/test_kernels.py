@@ -11,8 +11,7 @@ import pytest
 
 from sigma_moe_jax import attention
 from sigma_moe_jax.infra import platform
-from sigma_moe_jax.moe import dispatch
-from sigma_moe_jax.moe import grouped_matmul
+from sigma_moe_jax.moe import dispatch, grouped_matmul
 
 # Group sizes with an empty group (first and middle), sizes that are no tile multiple, and rows
 # past the last group (which must come out as zeros, gradients included).

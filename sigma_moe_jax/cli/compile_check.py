@@ -27,9 +27,7 @@ from ml_collections import config_flags
 
 from sigma_moe_jax import attention
 from sigma_moe_jax.cli import common as cli_lib
-from sigma_moe_jax.infra import aot
-from sigma_moe_jax.infra import platform
-from sigma_moe_jax.infra import sharding
+from sigma_moe_jax.infra import aot, platform, sharding
 from sigma_moe_jax.infra.metrics import flops_per_token
 from sigma_moe_jax.moe import grouped_matmul
 from sigma_moe_jax.training.settings import from_config, step_plan

@@ -38,8 +38,7 @@ from sigma_moe_jax.cli import common as cli_lib
 from sigma_moe_jax.data import chat as chat_lib
 from sigma_moe_jax.data.chat import ChatTemplate
 from sigma_moe_jax.data.pipeline import load_documents, split_documents, validation_piece_chars
-from sigma_moe_jax.inference import generate
-from sigma_moe_jax.inference import scoring
+from sigma_moe_jax.inference import generate, scoring
 from sigma_moe_jax.inference.load import load_run, token_byte_lengths
 from sigma_moe_jax.infra import storage
 

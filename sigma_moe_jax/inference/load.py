@@ -16,8 +16,7 @@ import optax
 from sigma_moe_jax.data.pipeline import check_vocab
 from sigma_moe_jax.data.tokenizer import Tokenizer, load_tokenizer
 from sigma_moe_jax.inference import generate
-from sigma_moe_jax.infra import sharding
-from sigma_moe_jax.infra import storage
+from sigma_moe_jax.infra import sharding, storage
 from sigma_moe_jax.schedule import parse_per_layer
 from sigma_moe_jax.training import step as train_lib
 from sigma_moe_jax.training.checkpoint import Checkpointer, abstract_like

@@ -26,8 +26,7 @@ from jax.sharding import NamedSharding
 
 from sigma_moe_jax import attention
 from sigma_moe_jax.config import ModelConfig
-from sigma_moe_jax.infra import platform
-from sigma_moe_jax.infra import sharding
+from sigma_moe_jax.infra import platform, sharding
 from sigma_moe_jax.schedule import TopKSchedule
 from sigma_moe_jax.training import step as train_lib
 

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sigma_moe_jax.infra import platform
-from sigma_moe_jax.infra import sharding
+from sigma_moe_jax.infra import platform, sharding
 from sigma_moe_jax.layers import normal_param
 from sigma_moe_jax.moe import dispatch as dispatch_lib
 from sigma_moe_jax.moe import expert_parallel

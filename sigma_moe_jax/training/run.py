@@ -23,9 +23,7 @@ from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.data.pipeline import check_vocab
 from sigma_moe_jax.data.tokenizer import load_tokenizer
 from sigma_moe_jax.inference import generate
-from sigma_moe_jax.infra import distributed
-from sigma_moe_jax.infra import sharding
-from sigma_moe_jax.infra import storage
+from sigma_moe_jax.infra import distributed, sharding, storage
 from sigma_moe_jax.infra.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from sigma_moe_jax.moe.balancing import gate_prob_mean, load_statistics
 from sigma_moe_jax.training import hooks as hooks_lib
