@@ -183,6 +183,12 @@ def top1_lbl(runs):
       and not split_seed(name)[1]}
   results["seeds"] = paired_with_lbl(runs, "top1_lbl")
   results["over_seeds"] = paired_summary(results["seeds"])
+  # Experts that get no validation token at the last evaluation, per layer: the balance that a
+  # most-loaded-expert figure does not show.
+  empty = lambda run: (np.asarray(run.last("val_tokens_per_expert")) == 0).sum(-1).tolist()
+  for name, run in by_seed(runs, "top1_lbl").items():
+    results["seeds"][name]["empty_experts_final_per_layer"] = empty(run)
+    results["seeds"][name]["lbl_empty_experts_final_per_layer"] = empty(lbl_seeds[name])
   lower_of = lambda v, key: float(np.mean(v[key][:lower]))
   results["over_seeds"]["second_half_lower_layers_max_load_dev"] = {
       n: {"top1_lbl": lower_of(v, "second_half_max_load_dev_per_layer"),
