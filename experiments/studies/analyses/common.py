@@ -99,6 +99,12 @@ def drops_after_10pct(run: Run) -> np.ndarray:
   return series_window(run, "drop_fraction", end // 10, end).mean(0)
 
 
+def drops_in_first_10pct(run: Run) -> np.ndarray:
+  """Per layer: the share of training assignments dropped in the first 10% of the steps (where
+  even a capacity that later drops nothing still does)."""
+  return series_window(run, "drop_fraction", 0, run.config.train.steps // 10).mean(0)
+
+
 def paired_with_lbl(runs, kind: str) -> dict:
   """Each seed of `kind` against the plain-LBL run of the same seed (same batches): the final
   validation loss difference, the second half's most loaded expert per layer of both, the drops
@@ -119,7 +125,9 @@ def paired_with_lbl(runs, kind: str) -> dict:
         "drop_ratio_to_lbl_per_layer": (drops / ref_drops).tolist(),
         "drop_ratio_to_lbl_all_layers": float(drops.mean() / ref_drops.mean()),
         "final_max_load_dev_per_layer": run.last("val_load_max_dev").tolist(),
-        "lbl_final_max_load_dev_per_layer": ref.last("val_load_max_dev").tolist()}
+        "lbl_final_max_load_dev_per_layer": ref.last("val_load_max_dev").tolist(),
+        "train_drop_fraction_first_10pct_per_layer": drops_in_first_10pct(run).tolist(),
+        "lbl_train_drop_fraction_first_10pct_per_layer": drops_in_first_10pct(ref).tolist()}
   return out
 
 
