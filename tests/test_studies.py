@@ -116,11 +116,14 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
   steps = [50, 100]
   counts = rng.integers(1, 100, size=(len(steps), layers, experts))
   f = counts / counts.sum(-1, keepdims=True)
+  tokens = counts.copy()
+  tokens[-1, 0, :3] = 0  # three experts of layer 0 get nothing at the last evaluation
   p = rng.dirichlet(np.ones(experts), size=(len(steps), layers))
   common = dict(val_load_max_dev=f.max(-1) * experts - 1, val_load_min_dev=f.min(-1) * experts - 1,
                 val_f=f, val_p=p, val_load_cv=f.std(-1) * experts,
                 val_gate_prob_cv=p.std(-1) * experts, val_lbl_per_layer=experts * (f * p).sum(-1),
-                val_loss=[5.0, 4.5], drop_fraction=np.zeros((2, layers)))
+                val_loss=[5.0, 4.5], drop_fraction=np.zeros((2, layers)),
+                val_tokens_per_expert=tokens)
   lbl = synthetic_run("lbl", base, steps, **common)
   other = synthetic_run("lbl_seed1", base, steps, **{**common, "val_load_max_dev": np.ones(
       (2, layers)) * np.arange(layers)})
@@ -133,6 +136,9 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
   assert results["seeds"]["seed0"]["max_load_dev_per_layer"] == pytest.approx(
       (f.max(-1) * experts - 1).mean(0))
   assert results["no_lbl"]["final_val_loss"] == 5.5
+  assert results["seeds"]["seed0"]["empty_experts_final_per_layer"] == [3] + [0] * (layers - 1)
+  assert results["seeds"]["seed0"]["load_cv_per_layer"] == pytest.approx(
+      (f.std(-1) * experts).mean(0))
   final = f[-1].max(-1) * experts - 1
   assert results["max_load_dev"]["lower_layers_mean"] == pytest.approx(final[:2].mean())
   assert results["most_imbalanced_layer"] == int(np.argmax(final))

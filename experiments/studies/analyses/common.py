@@ -32,12 +32,16 @@ def by_seed(runs, kind: str) -> Dict[str, Run]:
 
 def second_half_balance(run: Run) -> dict:
   """A run's balance on the validation set averaged over the second half of training (single
-  evaluations are noisy), and its training drops after the first 10% of the steps."""
+  evaluations are noisy): the most and least loaded expert, the load's CV across experts and
+  the LBL per layer; the experts with no token at the last evaluation; and its training drops
+  after the first 10% of the steps."""
   steps, max_dev = run.series("val_load_max_dev")
   _, min_dev = run.series("val_load_min_dev")
   _, lbl = run.series("val_lbl_per_layer")
+  _, cv = run.series("val_load_cv")
   late = steps >= steps[-1] / 2
   end = run.config.train.steps
+  empty = (np.asarray(run.last("val_tokens_per_expert")) == 0).sum(-1)
   return {"max_load_dev_per_layer": max_dev[late].mean(0).tolist(),
           "min_load_dev_per_layer": min_dev[late].mean(0).tolist(),
           "lbl_per_layer": lbl[late].mean(0).tolist(),
@@ -45,7 +49,9 @@ def second_half_balance(run: Run) -> dict:
           "lbl": lower_vs_upper(lbl[late].mean(0)),
           "most_imbalanced_layer": int(np.argmax(max_dev[late].mean(0))),
           "train_drop_fraction_per_layer": series_window(run, "drop_fraction", end // 10,
-                                                   end).mean(0).tolist()}
+                                                   end).mean(0).tolist(),
+          "load_cv_per_layer": cv[late].mean(0).tolist(),
+          "empty_experts_final_per_layer": empty.tolist()}
 
 
 def seeded(runs, kind: str):
