@@ -66,6 +66,11 @@ STUDIES: Dict[str, Study] = {
     "seed_noise": Study("Seed-to-seed spread of the plain-LBL run, and of paired differences",
                         _seeds("lbl", "phase1", *TRANSITIONS, "adaptive", "loss_free",
                                "top1_lbl"), analyses.seed_noise),
+    # The same bars from the variants a control set holds (the drop-free set has no switch points
+    # but the 90% one, and no adaptive run of the capacity-2 kind).
+    "seed_noise_control": Study("Seed-to-seed spread and paired differences of a control set",
+                                _seeds("lbl", "phase1", "progressive", "loss_free", "top1_lbl"),
+                                analyses.seed_noise),
     "adaptive": Study("Adaptive sparsification against the manual schedule and top-1",
                       _seeds("lbl", "phase1", "progressive", "adaptive"),
                       analyses.adaptive, figures.adaptive),
