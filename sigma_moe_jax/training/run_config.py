@@ -20,46 +20,17 @@ import difflib
 import importlib.util
 import os
 import typing
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import ml_collections
 from ml_collections import config_dict
 
 from sigma_moe_jax.config import ModelConfig
-from sigma_moe_jax.training.settings import (DataSettings, MeshSettings, ScheduleSettings,
-                                             TrainSettings)
-from sigma_moe_jax.training.step import BalanceSettings
+from sigma_moe_jax.training.settings import SECTIONS, defaults, section_fields, with_defaults
 
-SECTIONS = {"model": ModelConfig, "train": TrainSettings, "data": DataSettings,
-            "balance": BalanceSettings, "schedule": ScheduleSettings, "mesh": MeshSettings}
 SECTION_RULE = {"model": "never", "schedule": "new_run", "train": "always", "data": "always",
                 "balance": "always", "mesh": "always"}
-# Keys saved under another name by older versions: (section, old) -> new.
-RENAMED = {("schedule", "topk"): "top_k"}
-# Derived, never set in a config: the model's per-layer maximum top-k comes from the schedule.
-DERIVED = {("model", "max_top_k")}
 
-
-def _fields(section: str) -> List[dataclasses.Field]:
-  return [f for f in dataclasses.fields(SECTIONS[section]) if (section, f.name) not in DERIVED]
-
-
-def defaults() -> Dict[str, dict]:
-  """{section: {key: default}} for every key a config has."""
-  return {section: {f.name: f.default for f in _fields(section)} for section in SECTIONS}
-
-
-def with_defaults(config: dict) -> dict:
-  """A config dict with the keys it lacks (written before they existed) at their defaults and
-  renamed keys under their new names; other top-level entries (the fingerprint) are kept."""
-  filled = dict(config)
-  for section, values in defaults().items():
-    saved = dict(config.get(section, {}))
-    for (renamed_section, old), new in RENAMED.items():
-      if renamed_section == section and old in saved:
-        saved[new] = saved.pop(old)
-    filled[section] = {**values, **saved}
-  return filled
 
 
 def check_keys(config) -> None:
@@ -105,34 +76,35 @@ def _optional_type(hint) -> type:
   return next(a for a in typing.get_args(hint) if a is not type(None))
 
 
+def _changed(saved: dict, current: dict):
+  """(section, key, rule, checkpoint value, config value) of every key that differs, missing keys
+  at their defaults; a fixed schedule's adaptive keys are never compared."""
+  saved, current = with_defaults(saved), with_defaults(current)
+  for section in SECTIONS:
+    fixed = section == "schedule" and saved[section]["kind"] == current[section]["kind"] == "fixed"
+    for f in section_fields(section):
+      if fixed and f.name not in ("kind", "top_k"):
+        continue
+      was, now = saved[section][f.name], current[section][f.name]
+      if was != now:
+        yield section, f.name, f.metadata.get("changes", SECTION_RULE[section]), was, now
+
+
 def differences(saved: dict, current: dict, *, new_run: bool) -> List[str]:
   """The keys of `current` that may not differ from `saved` (a checkpoint's config) and do, as
   "section.key: checkpoint x, config y": on resume (`new_run` False) every key but those that
   change `always`; for a run started from the checkpoint (`new_run`), the `never` keys only.
   Missing keys count as their defaults. A fixed schedule's adaptive keys are never compared."""
-  saved, current = with_defaults(saved), with_defaults(current)
-  diffs = []
-  for section in SECTIONS:
-    fixed = section == "schedule" and saved[section]["kind"] == current[section]["kind"] == "fixed"
-    for f in _fields(section):
-      rule = f.metadata.get("changes", SECTION_RULE[section])
-      if rule == "always" or (rule == "new_run" and new_run):
-        continue
-      if fixed and f.name not in ("kind", "top_k"):
-        continue
-      was, now = saved[section][f.name], current[section][f.name]
-      if was != now:
-        diffs.append(f"{section}.{f.name}: checkpoint {was!r}, config {now!r}")
-  return diffs
+  allowed = ("always", "new_run") if new_run else ("always",)
+  return [f"{section}.{key}: checkpoint {was!r}, config {now!r}"
+          for section, key, rule, was, now in _changed(saved, current) if rule not in allowed]
 
 
 def changed_on_new_run(saved: dict, current: dict, section: str = "model") -> List[str]:
   """The `new_run` keys of a section that differ (e.g. RoPE when a run starts from another's)."""
-  saved, current = with_defaults(saved), with_defaults(current)
-  return [f"{section}.{f.name}: checkpoint {saved[section][f.name]!r}, config "
-          f"{current[section][f.name]!r}" for f in _fields(section)
-          if f.metadata.get("changes", SECTION_RULE[section]) == "new_run"
-          and saved[section][f.name] != current[section][f.name]]
+  return [f"{s}.{key}: checkpoint {was!r}, config {now!r}"
+          for s, key, rule, was, now in _changed(saved, current)
+          if s == section and rule == "new_run"]
 
 
 def load_config(path: str, *args) -> ml_collections.ConfigDict:

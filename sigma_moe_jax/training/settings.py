@@ -9,7 +9,7 @@ key with its default); `from_config` turns a config into these types, so the tra
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import ml_collections
 
@@ -223,6 +223,38 @@ def adaptive_schedule(s: ScheduleSettings, layers: int, top_k: int, steps: int) 
     raise ValueError(f"schedule: {e}") from None
 
 
+# A run's config, section by section (`run_config` builds the dict layer on these).
+SECTIONS = {"model": ModelConfig, "train": TrainSettings, "data": DataSettings,
+            "balance": BalanceSettings, "schedule": ScheduleSettings, "mesh": MeshSettings}
+# Keys saved under another name by older versions: (section, old) -> new.
+RENAMED = {("schedule", "topk"): "top_k"}
+# Derived, never set in a config: the model's per-layer maximum top-k comes from the schedule.
+DERIVED = {("model", "max_top_k")}
+
+
+def section_fields(section: str) -> List[dataclasses.Field]:
+  """The fields of a section that a config sets."""
+  return [f for f in dataclasses.fields(SECTIONS[section]) if (section, f.name) not in DERIVED]
+
+
+def defaults() -> Dict[str, dict]:
+  """{section: {key: default}} for every key a config has."""
+  return {section: {f.name: f.default for f in section_fields(section)} for section in SECTIONS}
+
+
+def with_defaults(config: dict) -> dict:
+  """A config dict with the keys it lacks (written before they existed) at their defaults and
+  renamed keys under their new names; other top-level entries (the fingerprint) are kept."""
+  filled = dict(config)
+  for section, values in defaults().items():
+    saved = dict(config.get(section, {}))
+    for (renamed_section, old), new in RENAMED.items():
+      if renamed_section == section and old in saved:
+        saved[new] = saved.pop(old)
+    filled[section] = {**values, **saved}
+  return filled
+
+
 class Settings(NamedTuple):
   model: ModelConfig
   schedule: Optional[Schedule]
@@ -235,8 +267,7 @@ class Settings(NamedTuple):
 def from_config(config: Any) -> Settings:
   """Typed settings from a config (ml_collections or a plain dict of sections); a bad value is
   one error naming its key. Keys an older config lacks take their defaults
-  (`run_config.with_defaults`)."""
-  from sigma_moe_jax.training.run_config import with_defaults  # noqa: PLC0415 (it imports this)
+  (`with_defaults`)."""
   config = ml_collections.ConfigDict(with_defaults(
       config.to_dict() if hasattr(config, "to_dict") else dict(config)))
   model, schedule = model_and_schedule(config)
