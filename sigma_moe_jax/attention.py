@@ -4,11 +4,12 @@
 
 A token attends to earlier tokens of its own document (equal segment id); Hq is a multiple of Hkv
 (grouped-query attention). Implementations (`ModelConfig.attention`):
-  xla     two batched matmuls around a masked float32 softmax, the query heads of each KV head
-          stacked into one matrix; keeps [Hq, S, S] scores per sequence. The CPU path and the
-          oracle (tests check it against `jax.nn.dot_product_attention`, which XLA:CPU ran
-          1.8-1.9x slower, forward and backward, at 8 x 512 tokens and 8 heads of 64 over 2 KV
-          heads: benchmarks/attention.py).
+  xla     blockwise in plain XLA: query rows in about eight blocks, each against the keys up to
+          its end (the upper triangle skipped), the query heads of each KV head stacked into
+          one matrix, a float32 softmax; the backward recomputes each block's weights from its
+          log-sum-exp instead of keeping [Hq, S, S] weights. The CPU path and the fallback
+          elsewhere (tests check it against `jax.nn.dot_product_attention`;
+          benchmarks/attention.py times the two).
   splash  the Pallas TPU splash-attention kernel (causal mask in the kernel, segment ids
           compared block by block); interpreted when traced for a CPU (tests). Needs S to be a
           multiple of 128.
@@ -21,6 +22,7 @@ A token attends to earlier tokens of its own document (equal segment id); Hq is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import jax
 import jax.numpy as jnp
@@ -69,21 +71,121 @@ def attend(q: Float[Array, "B S Hq Dh"], k: Float[Array, "B S Hkv Dh"],
   raise ValueError(f"unknown attention implementation {impl!r}")
 
 
+# CPU (and the oracle): blockwise causal attention in XLA ----------------------------------------
+
+
+def query_block(seq_len: int) -> int:
+  """Query rows per block of the xla path: about eight blocks, at least 32 rows."""
+  return max(32, -(-seq_len // 8))
+
+
 def _xla(q, k, v, segment_ids):
-  """Grouped-query attention as [B, Hkv] batches of ([G x S, D] @ [D, T]) matmuls: the G query
-  heads sharing a KV head are stacked into rows, so K and V are never repeated and every matmul
-  has its batch dimensions leading (what XLA:CPU runs fastest)."""
-  b, s, h, d = q.shape
-  kv = k.shape[2]
-  g = h // kv
-  rows = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
+  return _blockwise(q, k, v, segment_ids, query_block(q.shape[1]))
+
+
+def _blocks(seq_len: int, block: int):
+  """(start, size) of each query block; block i sees keys 0 .. start + size."""
+  return [(start, min(block, seq_len - start)) for start in range(0, seq_len, block)]
+
+
+def _block_mask(segment_ids, start: int, size: int):
+  """[B, 1, 1, size, start + size] bool: causal, and inside one packed document."""
+  keys = start + size
+  causal = (start + jnp.arange(size))[:, None] >= jnp.arange(keys)[None, :]
+  same_doc = segment_ids[:, start:keys, None] == segment_ids[:, None, :keys]
+  return (causal[None] & same_doc)[:, None, None]
+
+
+def _grouped(a, kv_heads: int):
+  """[B, S, H, D] -> [B, Hkv, G, S, D]: the G query heads sharing a KV head side by side."""
+  b, s, h, d = a.shape
+  return a.reshape(b, s, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _ungrouped(a):
+  b, kv, g, s, d = a.shape
+  return a.transpose(0, 3, 1, 2, 4).reshape(b, s, kv * g, d)
+
+
+def _block_scores(rows, keys, segment_ids, start, size):
+  """Scaled float32 scores of query block (start, size) against its keys, masked:
+  [B, Hkv, G, size, start + size]; and the mask."""
+  b, kv, g, _, d = rows.shape
+  block_rows = rows[:, :, :, start:start + size].reshape(b, kv, g * size, d)
+  scores = jnp.einsum("bkqd,bktd->bkqt", block_rows, keys[:, :, :start + size],
+                      preferred_element_type=jnp.float32) * (1 / math.sqrt(d))
+  mask = _block_mask(segment_ids, start, size)
+  return jnp.where(mask, scores.reshape(b, kv, g, size, start + size), -1e30), mask
+
+
+def _attend_blocks(q, k, v, segment_ids, block):
+  """(out [B, Hkv, G, S, D], log-sum-exp of each query row's scores [B, Hkv, G, S])."""
+  rows = _grouped(q, k.shape[2])
   keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
-  scores = jnp.einsum("bkqd,bktd->bkqt", rows, keys, preferred_element_type=jnp.float32)
-  scores = (scores * (1 / math.sqrt(d))).reshape(b, kv, g, s, s)
-  mask = causal_document_mask(segment_ids)[:, :, None]  # [B, 1, 1, S, T]
-  weights = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
-  out = jnp.einsum("bkqt,bktd->bkqd", weights.reshape(b, kv, g * s, s).astype(v.dtype), values)
-  return out.reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+  b, kv, g, _, d = rows.shape
+  outs, lses = [], []
+  for start, size in _blocks(q.shape[1], block):
+    scores, _ = _block_scores(rows, keys, segment_ids, start, size)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    exp = jnp.exp(scores - peak)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    weights = (exp / total).reshape(b, kv, g * size, start + size).astype(v.dtype)
+    out = jnp.einsum("bkqt,bktd->bkqd", weights, values[:, :, :start + size])
+    outs.append(out.reshape(b, kv, g, size, d))
+    lses.append((peak + jnp.log(total))[..., 0])
+  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blockwise(q, k, v, segment_ids, block):
+  """Grouped-query causal attention, query rows in blocks of `block`: block i computes scores
+  against keys 0 .. (i + 1) * block only (the masked-out upper triangle is skipped), and the
+  backward recomputes each block's weights from its log-sum-exp rather than keeping [S, S]
+  weights per layer between the passes (on XLA:CPU, storing and reloading those cost more than
+  recomputing them). The G query heads of each KV head are stacked into one matrix, so K and V
+  are never repeated and every matmul has its batch dimensions leading."""
+  return _ungrouped(_attend_blocks(q, k, v, segment_ids, block)[0])
+
+
+def _blockwise_forward(q, k, v, segment_ids, block):
+  out, lse = _attend_blocks(q, k, v, segment_ids, block)
+  return _ungrouped(out).astype(q.dtype), (q, k, v, segment_ids, out, lse)
+
+
+def _blockwise_backward(block, saved, d_out):
+  q, k, v, segment_ids, out, lse = saved
+  rows, d_rows = _grouped(q, k.shape[2]), _grouped(d_out, k.shape[2])
+  keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  b, kv, g, _, d = rows.shape
+  # d(softmax): dS = P * (dP - rowsum(dO * O)), the row sum taken once for all blocks.
+  row_dot = jnp.sum(d_rows.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  d_keys = jnp.zeros(keys.shape, jnp.float32)
+  d_values = jnp.zeros(values.shape, jnp.float32)
+  d_queries = []
+  for start, size in _blocks(q.shape[1], block):
+    stop = start + size
+    scores, mask = _block_scores(rows, keys, segment_ids, start, size)
+    weights = jnp.where(mask, jnp.exp(scores - lse[:, :, :, start:stop, None]), 0.0)
+    block_rows = rows[:, :, :, start:stop].reshape(b, kv, g * size, d)
+    block_d_out = d_rows[:, :, :, start:stop].reshape(b, kv, g * size, d)
+    flat = lambda a: a.reshape(b, kv, g * size, stop)
+    d_values = d_values.at[:, :, :stop].add(jnp.einsum(
+        "bkqt,bkqd->bktd", flat(weights).astype(v.dtype), block_d_out,
+        preferred_element_type=jnp.float32))
+    d_weights = jnp.einsum("bkqd,bktd->bkqt", block_d_out, values[:, :, :stop],
+                           preferred_element_type=jnp.float32).reshape(weights.shape)
+    d_scores = flat(weights * (d_weights - row_dot[:, :, :, start:stop, None])
+                    * (1 / math.sqrt(d))).astype(q.dtype)
+    d_queries.append(jnp.einsum("bkqt,bktd->bkqd", d_scores, keys[:, :, :stop],
+                                preferred_element_type=jnp.float32).reshape(b, kv, g, size, d))
+    d_keys = d_keys.at[:, :, :stop].add(jnp.einsum("bkqt,bkqd->bktd", d_scores, block_rows,
+                                                   preferred_element_type=jnp.float32))
+  from_heads_first = lambda a, like: a.transpose(0, 2, 1, 3).astype(like.dtype)
+  return (_ungrouped(jnp.concatenate(d_queries, axis=3)).astype(q.dtype),
+          from_heads_first(d_keys, k), from_heads_first(d_values, v), None)
+
+
+_blockwise.defvjp(_blockwise_forward, _blockwise_backward)
 
 
 def causal_document_mask(segment_ids: Int[Array, "B S"]) -> Array:
