@@ -34,8 +34,10 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 def train_step_call(cfg, batch, *, schedule=None, with_hlo: bool = False):
-  """A zero-argument call running one jitted train step (AdamW, global-batch LBL) on `batch`;
-  with `with_hlo`, (the call, the compiled step's HLO text)."""
+  """A zero-argument call running one jitted train step (AdamW, global-batch LBL) on `batch`,
+  as the trainer runs it: the state is donated to the step and the next call continues from the
+  state it returns (no fresh output buffers each step). With `with_hlo`, (the call, the
+  compiled step's HLO text)."""
   graphdef, params = train_lib.init_model(cfg, 0)
   lr = train_lib.learning_rate_schedule(lr=1e-3, steps=10**6, warmup_steps=10, kind="wsd")
   optimizer = train_lib.make_optimizer(lr)
@@ -43,11 +45,15 @@ def train_step_call(cfg, batch, *, schedule=None, with_hlo: bool = False):
   if schedule is not None:  # time the step at the schedule's last phase
     state = state._replace(step=jnp.asarray(schedule.starts[-1], jnp.int32))
   step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, cfg,
-                                           train_lib.BalanceSettings(), schedule=schedule))
-  if with_hlo:
-    compiled = step.lower(state, batch).compile()
-    return (lambda: compiled(state, batch)), compiled.as_text()
-  return lambda: step(state, batch)
+                                           train_lib.BalanceSettings(), schedule=schedule),
+                 donate_argnums=0)
+  compiled = step.lower(state, batch).compile()
+  carried = [state]
+
+  def call():
+    carried[0], metrics = compiled(carried[0], batch)
+    return metrics
+  return (call, compiled.as_text()) if with_hlo else call
 
 
 def dense_ffn_call(x, d_ff: int):
