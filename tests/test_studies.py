@@ -371,3 +371,53 @@ def test_transition_analysis_windows_and_shipped_runs(tmp_path):
   (tmp_path / "broken.json.gz").write_bytes(b"not gzip")
   with pytest.raises(ValueError, match="not a shipped run"):
     studies.read_shipped(str(tmp_path / "broken.json.gz"))
+
+
+def test_token_frequency_statistics_match_a_plain_loop():
+  from experiments.token_frequency import layer_statistics
+  rng = np.random.default_rng(4)
+  experts, tokens = 6, rng.integers(0, 10, 500)
+  choices = np.where(tokens == 0, 2, rng.integers(0, experts, 500))  # token 0 on expert 2
+  frequent = [0, 1]
+  got = layer_statistics(choices, tokens, frequent, experts)
+  counts = [sum(1 for c in choices if c == e) for e in range(experts)]
+  busiest = counts.index(max(counts))
+  mine = [t for t, c in zip(tokens, choices) if c == busiest]
+  rest = [sum(1 for t, c in zip(tokens, choices) if c == e and t not in frequent)
+          for e in range(experts)]
+  assert got["max_load_dev"] == pytest.approx(max(counts) / (500 / experts) - 1)
+  assert got["frequent_share_of_top_expert"] == pytest.approx(
+      sum(t in frequent for t in mine) / len(mine))
+  assert got["top_expert_holds_of_frequent"] == pytest.approx(
+      sum(t in frequent for t in mine) / sum(t in frequent for t in tokens))
+  assert got["max_load_dev_without_frequent"] == pytest.approx(
+      max(rest) / (sum(rest) / experts) - 1)
+  assert got["most_frequent_token_on_one_expert"] == 1.0
+  assert got["its_expert_load_rank"] == sorted(range(experts), key=lambda e: -counts[e]).index(2)
+
+
+def test_token_frequency_first_choices_are_the_models_routing():
+  """The first choices the analysis records, counted per expert, equal the first-choice counts
+  the model's own forward pass reports (a second code path)."""
+  import types
+  import jax.numpy as jnp
+  from experiments.token_frequency import choice_fn
+  from sigma_moe_jax import ModelConfig
+  from sigma_moe_jax.layers import positions_from_segments
+  from sigma_moe_jax.training import step as train_lib
+  cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    num_experts=4, d_ff=32, top_k=1, capacity_factor=None)
+  graphdef, params = train_lib.init_model(cfg, 3)
+  run = types.SimpleNamespace(settings=types.SimpleNamespace(model=cfg), graphdef=graphdef,
+                              params=params, top_k=jnp.ones(2, jnp.int32), selection_bias=None)
+  tokens = np.random.default_rng(0).integers(1, 64, (2, 16)).astype(np.int32)
+  segments = np.array([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4], np.int32)
+  batch = {"tokens": tokens, "segment_ids": segments,
+           "positions": np.asarray(positions_from_segments(jnp.asarray(segments)))}
+  choices = choice_fn(run)(batch)
+  from flax import nnx
+  _, stats = nnx.merge(graphdef, params)(jnp.asarray(tokens), jnp.asarray(segments),
+                                          jnp.asarray(batch["positions"]))
+  for layer in range(2):
+    counted = np.bincount(choices[layer][segments > 0], minlength=4)
+    np.testing.assert_array_equal(counted, np.asarray(stats.counts.first_choice[layer]))
