@@ -421,3 +421,19 @@ def test_token_frequency_first_choices_are_the_models_routing():
   for layer in range(2):
     counted = np.bincount(choices[layer][segments > 0], minlength=4)
     np.testing.assert_array_equal(counted, np.asarray(stats.counts.first_choice[layer]))
+
+
+def test_no_newline_corpus_is_the_corpus_without_line_breaks(tmp_path):
+  """The token-frequency control's corpus: every piece of the configured corpus (cut as training
+  cuts it), in order, each line break a space; the variant reads it."""
+  from experiments.studies.domain_data import prepare_no_newline
+  from sigma_moe_jax.data.pipeline import chunk_documents
+  config = get_config()
+  config.data.path = os.path.join(ROOT, config.data.path)
+  path = prepare_no_newline(config, str(tmp_path))
+  joined = load_documents(path)
+  pieces = chunk_documents(load_documents(config.data.path), config.data.chunk_chars)
+  assert joined == [p.replace("\n", " ") for p in pieces]
+  assert not any("\n" in doc for doc in joined) and len(joined) > 100
+  changed = studies.variant_config(get_config(), "no_newline", str(tmp_path))
+  assert changed.data.path == path

@@ -1,5 +1,6 @@
-"""The two-domain corpus of the domains study: English (the configured corpus) and Python source
-of equal size, each split into train and validation files under <workdir>/data.
+"""Corpora some studies write under <workdir>/data: the two-domain corpus of the domains study
+(English, the configured corpus, and Python source of equal size, each split into train and
+validation files), and the configured corpus without line breaks (the token-frequency control).
 
 `domain_paths` only names the files (variants read it to build their config); `prepare_domains`
 writes them, once, and is run by the study runner before training.
@@ -15,7 +16,7 @@ import random
 import sysconfig
 from typing import Dict, List
 
-from sigma_moe_jax.data.pipeline import load_documents, split_documents
+from sigma_moe_jax.data.pipeline import chunk_documents, load_documents, split_documents
 from sigma_moe_jax.infra import storage
 
 DOMAINS = ("english", "python")
@@ -70,3 +71,23 @@ def prepare_domains(config, workdir: str) -> Dict[str, Dict[str, str]]:
       if not storage.exists(path):
         _write_jsonl(path, part)
   return paths
+
+
+def no_newline_path(workdir: str) -> str:
+  return storage.join(workdir, "data", "no_newline.jsonl.gz")
+
+
+def prepare_no_newline(config, workdir: str) -> str:
+  """Writes `config.data.path` cut into the pieces training cuts it into (data.chunk_chars), each
+  line break replaced by a space, if not there yet: the end-of-line token, a tenth of the
+  tokens, is gone (its text joins the next word). The file holds pieces, not whole plays, so a
+  run on it holds out 5% of the pieces for validation where the original holds out whole plays:
+  its validation loss is not comparable, its routing statistics are."""
+  path = no_newline_path(workdir)
+  if not storage.exists(path):
+    if not config.data.chunk_chars:
+      raise ValueError("the no-newline corpus needs data.chunk_chars > 0 (its pieces)")
+    storage.makedirs(storage.join(workdir, "data"))
+    pieces = chunk_documents(load_documents(config.data.path), config.data.chunk_chars)
+    _write_jsonl(path, [piece.replace("\n", " ") for piece in pieces])
+  return path

@@ -7,7 +7,7 @@ import json
 from typing import Callable, Dict, NamedTuple, Optional
 
 from experiments.studies import analyses, figures
-from experiments.studies.domain_data import prepare_domains
+from experiments.studies.domain_data import prepare_domains, prepare_no_newline
 from experiments.studies.variants import (DOMAIN_SHARD_VARIANTS, DOMAIN_VARIANTS, FROM_PHASE1,
                                           TRANSITIONS, VARIANTS, split_seed, variant_config)
 from sigma_moe_jax.infra import storage
@@ -63,6 +63,8 @@ STUDIES: Dict[str, Study] = {
                               DOMAIN_SHARD_VARIANTS, analyses.domains, figures.domains_by_shard),
     "dense": Study("MoE against dense at equal activated parameters", ("lbl", "dense"),
                    analyses.dense, figures.dense),
+    "no_newline": Study("The token-frequency control: the lower-layer imbalance without the "
+                        "end-of-line token", ("lbl", "no_newline"), analyses.no_newline),
     "seed_noise": Study("Seed-to-seed spread of the plain-LBL run, and of paired differences",
                         _seeds("lbl", "phase1", *TRANSITIONS, "adaptive", "loss_free",
                                "top1_lbl"), analyses.seed_noise),
@@ -116,6 +118,8 @@ def prepare_data(base, name: str, workdir: str):
   """Writes the data files variant `name` reads, if not there yet (the domain corpora)."""
   if name in DOMAIN_VARIANTS + DOMAIN_SHARD_VARIANTS:
     prepare_domains(base, workdir)
+  if name == "no_newline":
+    prepare_no_newline(base, workdir)
 
 
 def same_run(stamp: dict, wanted: dict) -> bool:

@@ -9,7 +9,7 @@ from typing import Callable, Dict
 
 import ml_collections
 
-from experiments.studies.domain_data import domain_paths
+from experiments.studies.domain_data import domain_paths, no_newline_path
 from sigma_moe_jax.infra import storage
 from sigma_moe_jax.schedule import parse_per_layer
 
@@ -159,6 +159,13 @@ def _top1_lbl(tau: float = 0.1, coef: float = None):
   return change
 
 
+def _no_newline(c, workdir):
+  """The token-frequency control: the corpus with its line breaks replaced by spaces, so no
+  token is a tenth of the data (the floor a router sending the end-of-line token by identity
+  would set on the max load)."""
+  c.data.path = no_newline_path(workdir)
+
+
 def _dense(c, workdir):
   del workdir
   c.model.num_experts = 1  # one expert of the same size: the same activated parameters
@@ -198,6 +205,7 @@ VARIANTS: Dict[str, Callable] = {
     "top1_lbl_tau0.3": _top1_lbl(tau=0.3),
     "top1_lbl_coef1e-2": _top1_lbl(coef=1e-2),
     "dense": _dense,
+    "no_newline": _no_newline,
     "domains_global": _domain_mix("global"),
     "domains_micro_batch": _domain_mix("micro_batch"),
     "domains_sequence": _domain_mix("sequence"),

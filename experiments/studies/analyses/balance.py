@@ -235,3 +235,22 @@ def dense(runs):
                        "dense": count_params(dense_run.model())["total"]},
       "tokens": int(end * moe.config.train.batch_size * moe.config.train.seq_len),
   }
+
+
+def no_newline(runs):
+  """The LBL run against the same run on the corpus without line breaks (no end-of-line token):
+  each one's second-half balance, and the change per layer. If the lower layers' imbalance were
+  the end-of-line token routed by identity, it would fall towards the rest's without it.
+  Validation losses are not comparable (the tokens differ)."""
+  with_eol, without = (second_half_balance(runs[k]) for k in ("lbl", "no_newline"))
+  keys = ("max_load_dev_per_layer", "load_cv_per_layer", "empty_experts_final_per_layer")
+  return {
+      "lbl": {k: with_eol[k] for k in keys + ("max_load_dev", "train_drop_fraction_per_layer")},
+      "no_newline": {k: without[k] for k in keys + ("max_load_dev",
+                                                    "train_drop_fraction_per_layer")},
+      "max_load_dev_change_per_layer": (np.asarray(without["max_load_dev_per_layer"])
+                                        - np.asarray(with_eol["max_load_dev_per_layer"])).tolist(),
+      "drop_fraction_first_10pct_per_layer": {
+          k: series_window(runs[k], "drop_fraction", 0, runs[k].config.train.steps // 10
+                           ).mean(0).tolist() for k in ("lbl", "no_newline")},
+  }
