@@ -18,6 +18,10 @@ out, packed as its evaluation packs them); every token's first choice in every l
 - `most_frequent_token_on_one_expert`: the share of the most frequent token's occurrences that
   its most common expert receives (1.0: routed by identity), and `its_expert_load_rank` that
   expert's rank by load (0: the most loaded);
+- `f_cv`, `p_cv`, `corr_f_p`: the load f (each expert's share of the tokens) and the mean
+  router probability p, as the LBL forms them: their spread across experts and their correlation
+  (with `--untrained`, of the model as initialised: whether a flat p is learned or where the
+  router started);
 - `floor`: the max-load deviation a router that sent every occurrence of the most frequent
   token to one expert (and spread the rest evenly) would show: share x experts - 1.
 
@@ -46,11 +50,14 @@ from sigma_moe_jax.moe.routing import router_logits
 _RUNS = flags.DEFINE_list("runs", None, "Run directories (each with checkpoints).")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here (and print it).")
 _TOP = flags.DEFINE_integer("top", 3, "How many of the most frequent tokens are set aside.")
+_UNTRAINED = flags.DEFINE_bool("untrained", False, "Each run's model as initialised (its "
+                               "train.seed), before any training: f and p at the start.")
 
 
 def choice_fn(run):
-  """A jitted batch -> int32 [layers, batch, seq]: each token's first-choice expert in every
-  layer (the loss-free bias added to the scores where the run used it)."""
+  """A jitted batch -> (int32 [layers, batch, seq]: each token's first-choice expert in every
+  layer, the loss-free bias added to the scores where the run used it; float32 [layers,
+  experts]: the router's softmax probabilities summed over the batch's tokens)."""
   cfg = run.settings.model
 
   @jax.jit
@@ -61,17 +68,21 @@ def choice_fn(run):
     def step(block, x, row, max_top_k):
       top_k, bias = row
       attended, _ = block.attn(block.attn_norm(x), positions, segments)
-      scores = router_logits(block.moe_norm(x + attended), block.moe.router[...])
-      scores = jax.nn.sigmoid(scores) if cfg.gate_fn == "sigmoid" else scores
+      logits = router_logits(block.moe_norm(x + attended), block.moe.router[...])
+      scores = jax.nn.sigmoid(logits) if cfg.gate_fn == "sigmoid" else logits
       scores = scores if bias is None else scores + bias
       x, _, _ = block(x, positions, segments, token_mask, top_k, max_top_k, bias)
-      return x, jnp.argmax(scores, axis=-1).astype(jnp.int32)
+      probs = jnp.where(token_mask[..., None], jax.nn.softmax(logits, axis=-1), 0.0)
+      return x, (jnp.argmax(scores, axis=-1).astype(jnp.int32), jnp.sum(probs, axis=(0, 1)))
 
     x = jnp.take(model.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
     return model.scan_layers(x, step, (run.top_k, run.selection_bias))[1]
 
-  return lambda batch: np.asarray(choices(run.params, *(jnp.asarray(batch[k]) for k in (
-      "tokens", "segment_ids", "positions"))))
+  def call(batch):
+    ids, prob_sums = choices(run.params, *(jnp.asarray(batch[k]) for k in (
+        "tokens", "segment_ids", "positions")))
+    return np.asarray(ids), np.asarray(prob_sums)
+  return call
 
 
 def validation_batches(run):
@@ -111,15 +122,26 @@ def layer_statistics(choices: np.ndarray, tokens: np.ndarray, frequent_ids, expe
   }
 
 
-def analyse(workdir: str, top: int) -> dict:
+def cv(values: np.ndarray) -> float:
+  return float(values.std() / values.mean())
+
+
+def analyse(workdir: str, top: int, untrained: bool = False) -> dict:
   run = load_run(workdir)
+  if untrained:  # the same model as it was initialised, before its first step
+    run = load_run(workdir, untrained=True, seed=run.settings.train.seed)
   experts = run.settings.model.num_experts
-  tokens, choices, first_choices = [], [], choice_fn(run)
+  tokens, choices, prob_sums, first_choices = [], [], 0.0, choice_fn(run)
   for batch in validation_batches(run):
     keep = np.asarray(batch["segment_ids"]) > 0
+    ids, sums = first_choices(batch)
     tokens.append(np.asarray(batch["tokens"])[keep])
-    choices.append(first_choices(batch)[:, keep])
+    choices.append(ids[:, keep])
+    prob_sums = prob_sums + sums
   tokens, choices = np.concatenate(tokens), np.concatenate(choices, axis=1)
+  # f and p as the LBL forms them: each expert's share of the tokens, its mean probability.
+  f = np.stack([np.bincount(c, minlength=experts) for c in choices]) / len(tokens)
+  p = prob_sums / len(tokens)
   frequency = collections.Counter(tokens.tolist())
   frequent_ids = [i for i, _ in frequency.most_common(top)]
   layers = [layer_statistics(c, tokens, frequent_ids, experts) for c in choices]
@@ -130,7 +152,9 @@ def analyse(workdir: str, top: int) -> dict:
                           for i in frequent_ids],
       "frequent_share_of_tokens": float(np.isin(tokens, frequent_ids).mean()),
       "floor": share(frequent_ids[0]) * experts - 1,
-      "per_layer": {key: [layer[key] for layer in layers] for key in layers[0]},
+      "per_layer": {**{key: [layer[key] for layer in layers] for key in layers[0]},
+                    "f_cv": [cv(row) for row in f], "p_cv": [cv(row) for row in p],
+                    "corr_f_p": [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(f, p)]},
   }
 
 
@@ -140,7 +164,7 @@ def main(argv):
   if not _RUNS.value:
     sys.exit("error: --runs names no run directory")
   try:
-    results = {"runs": [analyse(w, _TOP.value) for w in _RUNS.value]}
+    results = {"runs": [analyse(w, _TOP.value, _UNTRAINED.value) for w in _RUNS.value]}
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   per_layer = [r["per_layer"] for r in results["runs"]]

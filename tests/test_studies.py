@@ -397,8 +397,8 @@ def test_token_frequency_statistics_match_a_plain_loop():
 
 
 def test_token_frequency_first_choices_are_the_models_routing():
-  """The first choices the analysis records, counted per expert, equal the first-choice counts
-  the model's own forward pass reports (a second code path)."""
+  """The first choices the analysis records, counted per expert, and its summed router
+  probabilities equal what the model's own forward pass reports (a second code path)."""
   import types
   import jax.numpy as jnp
   from experiments.token_frequency import choice_fn
@@ -414,13 +414,14 @@ def test_token_frequency_first_choices_are_the_models_routing():
   segments = np.array([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4], np.int32)
   batch = {"tokens": tokens, "segment_ids": segments,
            "positions": np.asarray(positions_from_segments(jnp.asarray(segments)))}
-  choices = choice_fn(run)(batch)
+  choices, prob_sums = choice_fn(run)(batch)
   from flax import nnx
   _, stats = nnx.merge(graphdef, params)(jnp.asarray(tokens), jnp.asarray(segments),
                                           jnp.asarray(batch["positions"]))
   for layer in range(2):
     counted = np.bincount(choices[layer][segments > 0], minlength=4)
     np.testing.assert_array_equal(counted, np.asarray(stats.counts.first_choice[layer]))
+    np.testing.assert_allclose(prob_sums[layer], stats.counts.gate_prob_sum[layer], rtol=1e-5)
 
 
 def test_no_newline_corpus_is_the_corpus_without_line_breaks(tmp_path):
