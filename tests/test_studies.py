@@ -438,3 +438,17 @@ def test_no_newline_corpus_is_the_corpus_without_line_breaks(tmp_path):
   assert not any("\n" in doc for doc in joined) and len(joined) > 100
   changed = studies.variant_config(get_config(), "no_newline", str(tmp_path))
   assert changed.data.path == path
+
+
+def test_intervals_of_per_seed_bands():
+  """The t interval against a hand computation (t(0.975, 2) = 4.3027: the drop-free converted
+  minus top-1 differences give -0.086 to +0.118), and `with_intervals` keeps only the bands."""
+  from experiments.studies.analyses import interval, with_intervals
+  got = interval([0.03065, 0.04822, -0.03024])
+  values = np.array([0.03065, 0.04822, -0.03024])
+  half = 4.302652729911275 * values.std(ddof=1) / np.sqrt(3)
+  assert (got["low"], got["high"]) == pytest.approx((values.mean() - half, values.mean() + half))
+  assert (round(got["low"], 3), round(got["high"], 3)) == (-0.086, 0.118)
+  results = with_intervals(lambda runs: {"a": {"per_seed": [1.0, 2.0, 4.0], "mean": 7.0},
+                                         "b": {"c": {"per_seed": [None, 1.0]}, "d": 3.0}})({})
+  assert set(results["intervals"]) == {"a"} and results["intervals"]["a"]["mean"] == 7 / 3

@@ -76,10 +76,11 @@ STUDIES: Dict[str, Study] = {
     # Six seeds of the quality comparisons, for the drop-free set (issue 32): the verdicts that
     # hinge on a paired difference rest on six pairs there.
     "progressive_six": Study("Progressive sparsification and Table 3, six seeds",
-                             _seeds("lbl", "phase1", "progressive", n=6), analyses.progressive,
-                             figures.progressive),
+                             _seeds("lbl", "phase1", "progressive", n=6),
+                             analyses.with_intervals(analyses.progressive), figures.progressive),
     "top1_lbl_six": Study("Top-1 LBL (Fig. 4) against the LBL, six seeds",
-                          _seeds("lbl", "top1_lbl", n=6), analyses.top1_lbl, figures.top1_lbl),
+                          _seeds("lbl", "top1_lbl", n=6),
+                          analyses.with_intervals(analyses.top1_lbl), figures.top1_lbl),
     "seed_noise_six": Study("Seed-to-seed spread and paired differences, six seeds",
                             _seeds("lbl", "phase1", "progressive", "top1_lbl", n=6),
                             analyses.seed_noise),

@@ -153,3 +153,31 @@ def paired_summary(seeds: dict) -> dict:
               n: int(np.argmax(v["second_half_max_load_dev_per_layer"])) for n, v in seeds.items()},
           "drop_ratio_to_lbl_all_layers": band([v["drop_ratio_to_lbl_all_layers"]
                                                  for v in seeds.values()])}
+
+
+def interval(values, confidence: float = 0.95) -> Dict[str, float]:
+  """Mean, SD and the t interval of the mean of paired per-seed differences (n - 1 degrees of
+  freedom, from the values' own spread)."""
+  from scipy import stats  # noqa: PLC0415 (a dependency of jax; only the six-seed studies)
+  values = np.asarray(values, np.float64)
+  n, mean, sd = len(values), float(values.mean()), float(values.std(ddof=1))
+  half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / np.sqrt(n)
+  return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+
+
+def with_intervals(analysis):
+  """`analysis` whose results also hold `intervals`: the same tree cut down to its bands with
+  two or more seeds (dicts with "per_seed"), each as its `interval`."""
+  def cut(tree):
+    if isinstance(tree, dict):
+      if "per_seed" in tree:
+        values = [v for v in tree["per_seed"] if v is not None]
+        return interval(values) if len(values) > 1 else None
+      cut_down = {k: cut(v) for k, v in tree.items()}
+      return {k: v for k, v in cut_down.items() if v is not None} or None
+    return None
+
+  def analyse(runs):
+    results = analysis(runs)
+    return {**results, "intervals": cut(results) or {}}
+  return analyse
