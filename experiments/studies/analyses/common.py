@@ -162,7 +162,7 @@ def interval(values, confidence: float = 0.95) -> Dict[str, float]:
   values = np.asarray(values, np.float64)
   n, mean, sd = len(values), float(values.mean()), float(values.std(ddof=1))
   half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / np.sqrt(n)
-  return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+  return {"n": n, "mean": mean, "sd": sd, "low": float(mean - half), "high": float(mean + half)}
 
 
 def with_intervals(analysis):
