@@ -452,3 +452,26 @@ def test_intervals_of_per_seed_bands():
   results = with_intervals(lambda runs: {"a": {"per_seed": [1.0, 2.0, 4.0], "mean": 7.0},
                                          "b": {"c": {"per_seed": [None, 1.0]}, "d": 3.0}})({})
   assert set(results["intervals"]) == {"a"} and results["intervals"]["a"]["mean"] == 7 / 3
+
+
+def test_early_drops_of_each_from_scratch_arm(tmp_path):
+  """Drops over the first 10% of the steps and after, per seed, against NumPy; a branched run
+  (progressive) has no first 10% of its own and is left out."""
+  base = get_config()
+  steps = np.arange(1, 601)
+  runs, want = {}, {}
+  for kind in ("lbl", "phase1", "progressive"):
+    for seed in range(2):
+      name = kind + (f"_seed{seed}" if seed else "")
+      drops = np.random.default_rng(seed + len(kind)).random((600, 8))
+      runs[name] = synthetic_run(name, studies.variant_config(base, name, str(tmp_path)), steps,
+                                 drop_fraction=drops)
+      want[name] = (drops[:60].mean(), drops[60:].mean())
+  got = studies.analyses.with_early_drops(lambda runs: {"x": 1})(runs)
+  assert got["x"] == 1 and set(got["early_drops"]) == {"lbl", "phase1"}
+  for kind in ("lbl", "phase1"):
+    names = [kind, kind + "_seed1"]
+    assert got["early_drops"][kind]["first_10pct"]["per_seed"] == pytest.approx(
+        [want[n][0] for n in names])
+    assert got["early_drops"][kind]["after_10pct"]["per_seed"] == pytest.approx(
+        [want[n][1] for n in names])

@@ -10,7 +10,8 @@ results (a JSON-ready dict). NumPy only; the figures are in figures.py.
 from experiments.studies.analyses.balance import (dense, depth, domains, imbalance, loss_free,
                                                   loss_free_long, no_newline, shortcut, top1_lbl)
 from experiments.studies.analyses.common import (by_seed, seeded, domain_information,
-                                                 interval, mean_active_params, with_intervals)
+                                                 interval, mean_active_params, with_early_drops,
+                                                 with_intervals)
 from experiments.studies.analyses.noise import (BRANCH_KINDS, FROM_SCRATCH_KINDS, paired_noise,
                                                 seed_noise)
 from experiments.studies.analyses.sparsity import (ADAPTIVE_GROUPS, ADAPTIVE_WINDOW_GROUPS,

@@ -181,3 +181,22 @@ def with_intervals(analysis):
     results = analysis(runs)
     return {**results, "intervals": cut(results) or {}}
   return analyse
+
+
+def with_early_drops(analysis):
+  """`analysis` whose results also hold `early_drops`: for each kind of run trained from scratch
+  (a run branched from another has no first 10% of its own), per seed, the share of training
+  assignments dropped over the first 10% of the steps and over the rest (means over layers)."""
+  def analyse(runs):
+    kinds = sorted({split_seed(n)[0] for n, r in runs.items()
+                    if not r.config.train.init_from})
+    early = {}
+    for kind in kinds:
+      seeds = by_seed(runs, kind).values()
+      end = lambda r: r.config.train.steps
+      early[kind] = {
+          "first_10pct": band([float(drops_in_first_10pct(r).mean()) for r in seeds]),
+          "after_10pct": band([float(series_window(r, "drop_fraction", end(r) // 10,
+                                                   end(r)).mean()) for r in seeds])}
+    return {**analysis(runs), "early_drops": early}
+  return analyse
