@@ -217,7 +217,7 @@ VARIANTS: Dict[str, Callable] = {
 # documents (train.seed = data.order_seed = n); the validation split stays.
 SEEDED = ("lbl", "phase1", "adaptive", "adaptive_window", "ramp", "loss_free",
           "top1_lbl") + FROM_PHASE1
-# Seeds 3-5 exist for the drop-free set's six-seed studies (issue 32); the other sets use 0-2.
+# Seeds 3-5 exist for the drop-free set's extended studies (issue 32); the other sets use 0-2.
 SEEDS = (1, 2, 3, 4, 5)
 for _name in SEEDED:
   for _seed in SEEDS:
