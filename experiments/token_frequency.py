@@ -46,6 +46,7 @@ from sigma_moe_jax.data.pipeline import (load_documents, make_pipeline, split_do
 from sigma_moe_jax.inference.load import load_run
 from sigma_moe_jax.infra import storage
 from sigma_moe_jax.moe.routing import router_logits
+from sigma_moe_jax.training.step import init_model
 
 _RUNS = flags.DEFINE_list("runs", None, "Run directories (each with checkpoints).")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here (and print it).")
@@ -127,9 +128,9 @@ def cv(values: np.ndarray) -> float:
 
 
 def analyse(workdir: str, top: int, untrained: bool = False) -> dict:
-  run = load_run(workdir)
-  if untrained:  # the same model as it was initialised, before its first step
-    run = load_run(workdir, untrained=True, seed=run.settings.train.seed)
+  run = load_run(workdir, untrained=untrained)
+  if untrained:  # the model as this run initialised it (its seed), before its first step
+    run = run._replace(params=init_model(run.settings.model, run.settings.train.seed)[1])
   experts = run.settings.model.num_experts
   tokens, choices, prob_sums, first_choices = [], [], 0.0, choice_fn(run)
   for batch in validation_batches(run):

@@ -149,7 +149,7 @@ def _blockwise(q, k, v, segment_ids, block):
 
 def _blockwise_forward(q, k, v, segment_ids, block):
   out, lse = _attend_blocks(q, k, v, segment_ids, block)
-  return _ungrouped(out).astype(q.dtype), (q, k, v, segment_ids, out, lse)
+  return _ungrouped(out), (q, k, v, segment_ids, out, lse)
 
 
 def _blockwise_backward(block, saved, d_out):
