@@ -475,3 +475,38 @@ def test_early_drops_of_each_from_scratch_arm(tmp_path):
         [want[n][0] for n in names])
     assert got["early_drops"][kind]["after_10pct"]["per_seed"] == pytest.approx(
         [want[n][1] for n in names])
+
+
+def test_depth_profile_statistics(tmp_path):
+  """Per seed, the lowest quarter minus the rest and the least-squares slope of the second
+  half's most loaded expert, against the closed forms; the bands' intervals over the seeds."""
+  base = get_config()
+  base.model.num_layers = 16
+  steps, layers, experts = [50, 100], 16, base.model.num_experts
+  runs, profiles = {}, []
+  for seed in range(3):
+    rng = np.random.default_rng(seed)
+    max_dev = rng.random((2, layers)) * 3
+    name = "deep" + (f"_seed{seed}" if seed else "")
+    runs[name] = synthetic_run(
+        name, studies.variant_config(base, name, str(tmp_path)), steps, val_load_max_dev=max_dev,
+        val_load_min_dev=-max_dev / 3, val_lbl_per_layer=np.ones((2, layers)),
+        val_load_cv=max_dev / 2, val_f=rng.dirichlet(np.ones(experts), (2, layers)),
+        val_p=rng.dirichlet(np.ones(experts), (2, layers)),
+        val_gate_prob_cv=np.full((2, layers), 0.1), val_loss=[5.0, 4.0 + seed],
+        drop_fraction=np.zeros((2, layers)),
+        val_tokens_per_expert=np.ones((2, layers, experts), int))
+    profiles.append(max_dev.mean(0))  # both evaluations are in the second half
+  results, figures = studies.STUDIES["depth_profile"].analyze(runs, str(tmp_path))
+  x = np.arange(layers)
+  want_gap = [p[:4].mean() - p[4:].mean() for p in profiles]
+  want_slope = [np.sum((x - x.mean()) * (p - p.mean())) / np.sum((x - x.mean()) ** 2)
+                for p in profiles]
+  over = results["over_seeds"]
+  assert over["lower_minus_rest"]["per_seed"] == pytest.approx(want_gap)
+  assert over["slope_per_layer"]["per_seed"] == pytest.approx(want_slope)
+  assert over["load_cv_lower_minus_rest"]["per_seed"] == pytest.approx(np.divide(want_gap, 2))
+  assert results["intervals"]["over_seeds"]["slope_per_layer"]["mean"] == pytest.approx(
+      np.mean(want_slope))
+  assert results["early_drops"]["deep"]["after_10pct"]["mean"] == 0
+  assert figures and os.path.getsize(figures[0]) > 10_000

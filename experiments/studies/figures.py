@@ -216,6 +216,26 @@ def depth(runs, results, out):
   return [_save(fig, out, "depth.png")]
 
 
+def depth_profile(runs, results, out):
+  """The 16-layer seeds: each seed's second-half most loaded expert per layer and their mean,
+  with the lowest quarter shaded."""
+  del runs
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  layers = np.arange(results["num_layers"])
+  ax.axvspan(-0.5, results["num_layers"] // 4 - 0.5, color="tab:gray", alpha=0.15,
+             label="lowest quarter")
+  for name, seed in results["seeds"].items():
+    ax.plot(layers, 100 * np.asarray(seed["max_load_dev_per_layer"]), marker=".", alpha=0.6,
+            label=name)
+  ax.plot(layers, 100 * np.asarray(results["max_load_dev_per_layer_mean"]), color="k",
+          linewidth=2, label="mean over seeds")
+  ax.set(xlabel="layer", ylabel="most loaded expert, deviation (%)",
+         title=f"{results['num_layers']} layers, top-1 + LBL, second-half mean")
+  ax.legend(fontsize=8)
+  return [_save(fig, out, "depth_profile.png")]
+
+
 def transition(runs, results, out):
   """Per switch point: training loss minus phase 1 kept's on the same batches (mean over seeds,
   10-step mean), abrupt against gradual; and layer 0's most loaded expert per step."""

@@ -51,6 +51,11 @@ STUDIES: Dict[str, Study] = {
                       figures.shortcut),
     "depth": Study("Lower against upper layers with 16 layers (Fig. 2a/2c)", ("deep",),
                    analyses.depth, figures.depth),
+    # Three seeds of the 16-layer run, for the drop-free set (issue 32): the statistics and the
+    # reading rule fixed in analyses.depth_profile before the runs were trained.
+    "depth_profile": Study("The lower-layer imbalance over 16 layers, 3 seeds (Fig. 2a)",
+                           _seeds("deep"), _extended(analyses.depth_profile),
+                           figures.depth_profile),
     "progressive": Study("Progressive sparsification and Table 3",
                          _seeds("lbl", "phase1", "progressive"), analyses.progressive,
                          figures.progressive),

@@ -215,7 +215,7 @@ VARIANTS: Dict[str, Callable] = {
 
 # "<variant>_seed<n>": the variant with another initialisation and another order of the training
 # documents (train.seed = data.order_seed = n); the validation split stays.
-SEEDED = ("lbl", "phase1", "adaptive", "adaptive_window", "ramp", "loss_free",
+SEEDED = ("lbl", "phase1", "adaptive", "adaptive_window", "ramp", "loss_free", "deep",
           "top1_lbl") + FROM_PHASE1
 # Seeds 3-5 exist for the drop-free set's extended studies (issue 32); the other sets use 0-2.
 SEEDS = (1, 2, 3, 4, 5)

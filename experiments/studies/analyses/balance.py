@@ -97,6 +97,49 @@ def depth(runs):
           "p_cv": run.last("val_gate_prob_cv").tolist(), "final_val_loss": final_loss(run)}
 
 
+def depth_profile(runs):
+  """The lower-layer claim (Fig. 2a) over 16 layers and several seeds, with its statistics fixed
+  before the runs were trained. Per seed, from the second half's mean of the most loaded expert
+  per layer (validation): `lower_minus_rest`, the lowest quarter's mean (layers 0-3) minus the
+  other layers' mean, and `slope_per_layer`, the least-squares slope of that profile over the
+  layer index. Over the seeds each is a band, and `with_intervals` gives its paired t interval.
+  The claim is read as reproduced at this scale if the interval of `lower_minus_rest` lies above
+  zero and that of the slope below it; as contradicted if either lies wholly on the other side;
+  otherwise the test cannot tell. The load CV and the count of empty experts are reported the
+  same way, and the spikiness of f against p per layer (Fig. 2c), without a verdict rule."""
+  per_seed = {}
+  for name, run in by_seed(runs, "deep").items():
+    balance = second_half_balance(run)
+    profile = np.asarray(balance["max_load_dev_per_layer"])
+    cv = np.asarray(balance["load_cv_per_layer"])
+    layers = np.arange(len(profile))
+    per_seed[name] = {
+        "max_load_dev_per_layer": profile.tolist(),
+        "lower_minus_rest": _lower_minus_rest(profile),
+        "slope_per_layer": float(np.polyfit(layers, profile, 1)[0]),
+        "load_cv_per_layer": cv.tolist(),
+        "load_cv_lower_minus_rest": _lower_minus_rest(cv),
+        "load_cv_slope_per_layer": float(np.polyfit(layers, cv, 1)[0]),
+        "empty_experts_final_per_layer": balance["empty_experts_final_per_layer"],
+        "train_drop_fraction_per_layer": balance["train_drop_fraction_per_layer"],
+        **_spread(run), "final_val_loss": final_loss(run)}
+  seeds = list(per_seed.values())
+  over = lambda key: band([s[key] for s in seeds])
+  return {"num_layers": len(seeds[0]["max_load_dev_per_layer"]), "seeds": per_seed,
+          "over_seeds": {key: over(key) for key in (
+              "lower_minus_rest", "slope_per_layer", "load_cv_lower_minus_rest",
+              "load_cv_slope_per_layer", "final_val_loss")},
+          "max_load_dev_per_layer_mean": np.mean(
+              [s["max_load_dev_per_layer"] for s in seeds], 0).tolist(),
+          "most_imbalanced_layer": {n: int(np.argmax(s["max_load_dev_per_layer"]))
+                                    for n, s in per_seed.items()}}
+
+
+def _lower_minus_rest(values) -> float:
+  split = lower_vs_upper(np.asarray(values))
+  return split["lower_layers_mean"] - split["upper_layers_mean"]
+
+
 def loss_free(runs):
   """Fig. 3: loss-free balancing: bias magnitude per layer and the load against the LBL's (seed
   0 in the top-level fields; every seed, paired with the LBL run of the same seed, in
