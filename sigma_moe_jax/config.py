@@ -79,6 +79,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; parameters and the router stay float32
   # How much of the forward pass the backward recomputes: memory, never the result.
   remat: str = dataclasses.field(default="none", metadata={"changes": "always"})
+  # One `lax.scan` over the stacked layers (a compile time independent of the depth), or the
+  # layers unrolled into one straight program (no per-layer slicing and stacking of the scan's
+  # carries and residuals: faster on the CPU for a few layers, at a compile time that grows with
+  # the depth; docs/design.md "Where the train step's time goes"). Same parameters, same result.
+  scan_layers: bool = dataclasses.field(default=True, metadata={"changes": "always"})
 
   def __post_init__(self):
     if self.max_top_k is not None:

@@ -118,7 +118,8 @@ class Transformer(nnx.Module):
 
   def scan_layers(self, x, step: Callable, per_layer, remat: str = "none"):
     """Runs `step(block, x, row, max_top_k) -> (x, output)` through the layers: one `lax.scan`
-    per run of layers that share a static max top-k (`scan_groups`). `per_layer` is a pytree of
+    per run of layers that share a static max top-k (`scan_groups`), or with `scan_layers`
+    off, one call per layer. `per_layer` is a pytree of
     arrays with a leading [layers] axis (None leaves allowed); `row` is its slice for the layer.
     Returns (x, the outputs stacked over all layers). Forward, prefill and decode all run
     through here."""
@@ -131,8 +132,13 @@ class Transformer(nnx.Module):
       if remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[remat])
       rows = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
-      x, out = jax.lax.scan(layer, x, (rows(stacked), rows(per_layer)))
-      outputs.append(out)
+      if self.cfg.scan_layers:
+        x, out = jax.lax.scan(layer, x, (rows(stacked), rows(per_layer)))
+        outputs.append(out)
+        continue
+      for i in range(start, stop):
+        x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], (stacked, per_layer)))
+        outputs.append(jax.tree.map(lambda a: a[None], out))
     return x, jax.tree.map(lambda *s: jnp.concatenate(s), *outputs)
 
   def hidden_states(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None,

@@ -40,10 +40,10 @@ def test_grouped_matmul_matches_the_loop_oracle(backend):
   out = grouped_matmul.gmm(lhs, rhs, sizes, backend)
   np.testing.assert_allclose(out, loop_gmm(np.asarray(lhs), np.asarray(rhs), GROUPS),
                              rtol=1e-4, atol=1e-4)
-  d_lhs, d_rhs = jax.grad(lambda a, b: jnp.sum(grouped_matmul.gmm(a, b, sizes, backend)
-                                               * cotangent), (0, 1))(lhs, rhs)
-  want_lhs, want_rhs = jax.grad(lambda a, b: jnp.sum(
-      jax.lax.ragged_dot(a, b, sizes) * cotangent), (0, 1))(lhs, rhs)
+  d_lhs, d_rhs = jax.jit(jax.grad(lambda a, b: jnp.sum(
+      grouped_matmul.gmm(a, b, sizes, backend) * cotangent), (0, 1)))(lhs, rhs)
+  want_lhs, want_rhs = jax.jit(jax.grad(lambda a, b: jnp.sum(
+      jax.lax.ragged_dot(a, b, sizes) * cotangent), (0, 1)))(lhs, rhs)
   routed = int(GROUPS.sum())
   np.testing.assert_allclose(d_lhs, want_lhs, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(d_lhs[routed:], 0)  # no unwritten kernel rows leak through
@@ -75,8 +75,9 @@ def test_ragged_dispatch_with_a_kernel_matches_dense_oracle(backend):
 
   def loss(run, x, gates, experts):
     return jnp.sum(run(x, ids, gates, valid, experts)[0] ** 2)
-  want = jax.value_and_grad(functools.partial(loss, dispatch.dense), (0, 1, 2))(x, gates, experts)
-  got = jax.value_and_grad(functools.partial(loss, kernel), (0, 1, 2))(x, gates, experts)
+  value_and_grad = lambda run: jax.jit(jax.value_and_grad(functools.partial(loss, run),
+                                                         (0, 1, 2)))(x, gates, experts)
+  want, got = value_and_grad(dispatch.dense), value_and_grad(kernel)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -152,8 +153,8 @@ def attention_case(batch, seq, heads, kv_heads, head_dim, seed):
 
 def assert_same_values_and_gradients(got_fn, want_fn, qkv, cotangent, tolerance):
   loss = lambda f: lambda *qkv: jnp.sum(f(*qkv) * cotangent)
-  want = jax.value_and_grad(loss(want_fn), (0, 1, 2))(*qkv)
-  got = jax.value_and_grad(loss(got_fn), (0, 1, 2))(*qkv)
+  want = jax.jit(jax.value_and_grad(loss(want_fn), (0, 1, 2)))(*qkv)
+  got = jax.jit(jax.value_and_grad(loss(got_fn), (0, 1, 2)))(*qkv)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
 
@@ -184,9 +185,10 @@ def test_blockwise_attention_keeps_bfloat16_and_matches_float32():
   bf16 = [a.astype(jnp.bfloat16) for a in qkv]
   loss = lambda *qkv: jnp.sum(attention.attend(*qkv, segments, "xla").astype(jnp.float32)
                               * cotangent)
-  grads = jax.grad(loss, (0, 1, 2))(*bf16)
+  grad = jax.jit(jax.grad(loss, (0, 1, 2)))
+  grads = grad(*bf16)
   assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
-  want = jax.grad(loss, (0, 1, 2))(*[a.astype(jnp.float32) for a in bf16])
+  want = grad(*[a.astype(jnp.float32) for a in bf16])
   for got, ref in zip(grads, want):
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0.05,
                                atol=0.05 * float(jnp.max(jnp.abs(ref))))
