@@ -60,7 +60,7 @@ def test_strategies_match_loop_oracle(gate_fn, k, max_top_k, renormalize):
   def oracle_loss(params, x):
     return jnp.sum(loop_oracle(params, x, k, gate_fn, renormalize) * target)
 
-  want_loss, want_grads = jax.value_and_grad(oracle_loss, argnums=(0, 1))(params, x)
+  want_loss, want_grads = jax.jit(jax.value_and_grad(oracle_loss, argnums=(0, 1)))(params, x)
   for strategy in ("dense", "padded", "ragged"):
     def loss(params, x):
       y, stats = run_moe(strategy, params, x, k, max_top_k, gate_fn=gate_fn,
