@@ -6,8 +6,9 @@ both on 2 threads, timed in alternation in one run.
   python -m benchmarks.peer_train_step [--repeats 8] [--shapes cpu_tiny,d512]
 
 Prints per shape the median step time, tokens/s and the ratio (ours / theirs in tokens/s: above
-1.0 we are faster), the float32 matmul rate of each library measured in the same run, and each
-side's MFU against its own matmul rate (model FLOPs as the trainer counts them).
+1.0 we are faster) for ours with the layer scan and with the layers unrolled (`scan_layers`),
+the float32 matmul rate of each library measured in the same run, and each side's MFU against
+its own matmul rate (model FLOPs as the trainer counts them).
 """
 
 import argparse
@@ -27,21 +28,21 @@ SHAPES = {
 LBL_COEF = 1e-3
 
 
-def model_config(shape):
+def model_config(shape, scan_layers: bool = True):
   from sigma_moe_jax import ModelConfig
-  return ModelConfig(vocab_size=shape["vocab"], d_model=shape["d_model"],
+  return ModelConfig(scan_layers=scan_layers, vocab_size=shape["vocab"], d_model=shape["d_model"],
                      num_layers=shape["layers"], num_heads=shape["heads"],
                      num_kv_heads=shape["kv_heads"], head_dim=shape["head_dim"],
                      num_experts=shape["experts"], d_ff=shape["d_ff"], top_k=1,
                      capacity_factor=shape["capacity"], dispatch="padded")
 
 
-def ours(shape, tokens, with_hlo: bool = False):
+def ours(shape, tokens, with_hlo: bool = False, scan_layers: bool = True):
   import jax
   import jax.numpy as jnp
   from benchmarks.common import train_step_call
   from sigma_moe_jax.layers import positions_from_segments
-  cfg = model_config(shape)
+  cfg = model_config(shape, scan_layers)
   tokens = jnp.asarray(tokens, jnp.int32)
   segments = jnp.ones_like(tokens)
   batch = {"tokens": tokens, "segment_ids": segments,
@@ -109,28 +110,31 @@ def main():
         f"{torch_rate / 1e9:.0f} GFLOP/s (threads: torch {torch.get_num_threads()}, "
         f"cpus {os.cpu_count()})")
   from sigma_moe_jax.infra.metrics import flops_per_token
-  print(f"{'shape':10s} {'ours ms':>9s} {'theirs ms':>10s} {'ours tok/s':>11s} "
+  print(f"{'shape':20s} {'ours ms':>9s} {'theirs ms':>10s} {'ours tok/s':>11s} "
         f"{'theirs tok/s':>13s} {'ours / theirs':>14s} {'ours MFU':>9s} {'theirs MFU':>11s}")
   for name in args.shapes.split(","):
     shape = SHAPES[name]
     tokens = np.random.default_rng(0).integers(0, shape["vocab"], (shape["batch"], shape["seq"]))
-    calls = [ours(shape, tokens), theirs(shape, tokens)]
+    # Ours with the layer scan (the default) and with the layers unrolled (scan_layers=False).
+    calls = [ours(shape, tokens), ours(shape, tokens, scan_layers=False), theirs(shape, tokens)]
     for call in calls:  # compile / warm up
       call(), call()
-    times = [[], []]
+    times = [[], [], []]
     for _ in range(args.repeats):
       for call, record in zip(calls, times):
         start = time.perf_counter()
         call()
         record.append(time.perf_counter() - start)
-    ours_s, theirs_s = (float(np.median(t)) for t in times)
+    *ours_s, theirs_s = (float(np.median(t)) for t in times)
     n = shape["batch"] * shape["seq"]
     # MFU: the model's training FLOPs (6 x activated matmul parameters + attention, as the
     # trainer counts them) per second over each library's own measured matmul rate.
     flops = n * flops_per_token(model_config(shape), shape["seq"])
-    print(f"{name:10s} {ours_s * 1e3:9.1f} {theirs_s * 1e3:10.1f} {n / ours_s:11.0f} "
-          f"{n / theirs_s:13.0f} {theirs_s / ours_s:13.2f}x {flops / ours_s / jax_rate:9.1%} "
-          f"{flops / theirs_s / torch_rate:11.1%}", flush=True)
+    for layers, seconds in zip(("scan", "unrolled"), ours_s):
+      print(f"{name + ', ' + layers:20s} {seconds * 1e3:9.1f} {theirs_s * 1e3:10.1f} "
+            f"{n / seconds:11.0f} {n / theirs_s:13.0f} {theirs_s / seconds:13.2f}x "
+            f"{flops / seconds / jax_rate:9.1%} {flops / theirs_s / torch_rate:11.1%}",
+            flush=True)
 
 
 if __name__ == "__main__":

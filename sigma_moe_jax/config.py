@@ -136,6 +136,7 @@ class ModelConfig:
              "must be positive or None (init_std)")
     _require("dtype", self.dtype in COMPUTE_DTYPES, f"must be one of {COMPUTE_DTYPES}")
     _require("remat", self.remat in REMAT_POLICIES, f"must be one of {REMAT_POLICIES}")
+    _require("scan_layers", isinstance(self.scan_layers, bool), "must be True or False")
 
   @property
   def resolved_head_dim(self) -> int:

@@ -118,9 +118,9 @@ class Transformer(nnx.Module):
 
   def scan_layers(self, x, step: Callable, per_layer, remat: str = "none"):
     """Runs `step(block, x, row, max_top_k) -> (x, output)` through the layers: one `lax.scan`
-    per run of layers that share a static max top-k (`scan_groups`), or with `scan_layers`
-    off, one call per layer. `per_layer` is a pytree of
-    arrays with a leading [layers] axis (None leaves allowed); `row` is its slice for the layer.
+    per run of layers that share a static max top-k (`scan_groups`), or with the config's
+    `scan_layers` off, one call per layer. `per_layer` is a pytree of arrays with a leading
+    [layers] axis (None leaves allowed); `row` is its slice for the layer.
     Returns (x, the outputs stacked over all layers). Forward, prefill and decode all run
     through here."""
     graphdef, stacked = nnx.split(self.blocks)

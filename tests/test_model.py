@@ -55,6 +55,19 @@ def test_dispatch_paths_agree_on_loss_and_every_gradient():
                                  err_msg=f"{strategy} {jax.tree_util.keystr(path)}")
 
 
+def test_unrolled_layers_equal_the_layer_scan():
+  """scan_layers=False (one call per layer) against the scan, over two scan groups (layers with
+  another static max top-k): the same loss and every gradient."""
+  cfg = TINY.replace(num_layers=3, top_k=1, max_top_k=(2, 1, 1))
+  tokens = random_tokens(4, (2, 16))
+  params, _, scanned = model_fns(cfg)
+  _, _, unrolled = model_fns(cfg.replace(scan_layers=False))
+  (want_loss, want_grads), (loss, grads) = scanned(params, tokens), unrolled(params, tokens)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("gate_fn", ["softmax", "sigmoid"])
 def test_lm_loss_reaches_the_router_at_top1(gate_fn):
   params, _, loss_and_grad = model_fns(TINY.replace(gate_fn=gate_fn))
