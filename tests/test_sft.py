@@ -204,7 +204,7 @@ def test_train_step_trains_on_the_mask_and_balances_every_token():
   state = train_lib.init_state(params, optimizer, CFG)
   _, masked_metrics = step(state, batch)
   _, plain_metrics = step(train_lib.init_state(params, optimizer, CFG), unmasked)
-  ce, n, _ = train_lib.make_eval_step(graphdef)(params, batch, jnp.ones((2,), jnp.int32))
+  ce, n, _ = jax.jit(train_lib.make_eval_step(graphdef))(params, batch, jnp.ones((2,), jnp.int32))
   np.testing.assert_allclose(masked_metrics["lm_loss"], float(ce) / int(n), rtol=1e-5)
   assert int(masked_metrics["targets"]) == int(n) < int(plain_metrics["targets"])
   np.testing.assert_allclose(masked_metrics["lbl_per_layer"], plain_metrics["lbl_per_layer"],

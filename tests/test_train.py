@@ -170,7 +170,7 @@ def test_evaluation_is_dropless_whatever_the_training_capacity():
                  make_mesh(devices=jax.devices()[:1]), top_k, None, max_batches=2)
   np.testing.assert_array_equal(got["val_drop_fraction"], [0.0, 0.0])
   dense = train_lib.model_graphdef(cfg.replace(dispatch="dense", capacity_factor=None))
-  ce, n, _ = train_lib.make_eval_step(dense)(params, whole, top_k)
+  ce, n, _ = jax.jit(train_lib.make_eval_step(dense))(params, whole, top_k)
   np.testing.assert_allclose(got["val_loss"], float(ce) / int(n), rtol=1e-5)
 
 
