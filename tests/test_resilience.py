@@ -182,10 +182,18 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, straight
   assert_same_losses(workdir, straight)
 
 
-def test_no_intact_checkpoint_is_one_line_and_keeps_everything(tmp_path):
-  workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+  """A run of 3 steps (its checkpoint 3), copied by each test that resumes or damages it."""
+  workdir = tmp_path_factory.mktemp("three") / "run"
   code, _, err = launch(workdir, "--config.train.steps=3")
   assert code == 0, err[-2000:]
+  return workdir
+
+
+def test_no_intact_checkpoint_is_one_line_and_keeps_everything(tmp_path, three_steps):
+  workdir = tmp_path / "run"
+  shutil.copytree(three_steps, workdir)
   os.remove(workdir / "checkpoints" / "3" / "state" / "_METADATA")
   code, _, err = launch(workdir, "--config.train.steps=6")
   assert code != 0
@@ -194,10 +202,9 @@ def test_no_intact_checkpoint_is_one_line_and_keeps_everything(tmp_path):
   assert (workdir / "damaged_checkpoints" / "3" / "state").is_dir()
 
 
-def test_resume_with_another_tokenizer_or_corpus_is_refused(tmp_path):
+def test_resume_with_another_tokenizer_or_corpus_is_refused(tmp_path, three_steps):
   workdir = tmp_path / "run"
-  code, _, err = launch(workdir, "--config.train.steps=3")
-  assert code == 0, err[-2000:]
+  shutil.copytree(three_steps, workdir)
   tokenizer = tmp_path / "tokenizer.json"
   shutil.copy(os.path.join(ROOT, "data", "shakespeare_bpe4096.json"), tokenizer)
   with open(tokenizer, "a") as f:

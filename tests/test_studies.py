@@ -179,7 +179,7 @@ def test_analyses_report_what_the_metrics_say(tmp_path):
 def test_launcher_trains_reuses_and_refuses(tmp_path):
   """A tiny dense-vs-MoE study end to end; a second call reuses both runs; another config on the
   same workdir is refused and leaves the runs as they were."""
-  tiny = ["--config.model.d_model=32", "--config.model.num_layers=3",
+  tiny = ["--config.model.d_model=32", "--config.model.num_layers=2",
           "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
           "--config.model.head_dim=16", "--config.model.num_experts=4",
           "--config.model.d_ff=32", "--config.train.batch_size=4", "--config.train.seq_len=32",
