@@ -7,8 +7,9 @@ results (a JSON-ready dict). NumPy only; the figures are in figures.py.
   common.py    what they share
 """
 
-from experiments.studies.analyses.balance import (dense, depth, depth_profile, domains, imbalance, loss_free,
-                                                  loss_free_long, no_newline, shortcut, top1_lbl)
+from experiments.studies.analyses.balance import (dense, depth, depth_profile, domains, imbalance,
+                                                  loss_free, loss_free_long, no_newline, shortcut,
+                                                  top1_lbl)
 from experiments.studies.analyses.common import (by_seed, seeded, domain_information,
                                                  interval, mean_active_params, with_early_drops,
                                                  with_intervals)

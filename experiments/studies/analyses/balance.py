@@ -105,21 +105,17 @@ def depth_profile(runs):
   layer index. Over the seeds each is a band, and `with_intervals` gives its paired t interval.
   The claim is read as reproduced at this scale if the interval of `lower_minus_rest` lies above
   zero and that of the slope below it; as contradicted if either lies wholly on the other side;
-  otherwise the test cannot tell. The load CV and the count of empty experts are reported the
-  same way, and the spikiness of f against p per layer (Fig. 2c), without a verdict rule."""
+  otherwise the test cannot tell. The load CV gets the same two statistics; the empty experts,
+  the drops and the spikiness of f against p (Fig. 2c) are reported per layer, without a verdict
+  rule."""
   per_seed = {}
   for name, run in by_seed(runs, "deep").items():
     balance = second_half_balance(run)
     profile = np.asarray(balance["max_load_dev_per_layer"])
     cv = np.asarray(balance["load_cv_per_layer"])
-    layers = np.arange(len(profile))
     per_seed[name] = {
-        "max_load_dev_per_layer": profile.tolist(),
-        "lower_minus_rest": _lower_minus_rest(profile),
-        "slope_per_layer": float(np.polyfit(layers, profile, 1)[0]),
-        "load_cv_per_layer": cv.tolist(),
-        "load_cv_lower_minus_rest": _lower_minus_rest(cv),
-        "load_cv_slope_per_layer": float(np.polyfit(layers, cv, 1)[0]),
+        "max_load_dev_per_layer": profile.tolist(), **_over_depth(profile),
+        "load_cv_per_layer": cv.tolist(), **_over_depth(cv, "load_cv_"),
         "empty_experts_final_per_layer": balance["empty_experts_final_per_layer"],
         "train_drop_fraction_per_layer": balance["train_drop_fraction_per_layer"],
         **_spread(run), "final_val_loss": final_loss(run)}
@@ -135,9 +131,11 @@ def depth_profile(runs):
                                     for n, s in per_seed.items()}}
 
 
-def _lower_minus_rest(values) -> float:
-  split = lower_vs_upper(np.asarray(values))
-  return split["lower_layers_mean"] - split["upper_layers_mean"]
+def _over_depth(values: np.ndarray, prefix: str = "") -> dict:
+  """A per-layer profile's lowest quarter minus the rest, and its least-squares slope."""
+  split = lower_vs_upper(values)
+  return {prefix + "lower_minus_rest": split["lower_layers_mean"] - split["upper_layers_mean"],
+          prefix + "slope_per_layer": float(np.polyfit(np.arange(len(values)), values, 1)[0])}
 
 
 def loss_free(runs):
