@@ -18,6 +18,32 @@ def normal_param(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
 
 
+@jax.custom_vjp
+def project(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., d] @ w [d, n] with float32 output: the LM head's matmul. Its weight gradient is
+  formed as x^T @ dy with x^T made explicit (and kept so by an optimisation barrier), so the
+  compiler transposes the small activation rather than the [tokens, n] output gradient, as
+  XLA:CPU otherwise does for the vocabulary-wide head (a full copy of the logits' gradient)."""
+  return jnp.einsum("...d,dn->...n", x, w, preferred_element_type=jnp.float32)
+
+
+def _project_fwd(x, w):
+  return project(x, w), (x, w)
+
+
+def _project_bwd(saved, dy):
+  x, w = saved
+  rows = x.reshape(-1, x.shape[-1])
+  d_x = jnp.einsum("...n,dn->...d", dy.astype(w.dtype), w,
+                   preferred_element_type=jnp.float32).astype(x.dtype)
+  d_w = jnp.dot(jax.lax.optimization_barrier(rows.T), dy.reshape(-1, dy.shape[-1]).astype(x.dtype),
+                preferred_element_type=jnp.float32).astype(w.dtype)
+  return d_x, d_w
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class RMSNorm(nnx.Module):
   """y = x / rms(x) * scale, normalised in float32 and returned in x's dtype."""
 

@@ -12,7 +12,8 @@ from flax import nnx
 
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.infra import sharding
-from sigma_moe_jax.layers import Attention, RMSNorm, normal_param, positions_from_segments
+from sigma_moe_jax.layers import (Attention, RMSNorm, normal_param, positions_from_segments,
+                                  project)
 from sigma_moe_jax.moe.layer import MoE, gathered_experts
 
 _REMAT_POLICIES = {
@@ -113,8 +114,7 @@ class Transformer(nnx.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """Final-norm outputs [..., d_model] -> float32 logits [..., vocab] (the LM head)."""
     with jax.named_scope("lm_head"):
-      return jnp.einsum("...d,dv->...v", x, self.lm_head[...].astype(x.dtype),
-                        preferred_element_type=jnp.float32)
+      return project(x, self.lm_head[...].astype(x.dtype))
 
   def scan_layers(self, x, step: Callable, per_layer, remat: str = "none"):
     """Runs `step(block, x, row, max_top_k) -> (x, output)` through the layers: one `lax.scan`

@@ -50,6 +50,33 @@ def test_lm_loss_masks_document_starts_and_padding():
   np.testing.assert_allclose(total, want_total, rtol=1e-5)
 
 
+def test_loss_and_head_gradients_match_the_softmax_formula():
+  """The fused cross-entropy and the LM head's custom backward against NumPy: d loss / d logits
+  = mask * (softmax - one_hot), d x = d logits @ W^T, d W = x^T @ d logits."""
+  from sigma_moe_jax.layers import project
+  batch = make_batch(0, batch=2)
+  x = np.asarray(jax.random.normal(jax.random.key(2), (2, 16, 8)))
+  w = np.asarray(jax.random.normal(jax.random.key(3), (8, CFG.vocab_size)))
+
+  def loss(x, w):
+    return train_lib.lm_loss_terms(project(x, w), batch["tokens"], batch["segment_ids"])[0]
+
+  d_x, d_w = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  logits = x @ w
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  tokens, segments = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
+  d_logits = np.zeros_like(logits)
+  for b in range(2):
+    for i in range(15):
+      if segments[b, i + 1] > 0 and segments[b, i + 1] == segments[b, i]:
+        d_logits[b, i] = probs[b, i]
+        d_logits[b, i, tokens[b, i + 1]] -= 1
+  np.testing.assert_allclose(d_x, d_logits @ w.T, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(d_w, x.reshape(-1, 8).T @ d_logits.reshape(-1, w.shape[1]),
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_gradient_accumulation_matches_the_whole_batch():
   balance = train_lib.BalanceSettings(loss="none")
   batch = make_batch(2, batch=4)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jaxtyping import Array, Float, Int
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sigma_moe_jax.config import ModelConfig
@@ -186,12 +187,42 @@ def target_mask(segment_ids, loss_mask=None):
   return mask
 
 
+@jax.custom_vjp
+def cross_entropy(logits: Float[Array, "... V"], labels: Int[Array, "..."]) -> Float[Array, "..."]:
+  """-log softmax(logits)[label] in float32. The gradient, softmax minus the label's one-hot,
+  is one elementwise pass over the logits from the saved log-sum-exp (autodiff would scatter
+  into a zero array for the picked logit and keep the normalised exponentials)."""
+  return _cross_entropy_fwd(logits, labels)[0]
+
+
+def _cross_entropy_fwd(logits, labels):
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return lse - picked, (logits, labels, lse)
+
+
+def _cross_entropy_bwd(saved, d_loss):
+  logits, labels, lse = saved
+  one_hot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+  d_logits = d_loss[..., None] * (jnp.exp(logits - lse[..., None]) - one_hot)
+  return d_logits, None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def lm_loss_terms(logits, tokens, segment_ids, loss_mask=None):
-  """Summed next-token cross-entropy over the targets of `target_mask`, and their number."""
+  """Summed next-token cross-entropy over the targets of `target_mask`, and their number.
+
+  The loss is taken at every position against the next token (the last position's target is
+  a placeholder, masked out) rather than on `logits[:, :-1]`: slicing would copy the
+  [batch, seq, vocab] logits, and their gradient would be padded back to full length."""
   with jax.named_scope("loss"):
-    mask = target_mask(segment_ids, loss_mask)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
-    return jnp.sum(ce * mask), jnp.sum(mask)
+    mask = jnp.pad(target_mask(segment_ids, loss_mask), ((0, 0), (0, 1)))
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    ce = cross_entropy(logits, next_tokens)
+    return jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(mask)
 
 
 def make_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
