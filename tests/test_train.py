@@ -34,18 +34,23 @@ def setup(balance, grad_accum=1, cfg=CFG, schedule=None):
   return graphdef, state, step
 
 
+def next_token_targets(batch):
+  """(row, position, next token) of every target, by a plain loop: the next token is one when
+  it is not padding and continues the same document."""
+  tokens, segments = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
+  return [(b, i, tokens[b, i + 1]) for b in range(tokens.shape[0])
+          for i in range(tokens.shape[1] - 1)
+          if segments[b, i + 1] > 0 and segments[b, i + 1] == segments[b, i]]
+
+
 def test_lm_loss_masks_document_starts_and_padding():
   batch = make_batch(0, batch=2)
   logits = jax.random.normal(jax.random.key(1), (2, 16, CFG.vocab_size))
   total, count = train_lib.lm_loss_terms(logits, batch["tokens"], batch["segment_ids"])
   log_probs = np.asarray(jax.nn.log_softmax(logits))
-  tokens, segments = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
-  want_total, want_count = 0.0, 0
-  for b in range(2):
-    for i in range(15):
-      if segments[b, i + 1] > 0 and segments[b, i + 1] == segments[b, i]:
-        want_total -= log_probs[b, i, tokens[b, i + 1]]
-        want_count += 1
+  targets = next_token_targets(batch)
+  want_total = -sum(log_probs[b, i, token] for b, i, token in targets)
+  want_count = len(targets)
   assert int(count) == want_count == 2 * (5 + 6)
   np.testing.assert_allclose(total, want_total, rtol=1e-5)
 
@@ -65,13 +70,10 @@ def test_loss_and_head_gradients_match_the_softmax_formula():
   logits = x @ w
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
-  tokens, segments = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
   d_logits = np.zeros_like(logits)
-  for b in range(2):
-    for i in range(15):
-      if segments[b, i + 1] > 0 and segments[b, i + 1] == segments[b, i]:
-        d_logits[b, i] = probs[b, i]
-        d_logits[b, i, tokens[b, i + 1]] -= 1
+  for b, i, token in next_token_targets(batch):
+    d_logits[b, i] = probs[b, i]
+    d_logits[b, i, token] -= 1
   np.testing.assert_allclose(d_x, d_logits @ w.T, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(d_w, x.reshape(-1, 8).T @ d_logits.reshape(-1, w.shape[1]),
                              rtol=1e-4, atol=1e-5)
