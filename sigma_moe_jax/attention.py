@@ -108,14 +108,14 @@ def _ungrouped(a):
 
 
 def _block_scores(rows, keys, segment_ids, start, size):
-  """Scaled float32 scores of query block (start, size) against its keys, masked:
-  [B, Hkv, G, size, start + size]; and the mask."""
+  """Scaled float32 scores of query block (start, size) against its keys, masked ones -1e30:
+  [B, Hkv, G, size, start + size]."""
   b, kv, g, _, d = rows.shape
   block_rows = rows[:, :, :, start:start + size].reshape(b, kv, g * size, d)
   scores = jnp.einsum("bkqd,bktd->bkqt", block_rows, keys[:, :, :start + size],
                       preferred_element_type=jnp.float32) * (1 / math.sqrt(d))
   mask = _block_mask(segment_ids, start, size)
-  return jnp.where(mask, scores.reshape(b, kv, g, size, start + size), -1e30), mask
+  return jnp.where(mask, scores.reshape(b, kv, g, size, start + size), -1e30)
 
 
 def _attend_blocks(q, k, v, segment_ids, block):
@@ -125,13 +125,14 @@ def _attend_blocks(q, k, v, segment_ids, block):
   b, kv, g, _, d = rows.shape
   outs, lses = [], []
   for start, size in _blocks(q.shape[1], block):
-    scores, _ = _block_scores(rows, keys, segment_ids, start, size)
+    scores = _block_scores(rows, keys, segment_ids, start, size)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     exp = jnp.exp(scores - peak)
     total = jnp.sum(exp, axis=-1, keepdims=True)
-    weights = (exp / total).reshape(b, kv, g * size, start + size).astype(v.dtype)
-    out = jnp.einsum("bkqt,bktd->bkqd", weights, values[:, :, :start + size])
-    outs.append(out.reshape(b, kv, g, size, d))
+    # Normalised after the matmul: a division over D columns instead of over the block's keys.
+    out = jnp.einsum("bkqt,bktd->bkqd", exp.reshape(b, kv, g * size, start + size).astype(v.dtype),
+                     values[:, :, :start + size], preferred_element_type=jnp.float32)
+    outs.append((out.reshape(b, kv, g, size, d) / total).astype(v.dtype))
     lses.append((peak + jnp.log(total))[..., 0])
   return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
@@ -164,8 +165,9 @@ def _blockwise_backward(block, saved, d_out):
   d_queries = []
   for start, size in _blocks(q.shape[1], block):
     stop = start + size
-    scores, mask = _block_scores(rows, keys, segment_ids, start, size)
-    weights = jnp.where(mask, jnp.exp(scores - lse[:, :, :, start:stop, None]), 0.0)
+    # Masked scores are -1e30, so their weights come out 0 without a second select.
+    scores = _block_scores(rows, keys, segment_ids, start, size)
+    weights = jnp.exp(scores - lse[:, :, :, start:stop, None])
     block_rows = rows[:, :, :, start:stop].reshape(b, kv, g * size, d)
     block_d_out = d_rows[:, :, :, start:stop].reshape(b, kv, g * size, d)
     flat = lambda a: a.reshape(b, kv, g * size, stop)

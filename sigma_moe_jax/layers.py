@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -18,30 +19,45 @@ def normal_param(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
 
 
-@jax.custom_vjp
-def project(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., d] @ w [d, n] with float32 output: the LM head's matmul. Its weight gradient is
-  formed as x^T @ dy with x^T made explicit (and kept so by an optimisation barrier), so the
-  compiler transposes the small activation rather than the [tokens, n] output gradient, as
-  XLA:CPU otherwise does for the vocabulary-wide head (a full copy of the logits' gradient)."""
-  return jnp.einsum("...d,dn->...n", x, w, preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense(x: jax.Array, w: jax.Array, contract: int = 1, out_dtype=None) -> jax.Array:
+  """x [..., *k] @ w [*k, *n] -> [..., *n], contracting x's last `contract` dimensions with w's
+  first ones; the output in `out_dtype` (default x's dtype), accumulated in float32.
+
+  The weight gradient is formed as rows^T @ dy with the activation's transpose rows^T made
+  explicit (and kept so by an optimisation barrier): otherwise XLA:CPU transposes the output
+  gradient instead, fused into whatever produced it (a norm's backward, the loss's), which
+  writes it in strides and costs more than the matmul it feeds."""
+  return _dense(x, w, contract, out_dtype)
 
 
-def _project_fwd(x, w):
-  return project(x, w), (x, w)
+def _dense(x, w, contract, out_dtype):
+  rows = x.reshape(*x.shape[:x.ndim - contract], -1)
+  y = jnp.dot(rows, w.reshape(rows.shape[-1], -1), preferred_element_type=jnp.float32)
+  return y.reshape(*x.shape[:x.ndim - contract], *w.shape[contract:]).astype(out_dtype or x.dtype)
 
 
-def _project_bwd(saved, dy):
+def _dense_fwd(x, w, contract, out_dtype):
+  return _dense(x, w, contract, out_dtype), (x, w)
+
+
+def _dense_bwd(contract, out_dtype, saved, dy):
   x, w = saved
-  rows = x.reshape(-1, x.shape[-1])
-  d_x = jnp.einsum("...n,dn->...d", dy.astype(w.dtype), w,
-                   preferred_element_type=jnp.float32).astype(x.dtype)
-  d_w = jnp.dot(jax.lax.optimization_barrier(rows.T), dy.reshape(-1, dy.shape[-1]).astype(x.dtype),
-                preferred_element_type=jnp.float32).astype(w.dtype)
-  return d_x, d_w
+  k = math.prod(w.shape[:contract])
+  rows = x.reshape(-1, k)
+  dy_rows = dy.reshape(rows.shape[0], -1).astype(x.dtype)
+  w_rows = w.reshape(k, -1).astype(x.dtype)
+  d_x = jnp.einsum("tn,kn->tk", dy_rows, w_rows, preferred_element_type=jnp.float32)
+  d_w = jnp.dot(jax.lax.optimization_barrier(rows.T), dy_rows, preferred_element_type=jnp.float32)
+  return d_x.reshape(x.shape).astype(x.dtype), d_w.reshape(w.shape).astype(w.dtype)
 
 
-project.defvjp(_project_fwd, _project_bwd)
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def project(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., d] @ w [d, n] with float32 output: the LM head's matmul (`dense`)."""
+  return dense(x, w, 1, jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -178,9 +194,7 @@ class Attention(nnx.Module):
     """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim], normalised and
     rotated: what attention (or a KV cache) takes."""
     cast = lambda p: p[...].astype(self.dtype)
-    q = jnp.einsum("bsd,dnh->bsnh", x, cast(self.wq))
-    k = jnp.einsum("bsd,dkh->bskh", x, cast(self.wk))
-    v = jnp.einsum("bsd,dkh->bskh", x, cast(self.wv))
+    q, k, v = (dense(x, cast(w)) for w in (self.wq, self.wk, self.wv))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     r = self.cfg.rope
@@ -189,4 +203,4 @@ class Attention(nnx.Module):
 
   def output(self, out: jax.Array) -> jax.Array:
     """Attention output [batch, seq, heads, head_dim] -> [batch, seq, d_model]."""
-    return jnp.einsum("bsnh,nhd->bsd", out, self.wo[...].astype(self.dtype))
+    return dense(out, self.wo[...].astype(self.dtype), contract=2)
