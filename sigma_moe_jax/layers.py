@@ -43,10 +43,11 @@ def _dense_fwd(x, w, contract, out_dtype):
 
 def _dense_bwd(contract, out_dtype, saved, dy):
   x, w = saved
-  rows = x.reshape(-1, math.prod(w.shape[:contract]))
+  k = math.prod(w.shape[:contract])
+  rows = x.reshape(-1, k)
   dy_rows = dy.reshape(rows.shape[0], -1).astype(x.dtype)
-  d_x = jnp.einsum("tn,kn->tk", dy_rows, w.reshape(rows.shape[1], -1).astype(x.dtype),
-                   preferred_element_type=jnp.float32)
+  w_rows = w.reshape(k, -1).astype(x.dtype)
+  d_x = jnp.einsum("tn,kn->tk", dy_rows, w_rows, preferred_element_type=jnp.float32)
   d_w = jnp.dot(jax.lax.optimization_barrier(rows.T), dy_rows, preferred_element_type=jnp.float32)
   return d_x.reshape(x.shape).astype(x.dtype), d_w.reshape(w.shape).astype(w.dtype)
 
@@ -193,13 +194,7 @@ class Attention(nnx.Module):
     """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim], normalised and
     rotated: what attention (or a KV cache) takes."""
     cast = lambda p: p[...].astype(self.dtype)
-    # One matmul for q, k and v (one activation transpose for their weight gradients).
-    d = x.shape[-1]
-    qkv = dense(x, jnp.concatenate([cast(w).reshape(d, -1) for w in (self.wq, self.wk, self.wv)],
-                                   axis=1))
-    q, k, v = jnp.split(qkv, np.cumsum([self.wq.size // d, self.wk.size // d])[:2], axis=-1)
-    q = q.reshape(*q.shape[:-1], self.num_heads, self.head_dim)
-    k, v = (t.reshape(*t.shape[:-1], self.num_kv_heads, self.head_dim) for t in (k, v))
+    q, k, v = (dense(x, cast(w)) for w in (self.wq, self.wk, self.wv))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     r = self.cfg.rope
