@@ -143,3 +143,23 @@ def test_blocks_take_their_configs_and_the_old_keyword_calls_say_what_to_write()
   with pytest.raises(TypeError, match=r"Attention\(model_cfg.attention_config, rngs=rngs\)"):
     Attention(32, 4, 2, 8, qk_norm=True, rope_theta=1e4, norm_eps=1e-6, init_std=0.1,
               dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("contract", [1, 2])
+def test_dense_value_and_gradients_match_numpy(contract):
+  """`layers.dense` (the attention projections' matmul, with its own backward) against the NumPy
+  products: y = x @ W over the contracted dimensions, d x = dy @ W^T, d W = x^T @ dy."""
+  from sigma_moe_jax.layers import dense
+  keys = jax.random.split(jax.random.key(0), 3)
+  x_shape, w_shape = ((2, 5, 6), (6, 3, 4)) if contract == 1 else ((2, 5, 3, 4), (3, 4, 6))
+  x = np.asarray(jax.random.normal(keys[0], x_shape))
+  w = np.asarray(jax.random.normal(keys[1], w_shape))
+  k = int(np.prod(w_shape[:contract]))
+  rows, w_rows = x.reshape(-1, k), w.reshape(k, -1)
+  y = jax.jit(functools.partial(dense, contract=contract))(x, w)
+  np.testing.assert_allclose(y, (rows @ w_rows).reshape(y.shape), rtol=1e-5, atol=1e-5)
+  dy = np.asarray(jax.random.normal(keys[2], y.shape))
+  d_x, d_w = jax.jit(jax.grad(lambda x, w: jnp.sum(dense(x, w, contract) * dy), (0, 1)))(x, w)
+  dy_rows = dy.reshape(rows.shape[0], -1)
+  np.testing.assert_allclose(d_x, (dy_rows @ w_rows.T).reshape(x_shape), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_w, (rows.T @ dy_rows).reshape(w_shape), rtol=1e-5, atol=1e-5)
