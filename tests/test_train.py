@@ -105,6 +105,51 @@ def test_weight_decay_skips_norm_scales():
   np.testing.assert_allclose(new["lm_head"], params["lm_head"] * (1 - 0.1 * 0.5), rtol=1e-6)
 
 
+def test_optimizer_matches_optax_adamw_and_a_skipped_step_keeps_the_moments():
+  """make_optimizer against optax's own clip + adamw over three steps (same state structure, same
+  parameters), then a step told `finite=False` with a NaN gradient: the moments and Adam's count
+  stay bit for bit as they were."""
+  lr = train_lib.learning_rate_schedule(lr=1e-2, steps=10, warmup_steps=1, kind="cosine")
+  ours = train_lib.make_optimizer(lr, b1=0.8, b2=0.9, weight_decay=0.1, grad_clip=0.5)
+  mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
+  oracle = optax.chain(optax.clip_by_global_norm(0.5),
+                       optax.adamw(lr, b1=0.8, b2=0.9, weight_decay=0.1, mask=mask))
+  _, params = train_lib.init_model(CFG, 0)
+  state, oracle_state = ours.init(params), oracle.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(oracle_state)
+  p, q = params, params
+  for seed in range(3):
+    grads = jax.tree.map(lambda a, k=jax.random.key(seed): jax.random.normal(k, a.shape), params)
+    updates, state = ours.update(grads, state, p, finite=jnp.bool_(True))
+    oracle_updates, oracle_state = oracle.update(grads, oracle_state, q)
+    p, q = optax.apply_updates(p, updates), optax.apply_updates(q, oracle_updates)
+  for a, b in zip(jax.tree.leaves((p, state)), jax.tree.leaves((q, oracle_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  nan_grads = jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan), params)
+  _, skipped = ours.update(nan_grads, state, p, finite=jnp.bool_(False))
+  adam, skipped_adam = state[1][0], skipped[1][0]
+  for a, b in zip(jax.tree.leaves(adam), jax.tree.leaves(skipped_adam)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_non_finite_step_stores_nothing():
+  """A batch whose loss is NaN (a NaN in the LM head): the step reports it and returns the
+  parameters and Adam's moments and count exactly as they were."""
+  graphdef, state, step = setup(train_lib.BalanceSettings())
+  state, _ = step(state, make_batch(0))  # non-zero moments to keep
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state[1][0]))
+  params = {**state.params, "lm_head": state.params["lm_head"].at[0, 0].set(jnp.nan)}
+  new, metrics = step(state._replace(params=params), make_batch(1))
+  assert not bool(metrics["finite"])
+  assert int(new.step) == int(state.step) + 1
+  for a, b in zip(jax.tree.leaves((params, before[1])),
+                  jax.tree.leaves((new.params, new.opt_state[1][0]))):
+    np.testing.assert_array_equal(a, b)
+  assert np.isnan(np.asarray(new.params["lm_head"][0, 0]))  # kept as it was, NaN included
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(new.opt_state[1][0]))
+
+
 def test_loss_free_bias_follows_the_global_counts():
   cfg = CFG.replace(gate_fn="sigmoid")
   balance = train_lib.BalanceSettings(loss="none", loss_free=True, bias_rate=0.01)
