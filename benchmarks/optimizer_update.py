@@ -4,11 +4,12 @@ donates it: `make_optimizer`'s update with the step's non-finite guard as the tr
 select between optax's new state and the old one after optax's own clip + AdamW, and against no
 guard at all. Prints each one's median time and how many full-array copies XLA put in it.
 With `--config`, also the whole train step of that run config as the trainer jits it (its mesh,
-shardings and settings; `--capacity` overrides the model's capacity factor), with our optimizer
-and with optax's clip + AdamW plus the select, stepped in alternation.
+shardings and settings; `--capacity` overrides the model's capacity factor, `--layers` runs it
+with the layer scan, unrolled, or both), with our optimizer and with optax's clip + AdamW plus
+the select, all stepped in alternation.
 
   python -m benchmarks.optimizer_update [--shapes cpu_tiny,d512] [--repeats 12]
-      [--config configs/cpu_tiny.py --capacity 4,2]
+      [--config configs/cpu_tiny.py --capacity 4,2 --layers scan,unrolled]
 """
 
 import argparse
@@ -54,9 +55,10 @@ def variants(schedule):
           "no guard": (no_guard, optax_adamw)}
 
 
-def train_step_comparison(config_path: str, capacity: float, repeats: int):
-  """Median ms of the trainer's jitted step for `config_path` with make_optimizer's optimizer and
-  with optax's clip + AdamW (whose state the step then keeps by a select)."""
+def train_step_comparison(config_path: str, capacity: float, repeats: int, layer_modes):
+  """Median seconds of the trainer's jitted step for `config_path`, for each layer mode ("scan",
+  "unrolled") with make_optimizer's optimizer ("ours") and with optax's clip + AdamW, whose state
+  the step then keeps by a select; all stepped in alternation."""
   from sigma_moe_jax.infra import sharding
   from sigma_moe_jax.training import run
   spec = importlib.util.spec_from_file_location("run_config", config_path)
@@ -77,10 +79,12 @@ def train_step_comparison(config_path: str, capacity: float, repeats: int):
   batches = [{k: jax.make_array_from_process_local_data(batch_sharding, v)
               for k, v in next(begun.iterator).items()} for _ in range(8)]
   runs = {}
-  for label, optimizer in (("ours", built.optimizer), ("optax + select", optax_adamw)):
-    step = train_lib.jit_train_step(begun.graphdef, optimizer, built.lr, s.model, s.balance,
-                                    begun.shardings, mesh, schedule=s.schedule)
-    runs[label] = [step, jax.tree.map(lambda a: a.copy(), begun.state), []]
+  for layers in layer_modes:
+    cfg = s.model.replace(scan_layers=layers == "scan")
+    for label, optimizer in (("ours", built.optimizer), ("optax + select", optax_adamw)):
+      step = train_lib.jit_train_step(train_lib.model_graphdef(cfg), optimizer, built.lr, cfg,
+                                      s.balance, begun.shardings, mesh, schedule=s.schedule)
+      runs[f"{layers}, {label}"] = [step, jax.tree.map(lambda a: a.copy(), begun.state), []]
   with jax.set_mesh(mesh):
     for i in range(repeats + 4):
       for record in runs.values():
@@ -98,6 +102,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=12)
   parser.add_argument("--config", default="", help="a run config file: time its train step too")
   parser.add_argument("--capacity", default="4", help="capacity factors for --config")
+  parser.add_argument("--layers", default="scan", help="layer modes for --config: scan,unrolled")
   args = parser.parse_args()
   schedule = train_lib.learning_rate_schedule(lr=1e-3, steps=10**6, warmup_steps=10, kind="wsd")
   for name in [n for n in args.shapes.split(",") if n]:
@@ -126,10 +131,15 @@ def main():
     for label in runs:
       print(f"  {label:30s} {np.median(times[label]) * 1e3:8.1f} ms  {copies[label]:3d} copies")
   for capacity in (args.config and args.capacity.split(",")) or ():
-    seconds = train_step_comparison(args.config, float(capacity), 3 * args.repeats)
+    modes = args.layers.split(",")
+    seconds = train_step_comparison(args.config, float(capacity), 3 * args.repeats, modes)
     print(f"{args.config}, capacity {capacity}: the train step, median of {3 * args.repeats} "
-          f"alternating steps: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items())
-          + f" (optax + select / ours {seconds['optax + select'] / seconds['ours']:.2f}x)")
+          f"alternating steps")
+    for label, value in seconds.items():
+      print(f"  {label:30s} {value * 1e3:8.1f} ms")
+    for layers in modes:
+      print(f"  {layers}: optax + select / ours "
+            f"{seconds[layers + ', optax + select'] / seconds[layers + ', ours']:.2f}x")
 
 
 if __name__ == "__main__":
