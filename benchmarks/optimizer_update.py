@@ -27,12 +27,15 @@ from benchmarks.peer_train_step import SHAPES, model_config
 from sigma_moe_jax.training import step as train_lib
 
 
+def optax_adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0):
+  """optax's own clip + AdamW with make_optimizer's settings (the state the step then selects)."""
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
+                                 mask=train_lib.weight_decay_mask))
+
+
 def variants(schedule):
-  ours = train_lib.make_optimizer(schedule)
-  mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
-  optax_adamw = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=mask))
+  ours, theirs = train_lib.make_optimizer(schedule), optax_adamw(schedule)
   keep = lambda finite, new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
   def kept_inside(params, state, grads):
@@ -42,17 +45,17 @@ def variants(schedule):
 
   def select_after(params, state, grads):
     finite = jnp.isfinite(optax.tree.norm(grads))
-    updates, new_state = optax_adamw.update(grads, state, params)
+    updates, new_state = theirs.update(grads, state, params)
     return (keep(finite, optax.apply_updates(params, updates), params),
             keep(finite, new_state, state))
 
   def no_guard(params, state, grads):
-    updates, state = optax_adamw.update(grads, state, params)
+    updates, state = theirs.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
   return {"moments kept inside (ours)": (kept_inside, ours),
-          "select after optax's update": (select_after, optax_adamw),
-          "no guard": (no_guard, optax_adamw)}
+          "select after optax's update": (select_after, theirs),
+          "no guard": (no_guard, theirs)}
 
 
 def train_step_comparison(config_path: str, capacity: float, repeats: int, layer_modes):
@@ -70,18 +73,14 @@ def train_step_comparison(config_path: str, capacity: float, repeats: int, layer
   built = run.build_training(config, workdir)
   begun = run.start(config, built, workdir, {**config.to_dict(), "fingerprint": ""})
   s, mesh, t = built.settings, built.mesh, built.settings.train
-  mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
-  optax_adamw = optax.chain(optax.clip_by_global_norm(t.grad_clip),
-                            optax.adamw(built.lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                                        mask=mask))
+  theirs = optax_adamw(built.lr, t.b1, t.b2, t.weight_decay, t.grad_clip)
   batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh))
   batches = [{k: jax.make_array_from_process_local_data(batch_sharding, v)
               for k, v in next(begun.iterator).items()} for _ in range(8)]
   runs = {}
   for layers in layer_modes:
     cfg = s.model.replace(scan_layers=layers == "scan")
-    for label, optimizer in (("ours", built.optimizer), ("optax + select", optax_adamw)):
+    for label, optimizer in (("ours", built.optimizer), ("optax + select", theirs)):
       step = train_lib.jit_train_step(train_lib.model_graphdef(cfg), optimizer, built.lr, cfg,
                                       s.balance, begun.shardings, mesh, schedule=s.schedule)
       runs[f"{layers}, {label}"] = [step, jax.tree.map(lambda a: a.copy(), begun.state), []]

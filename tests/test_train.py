@@ -111,10 +111,9 @@ def test_optimizer_matches_optax_adamw_and_a_skipped_step_keeps_the_moments():
   stay bit for bit as they were."""
   lr = train_lib.learning_rate_schedule(lr=1e-2, steps=10, warmup_steps=1, kind="cosine")
   ours = train_lib.make_optimizer(lr, b1=0.8, b2=0.9, weight_decay=0.1, grad_clip=0.5)
-  mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
   oracle = optax.chain(optax.clip_by_global_norm(0.5),
-                       optax.adamw(lr, b1=0.8, b2=0.9, weight_decay=0.1, mask=mask))
+                       optax.adamw(lr, b1=0.8, b2=0.9, weight_decay=0.1,
+                                   mask=train_lib.weight_decay_mask))
   _, params = train_lib.init_model(CFG, 0)
   state, oracle_state = ours.init(params), oracle.init(params)
   assert jax.tree.structure(state) == jax.tree.structure(oracle_state)
@@ -138,12 +137,12 @@ def test_a_non_finite_step_stores_nothing():
   parameters and Adam's moments and count exactly as they were."""
   graphdef, state, step = setup(train_lib.BalanceSettings())
   state, _ = step(state, make_batch(0))  # non-zero moments to keep
-  before = jax.tree.map(np.asarray, (state.params, state.opt_state[1][0]))
+  moments_before = jax.tree.map(np.asarray, state.opt_state[1][0])
   params = {**state.params, "lm_head": state.params["lm_head"].at[0, 0].set(jnp.nan)}
   new, metrics = step(state._replace(params=params), make_batch(1))
   assert not bool(metrics["finite"])
   assert int(new.step) == int(state.step) + 1
-  for a, b in zip(jax.tree.leaves((params, before[1])),
+  for a, b in zip(jax.tree.leaves((params, moments_before)),
                   jax.tree.leaves((new.params, new.opt_state[1][0]))):
     np.testing.assert_array_equal(a, b)
   assert np.isnan(np.asarray(new.params["lm_head"][0, 0]))  # kept as it was, NaN included
