@@ -41,7 +41,8 @@ def train_step_call(cfg, batch, *, schedule=None, with_hlo: bool = False):
   graphdef, params = train_lib.init_model(cfg, 0)
   lr = train_lib.learning_rate_schedule(lr=1e-3, steps=10**6, warmup_steps=10, kind="wsd")
   optimizer = train_lib.make_optimizer(lr)
-  state = train_lib.init_state(params, optimizer, cfg)
+  # As the trainer runs it: with the layers unrolled, their parameters are held per layer.
+  state, _ = train_lib.per_layer_state(cfg, train_lib.init_state(params, optimizer, cfg), None)
   if schedule is not None:  # time the step at the schedule's last phase
     state = state._replace(step=jnp.asarray(schedule.starts[-1], jnp.int32))
   step = jax.jit(train_lib.make_train_step(graphdef, optimizer, lr, cfg,

@@ -1,7 +1,7 @@
 """Where the train step's time goes on this machine: the jitted step run under the JAX profiler,
 each executed XLA op's time attributed to a part of the model by the name scope its HLO carries.
 
-  python -m benchmarks.profile_step [--shape cpu_tiny|d512] [--steps 5] [--experts 32]
+  python -m benchmarks.profile_step [--shape cpu_tiny|d512] [--steps 5] [--experts 32] [--unrolled]
 
 Parts: embed, attention (projections, QK-norm, RoPE, the attention itself), norm (the block and
 final RMSNorms), router, balancing (LBL and routing statistics), dispatch (sort, gather,
@@ -57,13 +57,15 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--experts", type=int, default=0, help="override the expert count")
   parser.add_argument("--verbose", action="store_true", help="the costliest unattributed ops")
+  parser.add_argument("--unrolled", action="store_true",
+                      help="the layers unrolled (model.scan_layers=False) instead of scanned")
   args = parser.parse_args()
   from benchmarks.peer_train_step import ours
   shape = dict(SHAPES[args.shape])
   if args.experts:
     shape["experts"] = args.experts
   tokens = np.random.default_rng(0).integers(0, shape["vocab"], (shape["batch"], shape["seq"]))
-  call, compiled_text = ours(shape, tokens, with_hlo=True)
+  call, compiled_text = ours(shape, tokens, with_hlo=True, scan_layers=not args.unrolled)
   call(), call()
   start = time.perf_counter()
   for _ in range(args.steps):
@@ -92,7 +94,7 @@ def main():
       unknown[op] += seconds
       by_part["(no scope)"] += seconds
   total = sum(by_part.values())
-  print(f"{args.shape}, {shape['experts']} experts, batch {shape['batch']} x {shape['seq']}: "
+  print(f"{args.shape}, {'unrolled' if args.unrolled else 'scanned'}, {shape['experts']} experts, batch {shape['batch']} x {shape['seq']}: "
         f"step {wall * 1e3:.1f} ms wall, {total * 1e3:.1f} ms of op time")
   print(f"{'part':28s} {'ms':>8s} {'share':>7s}")
   for part, seconds in sorted(by_part.items(), key=lambda kv: -kv[1]):

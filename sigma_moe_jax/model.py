@@ -56,6 +56,58 @@ class Block(nnx.Module):
     return x + y[:, None].astype(x.dtype), (cache_k, cache_v)
 
 
+@jax.tree_util.register_pytree_node_class
+class Layers:
+  """A stacked [layers, ...] parameter (or what mirrors one: a gradient, AdamW's moments) held
+  as one array per layer: `Layers(arrays)[i]` is layer i's. The unrolled layers
+  (`scan_layers=False`) read each layer's weights as they are, where a stacked array costs a
+  slice per layer in the forward and, for its gradient, a stack of zero-padded slices summed in
+  the backward; on the CPU that is about 9% of the cpu_tiny step (docs/design.md). Made by
+  `unstack_layers`, undone by `stack_layers` (what a checkpoint stores)."""
+
+  def __init__(self, arrays):
+    self.arrays = tuple(arrays)
+
+  def __getitem__(self, i):
+    return self if i is Ellipsis else self.arrays[i]  # `param[...]` reads the value
+
+  def __len__(self):
+    return len(self.arrays)
+
+  def tree_flatten(self):
+    return self.arrays, None
+
+  @classmethod
+  def tree_unflatten(cls, aux, arrays):
+    del aux
+    return cls(arrays)
+
+
+def _is_layers(x) -> bool:
+  return isinstance(x, Layers)
+
+
+def _under_blocks(path) -> bool:
+  return any(getattr(k, "key", None) == "blocks" for k in path)
+
+
+def unstack_layers(tree):
+  """Every array under a `blocks` key of `tree` (parameters, a train state: its AdamW moments
+  mirror the parameters) split along its leading layer axis into `Layers`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: Layers(list(a)) if _under_blocks(path) and np.ndim(a) else a, tree)
+
+
+def stack_layers(tree):
+  """`unstack_layers` undone: each `Layers` stacked back into one [layers, ...] array."""
+  return jax.tree.map(lambda a: jnp.stack(a.arrays) if _is_layers(a) else a, tree,
+                      is_leaf=_is_layers)
+
+
+def has_layers(tree) -> bool:
+  return any(_is_layers(a) for a in jax.tree.leaves(tree, is_leaf=_is_layers))
+
+
 def scan_groups(max_top_k_per_layer) -> List[Tuple[int, int, int]]:
   """Runs of consecutive layers sharing a static max_top_k: [(start, stop, max_top_k), ...]."""
   groups, start = [], 0
@@ -119,11 +171,14 @@ class Transformer(nnx.Module):
   def scan_layers(self, x, step: Callable, per_layer, remat: str = "none"):
     """Runs `step(block, x, row, max_top_k) -> (x, output)` through the layers: one `lax.scan`
     per run of layers that share a static max top-k (`scan_groups`), or with the config's
-    `scan_layers` off, one call per layer. `per_layer` is a pytree of arrays with a leading
-    [layers] axis (None leaves allowed); `row` is its slice for the layer.
+    `scan_layers` off, one call per layer. The block parameters may be stacked or `Layers`.
+    `per_layer` is a pytree of arrays with a leading [layers] axis (None leaves allowed); `row`
+    is its slice for the layer.
     Returns (x, the outputs stacked over all layers). Forward, prefill and decode all run
     through here."""
     graphdef, stacked = nnx.split(self.blocks)
+    if self.cfg.scan_layers and has_layers(stacked):  # a scan needs them stacked
+      stacked = stack_layers(stacked)
     outputs = []
     for start, stop, max_top_k in scan_groups(self.cfg.max_top_k_per_layer):
       def layer(x, xs, max_top_k=max_top_k):
@@ -137,7 +192,8 @@ class Transformer(nnx.Module):
         outputs.append(out)
         continue
       for i in range(start, stop):
-        x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], (stacked, per_layer)))
+        x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], (stacked, per_layer),
+                                       is_leaf=_is_layers))
         outputs.append(jax.tree.map(lambda a: a[None], out))
     return x, jax.tree.map(lambda *s: jnp.concatenate(s), *outputs)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sigma_moe_jax import ModelConfig, fit, train
+from sigma_moe_jax.model import has_layers
 from sigma_moe_jax.training import step as train_lib
 from sigma_moe_jax.training.hooks import RunStopped
 from sigma_moe_jax.training.loop import Hook
@@ -94,7 +95,9 @@ def test_fit_over_an_in_memory_iterator_matches_a_plain_loop():
 
 
 def test_train_from_python_returns_the_state_it_saved(tmp_path, capsys):
-  config = make_config(CFG)
+  """With the layers unrolled, the run holds their parameters per layer (`per_layer_state`); what
+  it saves and returns is stacked, and a resume (with the layer scan) reads it back."""
+  config = make_config(CFG.replace(scan_layers=False))
   config.train.update(steps=4, batch_size=8, seq_len=32, warmup_steps=1, log_every=2,
                       eval_every=4, eval_batches=1, checkpoint_every=2, async_checkpointing=False)
   seen = []
@@ -111,6 +114,10 @@ def test_train_from_python_returns_the_state_it_saved(tmp_path, capsys):
   assert [(r["step"], r["custom"]) for r in records] == [(2, 20), (4, 40)]
   assert "val_loss" in records[-1] and "loss" in records[0]
   assert "step 4/4 | loss" in capsys.readouterr().out
+  assert state.params["blocks"]["attn"]["wq"].shape[0] == CFG.num_layers
+  assert state.opt_state[1][0].mu["blocks"]["attn"]["wq"].shape[0] == CFG.num_layers
+  assert not has_layers(state)
+  config.model.scan_layers = True
   again = train(config, str(tmp_path))  # resumes from the final checkpoint; nothing to do
   assert "already trained to step 4" in capsys.readouterr().out
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.params),

@@ -11,6 +11,7 @@ from flax import nnx
 
 from sigma_moe_jax import ModelConfig, Transformer
 from sigma_moe_jax.layers import positions_from_segments
+from sigma_moe_jax.model import Layers, has_layers, stack_layers, unstack_layers
 
 TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    num_experts=8, d_ff=32, top_k=1, init_std=0.2)
@@ -66,6 +67,29 @@ def test_unrolled_layers_equal_the_layer_scan():
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_parameters_held_per_layer_give_the_stacked_results():
+  """The unrolled layers' train-state layout (`unstack_layers`: one array per layer) against the
+  stacked parameters: the same loss, and gradients per layer that stack into the stacked ones;
+  a layer scan given them stacks them first."""
+  cfg = TINY.replace(num_layers=3, top_k=1, max_top_k=(2, 1, 1), scan_layers=False)
+  tokens = random_tokens(4, (2, 16))
+  params, _, loss_and_grad = model_fns(cfg)
+  per_layer = unstack_layers(params)
+  wq = per_layer["blocks"]["attn"]["wq"][...]
+  assert isinstance(wq, Layers) and len(wq) == 3
+  assert wq[1].shape == params["blocks"]["attn"]["wq"].shape[1:]
+  jax.tree.map(np.testing.assert_array_equal, stack_layers(per_layer), params)
+  (want_loss, want_grads), (loss, grads) = loss_and_grad(params, tokens), loss_and_grad(
+      per_layer, tokens)
+  assert has_layers(grads)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(stack_layers(grads)),
+                          jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9, err_msg=jax.tree_util.keystr(path))
+  _, _, scanned = model_fns(cfg.replace(scan_layers=True))
+  np.testing.assert_allclose(scanned(per_layer, tokens)[0], want_loss, rtol=1e-6)
 
 
 @pytest.mark.parametrize("gate_fn", ["softmax", "sigmoid"])

@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sigma_moe_jax.infra import storage
+from sigma_moe_jax.model import stack_layers
 from sigma_moe_jax.training.step import TrainState
 
 
@@ -35,8 +36,10 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, iterator: Optional[Any], config: Dict[str, Any],
            force: bool = False) -> bool:
-    """Saves when `step` is on the save interval (or `force`); returns whether it did."""
-    items = dict(state=ocp.args.StandardSave(state._asdict()),
+    """Saves when `step` is on the save interval (or `force`); returns whether it did. Block
+    parameters held per layer (`model.Layers`, the unrolled layers' train state) are stored
+    stacked, as every other run stores them."""
+    items = dict(state=ocp.args.StandardSave(stack_layers(state)._asdict()),
                  config=ocp.args.JsonSave(json.loads(json.dumps(config))))
     if iterator is not None:  # None: a model with no data position (an imported one)
       items["data"] = grain.checkpoint.CheckpointSave(iterator)

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.infra import sharding
-from sigma_moe_jax.model import Transformer
+from sigma_moe_jax.model import Layers, Transformer, unstack_layers
 from sigma_moe_jax.moe.balancing import (BALANCE_LOSSES, MoEStats, combine_micro_batches,
                                          routing_metrics, update_selection_bias)
 from sigma_moe_jax.schedule import AdaptiveTopK, TopKSchedule
@@ -206,6 +206,29 @@ def init_sharded_state(cfg: ModelConfig, seed: int, optimizer, mesh,
   graphdef, _, shardings = abstract_sharded_state(cfg, optimizer, mesh, seed, schedule)
   make = lambda: init_state(init_model(cfg, seed)[1], optimizer, cfg, schedule)
   return graphdef, jax.jit(make, out_shardings=shardings)(), shardings
+
+
+def per_layer_state(cfg: ModelConfig, state: TrainState, shardings):
+  """(state, shardings) in the layout the train step runs on: with the layers unrolled
+  (`model.scan_layers=False`) the block parameters and their AdamW moments are held one array
+  per layer (`model.Layers`), which spares the step a slice of every weight in the forward and
+  a re-stacking of every gradient in the backward; with the layer scan, or where the mesh splits
+  the layer axis, as they are. Checkpoints always store the stacked layout
+  (`Checkpointer.save` stacks, `model.stack_layers`). `shardings` may be None (one device)."""
+  if cfg.scan_layers:
+    return state, shardings
+  if shardings is None:
+    return unstack_layers(state), None
+  blocks = lambda tree: [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+                         if any(getattr(k, "key", None) == "blocks" for k in path)]
+  if any(len(s.spec) and s.spec[0] is not None for s in blocks(shardings)):
+    return state, shardings
+
+  def per_layer(path, s):
+    if not any(getattr(k, "key", None) == "blocks" for k in path):
+      return s
+    return Layers([NamedSharding(s.mesh, P(*s.spec[1:]))] * cfg.num_layers)
+  return unstack_layers(state), jax.tree_util.tree_map_with_path(per_layer, shardings)
 
 
 def jit_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
