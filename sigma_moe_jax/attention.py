@@ -61,9 +61,14 @@ def cudnn_max_documents(seq_len: int) -> int:
 
 def attend(q: Float[Array, "B S Hq Dh"], k: Float[Array, "B S Hkv Dh"],
            v: Float[Array, "B S Hkv Dh"], segment_ids: Int[Array, "B S"],
-           impl: str) -> Float[Array, "B S Hq Dh"]:
+           impl: str, keep_weights: bool = False) -> Float[Array, "B S Hq Dh"]:
+  """`keep_weights` (the xla path only): keep each query block's softmax numerators from the
+  forward for the backward instead of recomputing them from the log-sum-exp, at about
+  B x Hq x S^2 / 2 float32 per layer. Unrolled layers ask for it (`AttentionConfig`): nothing
+  stacks their residuals, and the backward saves a matmul and an exponential per block (9% of
+  the attention's forward and backward at the d 512 CPU shape, benchmarks/attention.py)."""
   if impl == "xla":
-    return _xla(q, k, v, segment_ids)
+    return _blockwise(q, k, v, segment_ids, query_block(q.shape[1]), keep_weights)
   if impl == "splash":
     return _splash(q, k, v, segment_ids)
   if impl == "cudnn":
@@ -77,10 +82,6 @@ def attend(q: Float[Array, "B S Hq Dh"], k: Float[Array, "B S Hkv Dh"],
 def query_block(seq_len: int) -> int:
   """Query rows per block of the xla path: about eight blocks, at least 32 rows."""
   return max(32, -(-seq_len // 8))
-
-
-def _xla(q, k, v, segment_ids):
-  return _blockwise(q, k, v, segment_ids, query_block(q.shape[1]))
 
 
 def _blocks(seq_len: int, block: int):
@@ -119,11 +120,12 @@ def _block_scores(rows, keys, segment_ids, start, size):
 
 
 def _attend_blocks(q, k, v, segment_ids, block):
-  """(out [B, Hkv, G, S, D], log-sum-exp of each query row's scores [B, Hkv, G, S])."""
+  """(out [B, Hkv, G, S, D], log-sum-exp of each query row's scores [B, Hkv, G, S], and per
+  block its softmax numerators exp(scores - row max) and 1 / their row sums)."""
   rows = _grouped(q, k.shape[2])
   keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
   b, kv, g, _, d = rows.shape
-  outs, lses = [], []
+  outs, lses, numerators = [], [], []
   for start, size in _blocks(q.shape[1], block):
     scores = _block_scores(rows, keys, segment_ids, start, size)
     peak = jnp.max(scores, axis=-1, keepdims=True)
@@ -134,27 +136,30 @@ def _attend_blocks(q, k, v, segment_ids, block):
                      values[:, :, :start + size], preferred_element_type=jnp.float32)
     outs.append((out.reshape(b, kv, g, size, d) / total).astype(v.dtype))
     lses.append((peak + jnp.log(total))[..., 0])
-  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+    numerators.append((exp, 1 / total))
+  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3), numerators
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blockwise(q, k, v, segment_ids, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise(q, k, v, segment_ids, block, keep_weights=False):
   """Grouped-query causal attention, query rows in blocks of `block`: block i computes scores
   against keys 0 .. (i + 1) * block only (the masked-out upper triangle is skipped), and the
   backward recomputes each block's weights from its log-sum-exp rather than keeping [S, S]
   weights per layer between the passes (on XLA:CPU, storing and reloading those cost more than
   recomputing them). The G query heads of each KV head are stacked into one matrix, so K and V
-  are never repeated and every matmul has its batch dimensions leading."""
+  are never repeated and every matmul has its batch dimensions leading. With `keep_weights`
+  the backward reads each block's weights from the forward instead (`attend`)."""
   return _ungrouped(_attend_blocks(q, k, v, segment_ids, block)[0])
 
 
-def _blockwise_forward(q, k, v, segment_ids, block):
-  out, lse = _attend_blocks(q, k, v, segment_ids, block)
-  return _ungrouped(out), (q, k, v, segment_ids, out, lse)
+def _blockwise_forward(q, k, v, segment_ids, block, keep_weights):
+  out, lse, numerators = _attend_blocks(q, k, v, segment_ids, block)
+  return _ungrouped(out), (q, k, v, segment_ids, out, lse, numerators if keep_weights else None)
 
 
-def _blockwise_backward(block, saved, d_out):
-  q, k, v, segment_ids, out, lse = saved
+def _blockwise_backward(block, keep_weights, saved, d_out):
+  del keep_weights  # the residuals say it
+  q, k, v, segment_ids, out, lse, numerators = saved
   rows, d_rows = _grouped(q, k.shape[2]), _grouped(d_out, k.shape[2])
   keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   b, kv, g, _, d = rows.shape
@@ -163,19 +168,26 @@ def _blockwise_backward(block, saved, d_out):
   d_keys = jnp.zeros(keys.shape, jnp.float32)
   d_values = jnp.zeros(values.shape, jnp.float32)
   d_queries = []
-  for start, size in _blocks(q.shape[1], block):
+  for i, (start, size) in enumerate(_blocks(q.shape[1], block)):
     stop = start + size
-    # Masked scores are -1e30, so their weights come out 0 without a second select.
-    scores = _block_scores(rows, keys, segment_ids, start, size)
-    weights = jnp.exp(scores - lse[:, :, :, start:stop, None])
     block_rows = rows[:, :, :, start:stop].reshape(b, kv, g * size, d)
-    block_d_out = d_rows[:, :, :, start:stop].reshape(b, kv, g * size, d)
-    flat = lambda a: a.reshape(b, kv, g * size, stop)
+    block_d_out = d_rows[:, :, :, start:stop]
+    flat = lambda a: a.reshape(b, kv, g * size, a.shape[-1])
+    if numerators is None:
+      # Masked scores are -1e30, so their weights come out 0 without a second select.
+      scores = _block_scores(rows, keys, segment_ids, start, size)
+      weights = numerator = jnp.exp(scores - lse[:, :, :, start:stop, None])
+      d_out_per_total = block_d_out  # the weights are normalised already
+    else:  # weights = numerator / row sum; dV divides the [rows, D] side instead
+      numerator, inverse_total = numerators[i]
+      weights = numerator * inverse_total
+      d_out_per_total = (block_d_out.astype(jnp.float32) * inverse_total).astype(v.dtype)
+    block_d_out = flat(block_d_out)
     d_values = d_values.at[:, :, :stop].add(jnp.einsum(
-        "bkqt,bkqd->bktd", flat(weights).astype(v.dtype), block_d_out,
+        "bkqt,bkqd->bktd", flat(numerator).astype(v.dtype), flat(d_out_per_total),
         preferred_element_type=jnp.float32))
     d_weights = jnp.einsum("bkqd,bktd->bkqt", block_d_out, values[:, :, :stop],
-                           preferred_element_type=jnp.float32).reshape(weights.shape)
+                           preferred_element_type=jnp.float32).reshape(numerator.shape)
     d_scores = flat(weights * (d_weights - row_dot[:, :, :, start:stop, None])
                     * (1 / math.sqrt(d))).astype(q.dtype)
     d_queries.append(jnp.einsum("bkqt,bktd->bkqd", d_scores, keys[:, :, :stop],

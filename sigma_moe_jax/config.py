@@ -158,7 +158,8 @@ class ModelConfig:
     return AttentionConfig(self.d_model, self.num_heads, self.num_kv_heads,
                            self.resolved_head_dim, qk_norm=self.qk_norm, norm_eps=self.norm_eps,
                            init_std=self.init_std, dtype=self.dtype,
-                           implementation=self.attention, rope=self.rope)
+                           implementation=self.attention, rope=self.rope,
+                           keep_weights=not self.scan_layers)
 
   @property
   def moe_config(self) -> MoEConfig:

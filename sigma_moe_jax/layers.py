@@ -159,6 +159,9 @@ class AttentionConfig:
   dtype: str = "float32"  # compute dtype; parameters stay float32
   implementation: str = "auto"  # attention.ATTENTIONS
   rope: RoPE = RoPE()
+  # The xla path keeps its softmax weights for the backward (`attention.attend`): set for
+  # unrolled layers.
+  keep_weights: bool = False
 
 
 class Attention(nnx.Module):
@@ -188,7 +191,8 @@ class Attention(nnx.Module):
       q, k, v = self.project(x, positions)
       impl = attention.resolve(self.cfg.implementation, platform.current(), self.dtype,
                                x.shape[1], self.head_dim)
-      return self.output(attention.attend(q, k, v, segment_ids, impl)), (k, v)
+      return self.output(attention.attend(q, k, v, segment_ids, impl,
+                                          self.cfg.keep_weights)), (k, v)
 
   def project(self, x: jax.Array, positions: jax.Array):
     """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim], normalised and

@@ -169,14 +169,16 @@ def test_xla_attention_matches_the_library_attention_values_and_gradients():
   assert_same_values_and_gradients(ours, library, qkv, cotangent, 1e-5)
 
 
-@pytest.mark.parametrize("block", [48, 16, 20, 7])
-def test_blockwise_attention_matches_the_library_at_any_block_size(block):
+@pytest.mark.parametrize("block,keep_weights", [(48, False), (16, False), (20, True), (7, False),
+                                               (7, True)])
+def test_blockwise_attention_matches_the_library_at_any_block_size(block, keep_weights):
   """One block (the whole matrix), blocks that divide the sequence and ragged ones: values and
-  the recomputing backward's gradients equal the library's."""
+  the gradients of the backward, recomputing the weights or reading those the forward kept,
+  equal the library's."""
   qkv, cotangent, segments = attention_case(2, 48, 4, 2, 8, seed=7)
   library = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, mask=attention.causal_document_mask(segments))
-  ours = lambda q, k, v: attention._blockwise(q, k, v, segments, block)
+  ours = lambda q, k, v: attention._blockwise(q, k, v, segments, block, keep_weights)
   assert_same_values_and_gradients(ours, library, qkv, cotangent, 1e-5)
 
 
