@@ -9,6 +9,7 @@ import pytest
 
 from sigma_moe_jax import ModelConfig, TopKSchedule
 from sigma_moe_jax.layers import positions_from_segments
+from sigma_moe_jax.model import has_layers, stack_layers
 from sigma_moe_jax.moe.balancing import update_selection_bias
 from sigma_moe_jax.schedule import AdaptiveTopK
 from sigma_moe_jax.training import step as train_lib
@@ -147,6 +148,25 @@ def test_a_non_finite_step_stores_nothing():
     np.testing.assert_array_equal(a, b)
   assert np.isnan(np.asarray(new.params["lm_head"][0, 0]))  # kept as it was, NaN included
   assert all(np.isfinite(a).all() for a in jax.tree.leaves(new.opt_state[1][0]))
+
+
+def test_the_per_layer_train_state_takes_the_stacked_states_steps():
+  """Unrolled layers train on `per_layer_state`'s layout (the parameters and AdamW moments one
+  array per layer): three steps from it match three steps from the stacked state (the weight
+  decay and clipping see the same leaves), and stacking it back gives the stacked run's state."""
+  cfg = CFG.replace(scan_layers=False)
+  _, stacked, step = setup(train_lib.BalanceSettings(), cfg=cfg)
+  per_layer, _ = train_lib.per_layer_state(cfg, stacked, None)
+  assert has_layers(per_layer.params) and has_layers(per_layer.opt_state)
+  for seed in range(3):
+    stacked, want = step(stacked, make_batch(seed))
+    per_layer, got = step(per_layer, make_batch(seed))
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(stack_layers(per_layer)),
+                          jax.tree.leaves(stacked)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert train_lib.per_layer_state(CFG, stacked, None)[0] is stacked  # the scan keeps it stacked
 
 
 def test_loss_free_bias_follows_the_global_counts():
