@@ -95,13 +95,23 @@ def unstack_layers(tree):
   """Every array under a `blocks` key of `tree` (parameters, a train state: its AdamW moments
   mirror the parameters) split along its leading layer axis into `Layers`."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, a: Layers(list(a)) if _under_blocks(path) and np.ndim(a) else a, tree)
+      lambda path, a: (Layers([a[i] for i in range(a.shape[0])])
+                       if _under_blocks(path) and np.ndim(a) else a), tree)
 
 
 def stack_layers(tree):
   """`unstack_layers` undone: each `Layers` stacked back into one [layers, ...] array."""
   return jax.tree.map(lambda a: jnp.stack(a.arrays) if _is_layers(a) else a, tree,
                       is_leaf=_is_layers)
+
+
+_stack_layers_compiled = jax.jit(stack_layers)
+
+
+def stacked(tree):
+  """`tree` with any `Layers` stacked, by one compiled program: what a checkpoint stores. Under
+  several processes every one calls it, as with any computation on global arrays."""
+  return _stack_layers_compiled(tree) if has_layers(tree) else tree
 
 
 def has_layers(tree) -> bool:

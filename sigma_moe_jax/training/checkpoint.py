@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sigma_moe_jax.infra import storage
-from sigma_moe_jax.model import stack_layers
+from sigma_moe_jax.model import stacked
 from sigma_moe_jax.training.step import TrainState
 
 
@@ -39,7 +39,7 @@ class Checkpointer:
     """Saves when `step` is on the save interval (or `force`); returns whether it did. Block
     parameters held per layer (`model.Layers`, the unrolled layers' train state) are stored
     stacked, as every other run stores them."""
-    items = dict(state=ocp.args.StandardSave(stack_layers(state)._asdict()),
+    items = dict(state=ocp.args.StandardSave(stacked(state)._asdict()),
                  config=ocp.args.JsonSave(json.loads(json.dumps(config))))
     if iterator is not None:  # None: a model with no data position (an imported one)
       items["data"] = grain.checkpoint.CheckpointSave(iterator)

@@ -25,7 +25,7 @@ from sigma_moe_jax.data.tokenizer import load_tokenizer
 from sigma_moe_jax.inference import generate
 from sigma_moe_jax.infra import distributed, sharding, storage
 from sigma_moe_jax.infra.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
-from sigma_moe_jax.model import stack_layers
+from sigma_moe_jax.model import stacked
 from sigma_moe_jax.moe.balancing import gate_prob_mean, load_statistics
 from sigma_moe_jax.training import hooks as hooks_lib
 from sigma_moe_jax.training import step as train_lib
@@ -232,5 +232,5 @@ def train(config, workdir: str, *, hooks: Sequence[Any] = ()) -> train_lib.Train
       return train_step(state, batch)
 
   run_hooks = default_hooks(built, begun, workdir, config_json, to_global, hooks)
-  return stack_layers(fit(begun.state, step_fn, map(to_global, begun.iterator),
-                          until=s.train.steps, hooks=run_hooks))
+  return stacked(fit(begun.state, step_fn, map(to_global, begun.iterator),
+                     until=s.train.steps, hooks=run_hooks))

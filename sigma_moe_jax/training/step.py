@@ -218,7 +218,7 @@ def per_layer_state(cfg: ModelConfig, state: TrainState, shardings):
   if cfg.scan_layers:
     return state, shardings
   if shardings is None:
-    return unstack_layers(state), None
+    return jax.jit(unstack_layers)(state), None
   blocks = lambda tree: [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
                          if any(getattr(k, "key", None) == "blocks" for k in path)]
   if any(len(s.spec) and s.spec[0] is not None for s in blocks(shardings)):
@@ -228,7 +228,9 @@ def per_layer_state(cfg: ModelConfig, state: TrainState, shardings):
     if not any(getattr(k, "key", None) == "blocks" for k in path):
       return s
     return Layers([NamedSharding(s.mesh, P(*s.spec[1:]))] * cfg.num_layers)
-  return unstack_layers(state), jax.tree_util.tree_map_with_path(per_layer, shardings)
+  shardings = jax.tree_util.tree_map_with_path(per_layer, shardings)
+  # Compiled, so that arrays spread over several processes split too.
+  return jax.jit(unstack_layers, out_shardings=shardings)(state), shardings
 
 
 def jit_train_step(graphdef, optimizer, lr_schedule: Callable, cfg: ModelConfig,
