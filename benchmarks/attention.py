@@ -47,6 +47,7 @@ def main():
                                                            enable_gqa=True)
     (out * t_cotangent).sum().backward()
   theirs_s, ours_s, peer_s = time_interleaved([lambda s=s: s(q, k, v) for s in steps] + [peer],
+                                              untimed_first=True,
                                               repeats=a.repeats)
   print(f"attention forward + backward, {a.batch} x {a.seq} tokens, {a.heads} heads of "
         f"{a.head_dim} over {a.kv_heads} KV heads, float32")

@@ -11,15 +11,22 @@ from sigma_moe_jax.moe.layer import MoE, MoEConfig
 from sigma_moe_jax.training import step as train_lib
 
 
-def time_interleaved(calls, repeats: int = 10, warmup: int = 2):
+def time_interleaved(calls, repeats: int = 10, warmup: int = 2, untimed_first: bool = False):
   """Median seconds of each zero-argument call, timed in alternation so that drift in the
-  machine's speed affects every call alike."""
+  machine's speed affects every call alike. With `untimed_first`, each timed call follows an
+  untimed one of the same call: when the calls come from different libraries (ours against
+  PyTorch), a call right after the other library's finds that library's threads still spinning
+  for work (PyTorch's OpenMP threads spin for milliseconds after each parallel region: an XLA
+  matmul of 5 ms took 10.5 ms right after a PyTorch one and 6.2 ms 5 ms later), and the untimed
+  call absorbs that."""
   for call in calls:
     for _ in range(warmup):
       jax.block_until_ready(call())
   times = [[] for _ in calls]
   for _ in range(repeats):
     for call, record in zip(calls, times):
+      if untimed_first:
+        jax.block_until_ready(call())
       start = time.perf_counter()
       jax.block_until_ready(call())
       record.append(time.perf_counter() - start)

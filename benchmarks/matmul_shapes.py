@@ -1,7 +1,8 @@
 """The train step's own matmuls, XLA:CPU against PyTorch on the same CPU: for a shape of
 `peer_train_step`, every matmul the unrolled step runs (forward and backward: the attention
 projections, the blockwise attention's per-block products, the experts at the shape's
-capacity, the LM head), each timed alone in both libraries in alternation, and their total
+capacity, the LM head), each timed alone in both libraries in alternation (each timed call after
+an untimed one of its own, `common.time_interleaved`), and their total
 per step weighted by how often the step runs each. Where XLA's total exceeds PyTorch's by more
 than our step trails the peer's, the difference is the GEMM library's, not the program's.
 
@@ -19,6 +20,7 @@ import collections
 
 import numpy as np
 
+from benchmarks.common import time_interleaved
 from benchmarks.peer_train_step import SHAPES
 
 
@@ -68,24 +70,14 @@ def main():
   parser.add_argument("--shapes", default=",".join(SHAPES))
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
-  import time  # noqa: PLC0415
-
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import torch  # noqa: PLC0415
   torch.set_num_threads(2)
   matmul = jax.jit(jnp.matmul)
 
-  def timed(calls):  # median seconds of each call, in alternation
-    for call in calls:
-      call(), call()
-    times = [[] for _ in calls]
-    for _ in range(args.repeats):
-      for call, record in zip(calls, times):
-        start = time.perf_counter()
-        call()
-        record.append(time.perf_counter() - start)
-    return np.array([np.median(t) for t in times])
+  def timed(calls):  # median seconds of each call, alternating, each after an untimed one
+    return np.array(time_interleaved(calls, repeats=args.repeats, untimed_first=True))
 
   def pair(batch, m, k, n):  # (jax call, torch call) of one matmul of that shape
     rng = np.random.default_rng(0)

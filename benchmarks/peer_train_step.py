@@ -104,6 +104,7 @@ def main():
   parser.add_argument("--shapes", default=",".join(SHAPES))
   args = parser.parse_args()
   import torch
+  from benchmarks.common import time_interleaved
   torch.set_num_threads(2)
   jax_rate, torch_rate = matmul_rates()
   print(f"float32 matmul 1024^3: jax {jax_rate / 1e9:.0f} GFLOP/s, torch "
@@ -117,15 +118,9 @@ def main():
     tokens = np.random.default_rng(0).integers(0, shape["vocab"], (shape["batch"], shape["seq"]))
     # Ours with the layer scan (the default) and with the layers unrolled (scan_layers=False).
     calls = [ours(shape, tokens), ours(shape, tokens, scan_layers=False), theirs(shape, tokens)]
-    for call in calls:  # compile / warm up
-      call(), call()
-    times = [[], [], []]
-    for _ in range(args.repeats):
-      for call, record in zip(calls, times):
-        start = time.perf_counter()
-        call()
-        record.append(time.perf_counter() - start)
-    *ours_s, theirs_s = (float(np.median(t)) for t in times)
+    # In alternation, each timed step after an untimed one of its own: a step right after the
+    # other library's finds that library's threads still spinning (`common.time_interleaved`).
+    *ours_s, theirs_s = time_interleaved(calls, repeats=args.repeats, untimed_first=True)
     n = shape["batch"] * shape["seq"]
     # MFU: the model's training FLOPs (6 x activated matmul parameters + attention, as the
     # trainer counts them) per second over each library's own measured matmul rate.
