@@ -94,8 +94,9 @@ def main():
       unknown[op] += seconds
       by_part["(no scope)"] += seconds
   total = sum(by_part.values())
-  print(f"{args.shape}, {'unrolled' if args.unrolled else 'scanned'}, {shape['experts']} experts, batch {shape['batch']} x {shape['seq']}: "
-        f"step {wall * 1e3:.1f} ms wall, {total * 1e3:.1f} ms of op time")
+  layers = "unrolled" if args.unrolled else "scanned"
+  print(f"{args.shape}, {layers}, {shape['experts']} experts, batch {shape['batch']} x "
+        f"{shape['seq']}: step {wall * 1e3:.1f} ms wall, {total * 1e3:.1f} ms of op time")
   print(f"{'part':28s} {'ms':>8s} {'share':>7s}")
   for part, seconds in sorted(by_part.items(), key=lambda kv: -kv[1]):
     print(f"{part:28s} {seconds * 1e3:8.1f} {seconds / total:7.1%}")

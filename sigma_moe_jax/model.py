@@ -87,7 +87,9 @@ def _is_layers(x) -> bool:
   return isinstance(x, Layers)
 
 
-def _under_blocks(path) -> bool:
+def under_blocks(path) -> bool:
+  """Whether a pytree path runs through a `blocks` key: the stacked layer parameters, or what
+  mirrors them."""
   return any(getattr(k, "key", None) == "blocks" for k in path)
 
 
@@ -96,7 +98,7 @@ def unstack_layers(tree):
   mirror the parameters) split along its leading layer axis into `Layers`."""
   return jax.tree_util.tree_map_with_path(
       lambda path, a: (Layers([a[i] for i in range(a.shape[0])])
-                       if _under_blocks(path) and np.ndim(a) else a), tree)
+                       if under_blocks(path) and np.ndim(a) else a), tree)
 
 
 def stack_layers(tree):

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sigma_moe_jax.config import ModelConfig
 from sigma_moe_jax.infra import sharding
-from sigma_moe_jax.model import Layers, Transformer, unstack_layers
+from sigma_moe_jax.model import Layers, Transformer, under_blocks, unstack_layers
 from sigma_moe_jax.moe.balancing import (BALANCE_LOSSES, MoEStats, combine_micro_batches,
                                          routing_metrics, update_selection_bias)
 from sigma_moe_jax.schedule import AdaptiveTopK, TopKSchedule
@@ -219,16 +219,12 @@ def per_layer_state(cfg: ModelConfig, state: TrainState, shardings):
     return state, shardings
   if shardings is None:
     return jax.jit(unstack_layers)(state), None
-  blocks = lambda tree: [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-                         if any(getattr(k, "key", None) == "blocks" for k in path)]
-  if any(len(s.spec) and s.spec[0] is not None for s in blocks(shardings)):
+  if any(under_blocks(path) and len(s.spec) and s.spec[0] is not None
+         for path, s in jax.tree_util.tree_leaves_with_path(shardings)):
     return state, shardings
-
-  def per_layer(path, s):
-    if not any(getattr(k, "key", None) == "blocks" for k in path):
-      return s
-    return Layers([NamedSharding(s.mesh, P(*s.spec[1:]))] * cfg.num_layers)
-  shardings = jax.tree_util.tree_map_with_path(per_layer, shardings)
+  shardings = jax.tree_util.tree_map_with_path(
+      lambda path, s: (Layers([NamedSharding(s.mesh, P(*s.spec[1:]))] * cfg.num_layers)
+                       if under_blocks(path) else s), shardings)
   # Compiled, so that arrays spread over several processes split too.
   return jax.jit(unstack_layers, out_shardings=shardings)(state), shardings
 
